@@ -1,0 +1,55 @@
+"""``mlx_aim.load``: one entry point for converted directories, foreign checkpoints and hub names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .models import build_model
+from .registry import REGISTRY, default_preprocessing
+from .weights import CONFIG_FILE, apply_weights, load_model
+
+
+def load(
+    path_or_name: str | Path,
+    *,
+    revision: str | None = None,
+    dtype: mx.Dtype | None = None,
+    lazy: bool = False,
+    head: str | None = None,
+) -> nn.Module:
+    """Load a model ready for inference (eval mode) with ``model.preprocessing`` set.
+
+    ``path_or_name`` is one of:
+      - an mlx-aim model directory (``config.json`` + ``model.safetensors``), e.g. the output
+        directory of ``mlx-aim train`` or ``mlx-aim convert``;
+      - a foreign checkpoint converted on the fly: an ml-aim ``.pth`` file, a Hugging Face
+        safetensors file or directory (ml-aim or transformers layout, official ``mlx_model``);
+      - a registry name such as ``"aimv2-large-patch14-224"`` or ``"aim-600M"``, read through the
+        Hugging Face cache (``HF_HUB_OFFLINE=1`` works once cached).
+
+    ``head`` picks the AIMv1 probe head of a released checkpoint (``"last"`` or ``"best"``).
+    """
+    source = Path(path_or_name).expanduser()
+    if source.is_dir() and (source / CONFIG_FILE).exists():
+        model = load_model(source, dtype=dtype, lazy=True)
+    elif source.exists() or str(path_or_name) in REGISTRY:
+        from .convert import import_checkpoint
+
+        imported = import_checkpoint(path_or_name, revision=revision, probe_layers=head)
+        model = build_model(imported.config)
+        apply_weights(model, imported.weights, dtype)
+        model.eval()
+        model.preprocessing = imported.preprocessing
+    else:
+        raise FileNotFoundError(
+            f"{path_or_name}: no such file or directory, and not a known model name "
+            f"(see `mlx-aim models`; e.g. {', '.join(list(REGISTRY)[:3])})"
+        )
+    if model.preprocessing is None:
+        model.preprocessing = default_preprocessing(model.args.to_dict())
+    if not lazy:
+        mx.eval(model.parameters())
+    return model

@@ -1,0 +1,100 @@
+"""AIMv1 (arXiv 2401.08541): LayerNorm ViT trunk with 2-D sin-cos positions and an attentive probe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import BaseModelArgs, ConfigError
+from .layers import (
+    MLP,
+    AttentionPoolingClassifier,
+    Block,
+    Mask,
+    SinCosPreprocessor,
+    Transformer,
+    layer_norm,
+    sanitize_vision_weights,
+)
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "aim_v1"
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    embed_dim: int = 1536
+    num_blocks: int = 24
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_classes: int = 0
+    probe_layers: list[int] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if self.embed_dim % 4:
+            raise ConfigError(f"field 'embed_dim' ({self.embed_dim}) must be divisible by 4")
+        if self.num_classes < 0:
+            raise ConfigError(f"field 'num_classes' must be >= 0, got {self.num_classes}")
+        bad = [i for i in self.probe_layers or [] if not 0 <= i < self.num_blocks]
+        if bad or self.probe_layers == []:
+            raise ConfigError(
+                f"field 'probe_layers' {self.probe_layers} must name blocks in "
+                f"[0, {self.num_blocks})"
+            )
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """Blocks averaged by the classifier: ``probe_layers`` or the last six."""
+        if self.probe_layers:
+            return list(self.probe_layers)
+        return list(range(max(0, self.num_blocks - 6), self.num_blocks))
+
+
+class Model(nn.Module):
+    """AIMv1 trunk, optionally with the attentive-probe classifier of the released checkpoints.
+
+    ``model(images)`` takes normalized NHWC images and returns logits (B, classes) when the model has
+    a classifier, else the final-norm tokens (B, N, D).
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        dim = args.embed_dim
+        self.preprocessor = SinCosPreprocessor(args.patch_size, args.num_channels, dim, layer_norm)
+        hidden = int(args.mlp_ratio * dim)
+        blocks = [
+            Block(dim, args.num_heads, MLP(dim, hidden), layer_norm) for _ in range(args.num_blocks)
+        ]
+        self.trunk = Transformer(blocks, layer_norm(dim))
+        if args.num_classes:
+            self.head = AttentionPoolingClassifier(dim, args.num_classes, args.num_heads)
+
+    def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
+        """Final-norm tokens (B, N, D)."""
+        return self.trunk(self.preprocessor(images), mask)
+
+    def extract_features(
+        self, images: mx.array, mask: Mask = None, max_block_id: int = -1
+    ) -> list[mx.array]:
+        """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
+        return self.trunk.features(self.preprocessor(images), mask, max_block_id)
+
+    def probe_features(self, images: mx.array) -> mx.array:
+        """Mean of the classifier's probe-layer block outputs (B, N, D); runs no later block."""
+        layers = self.args.feature_layers
+        features = self.extract_features(images, max_block_id=max(layers))
+        return mx.mean(mx.stack([features[i] for i in layers]), axis=0)
+
+    def __call__(self, images: mx.array) -> mx.array:
+        if "head" in self:
+            return self.head(self.probe_features(images))
+        return self.encode(images)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop torch-only buffers; transpose a torch-layout (D, C, p, p) patch weight."""
+        return sanitize_vision_weights(self, weights)

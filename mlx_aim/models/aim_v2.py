@@ -1,0 +1,107 @@
+"""AIMv2 vision encoders (arXiv 2411.14402): RMSNorm + SwiGLU ViT, learned or sin-cos positions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import BaseModelArgs, ConfigError
+from .layers import (
+    Block,
+    Mask,
+    PatchEmbed,
+    SinCosPreprocessor,
+    SwiGLU,
+    Transformer,
+    rms_norm,
+    sanitize_vision_weights,
+)
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "aim_v2"
+    image_size: int = 224
+    patch_size: int = 14
+    num_channels: int = 3
+    embed_dim: int = 1024
+    num_blocks: int = 24
+    num_heads: int = 8
+    mlp_hidden_dim: int = 2816
+    pos_embed_type: str = "absolute"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.pos_embed_type not in ("absolute", "sincos"):
+            raise ConfigError(
+                f"field 'pos_embed_type' must be 'absolute' or 'sincos', got {self.pos_embed_type!r}"
+            )
+        if self.pos_embed_type == "sincos" and self.embed_dim % 4:
+            raise ConfigError(f"field 'embed_dim' ({self.embed_dim}) must be divisible by 4")
+        if self.mlp_hidden_dim <= 0:
+            raise ConfigError(f"field 'mlp_hidden_dim' must be positive, got {self.mlp_hidden_dim}")
+
+    @property
+    def native_resolution(self) -> bool:
+        """Sin-cos models accept any image whose sides are whole multiples of the patch size."""
+        return self.pos_embed_type == "sincos"
+
+
+class AbsolutePreprocessor(nn.Module):
+    """Patch embedding (conv + RMSNorm) plus a learned (1, N, D) position table."""
+
+    def __init__(self, patch_size: int, num_channels: int, dim: int, num_patches: int):
+        super().__init__()
+        self.patchifier = PatchEmbed(patch_size, num_channels, dim, rms_norm)
+        self.pos_embed = 0.02 * mx.random.normal((1, num_patches, dim))
+
+    def __call__(self, images: mx.array) -> mx.array:
+        tokens = self.patchifier(images)
+        if tokens.shape[1] != self.pos_embed.shape[1]:
+            p = self.patchifier.patch_size
+            raise ValueError(
+                f"this model has learned positions for {self.pos_embed.shape[1]} patches; an image "
+                f"of {images.shape[1]}x{images.shape[2]} gives {tokens.shape[1]} patches of {p} px"
+            )
+        return tokens + self.pos_embed
+
+
+class Model(nn.Module):
+    """AIMv2 vision encoder; ``model(images)`` returns the final-norm tokens (B, N, D)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        dim = args.embed_dim
+        if args.pos_embed_type == "sincos":
+            self.preprocessor = SinCosPreprocessor(
+                args.patch_size, args.num_channels, dim, rms_norm
+            )
+        else:
+            self.preprocessor = AbsolutePreprocessor(
+                args.patch_size, args.num_channels, dim, args.num_patches
+            )
+        blocks = [
+            Block(dim, args.num_heads, SwiGLU(dim, args.mlp_hidden_dim), rms_norm)
+            for _ in range(args.num_blocks)
+        ]
+        self.trunk = Transformer(blocks, rms_norm(dim))
+
+    def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
+        """Final-norm tokens (B, N, D)."""
+        return self.trunk(self.preprocessor(images), mask)
+
+    def extract_features(
+        self, images: mx.array, mask: Mask = None, max_block_id: int = -1
+    ) -> list[mx.array]:
+        """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
+        return self.trunk.features(self.preprocessor(images), mask, max_block_id)
+
+    def __call__(self, images: mx.array) -> mx.array:
+        return self.encode(images)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Transpose a torch-layout patch weight; idempotent."""
+        return sanitize_vision_weights(self, weights)

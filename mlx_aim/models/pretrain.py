@@ -1,0 +1,107 @@
+"""AIM pre-training model: a prefix-causal trunk plus the pixel-prediction MLP head.
+
+Apple released no pre-training code, so the head follows the AIMv1 paper (§4.2, Table 4) where it is
+specific and makes these documented choices where it is not:
+
+- the trunk's final-norm tokens get the 2-D sin-cos positions added again (at trunk width);
+- ``proj_in`` (no bias) maps them to the head width W;
+- ``head_blocks`` residual blocks ``x = x + MLP(LayerNorm(x))`` (GELU, ratio ``head_mlp_ratio``,
+  no biases), applied to every patch independently (no attention);
+- a final LayerNorm and ``proj_out`` (with bias) to the p*p*C pixels of the next patch.
+
+Paper defaults: 12 blocks of width 2048.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import build_model_args, get_model_class
+from .base import BaseModelArgs, ConfigError
+from .layers import MLP, layer_norm, prefix_causal_mask, sincos_pos_embed
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str = "aim_pretrain"
+    encoder: dict[str, Any] = field(default_factory=dict)
+    head_blocks: int = 12
+    head_width: int = 2048
+    head_mlp_ratio: float = 4.0
+
+    def validate(self) -> None:
+        if self.head_blocks < 0 or self.head_width <= 0:
+            raise ConfigError(
+                f"fields 'head_blocks' ({self.head_blocks}) and 'head_width' ({self.head_width}) "
+                "must be >= 0 and > 0"
+            )
+        encoder = build_model_args(self.encoder)
+        if getattr(encoder, "num_classes", 0):
+            raise ConfigError("field 'encoder' must describe a trunk without a classifier")
+
+    @property
+    def encoder_args(self) -> BaseModelArgs:
+        return build_model_args(self.encoder)
+
+
+class HeadBlock(nn.Module):
+    """Per-patch residual MLP block ``x + MLP(LayerNorm(x))``."""
+
+    def __init__(self, width: int, mlp_ratio: float):
+        super().__init__()
+        self.norm = layer_norm(width)
+        self.mlp = MLP(width, int(mlp_ratio * width))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x + self.mlp(self.norm(x))
+
+
+class PixelPredictionHead(nn.Module):
+    """Maps trunk tokens (B, K, D) to next-patch pixels (B, K, p*p*C)."""
+
+    def __init__(self, dim: int, width: int, num_blocks: int, mlp_ratio: float, out_dim: int):
+        super().__init__()
+        self.proj_in = nn.Linear(dim, width, bias=False)
+        self.blocks = [HeadBlock(width, mlp_ratio) for _ in range(num_blocks)]
+        self.norm = layer_norm(width)
+        self.proj_out = nn.Linear(width, out_dim, bias=True)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        x = self.proj_in(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.proj_out(self.norm(x))
+
+
+class Model(nn.Module):
+    """``encoder`` (an AIM trunk) + ``head``; ``model(images, prefix_lengths)`` -> (B, K, p*p*C).
+
+    ``predictions[:, k]`` predicts patch k + 1 in raster order; trunk attention is prefix-causal with
+    the per-image prefix lengths.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        encoder_args = args.encoder_args
+        self.encoder = get_model_class(encoder_args.model_type)(encoder_args)
+        patch_dim = encoder_args.patch_size**2 * encoder_args.num_channels
+        self.head = PixelPredictionHead(
+            encoder_args.embed_dim,
+            args.head_width,
+            args.head_blocks,
+            args.head_mlp_ratio,
+            patch_dim,
+        )
+
+    def __call__(self, images: mx.array, prefix_lengths: mx.array) -> mx.array:
+        tokens = self.encoder.preprocessor(images)
+        mask = prefix_causal_mask(prefix_lengths, tokens.shape[1])
+        z = self.encoder.trunk(tokens, mask)
+        p = self.encoder.args.patch_size
+        positions = sincos_pos_embed(images.shape[1] // p, images.shape[2] // p, z.shape[-1])
+        return self.head(z + positions.astype(z.dtype))
