@@ -156,3 +156,17 @@ def test_parameter_count_of_aim_nano_is_as_documented():
     expected = d * p * p * 3 + d + 2 * d + blocks * per_block + 2 * d
     assert count == expected
     assert math.isclose(count / 1e6, 0.80, abs_tol=0.01)
+
+
+@pytest.mark.parametrize("config", [TINY_V1, TINY_V2])
+def test_linear_probe_classifier_pools_the_token_mean(config):
+    model = build_model({**config, "num_classes": 4, "probe_layers": [1], "classifier": "linear"})
+    model.eval()
+    x = mx.random.normal((3, config["image_size"], config["image_size"], 3))
+    feature = model.extract_features(x)[1].mean(axis=1)
+    np.testing.assert_allclose(model(x), model.head.linear(model.head.bn(feature)), atol=1e-5)
+
+
+def test_v2_encoder_accepts_an_attentive_probe_classifier():
+    model = build_model({**TINY_V2, "num_classes": 5, "probe_layers": [0, 1]})
+    assert model(mx.random.normal((2, 28, 28, 3))).shape == (2, 5)

@@ -10,11 +10,12 @@ import mlx.nn as nn
 from .base import BaseModelArgs, ConfigError
 from .layers import (
     MLP,
-    AttentionPoolingClassifier,
     Block,
+    ClassifierMixin,
     Mask,
     SinCosPreprocessor,
     Transformer,
+    build_classifier,
     layer_norm,
     sanitize_vision_weights,
 )
@@ -32,33 +33,19 @@ class ModelArgs(BaseModelArgs):
     mlp_ratio: float = 4.0
     num_classes: int = 0
     probe_layers: list[int] | None = None
+    classifier: str = "attentive"
 
     def validate(self) -> None:
         super().validate()
         if self.embed_dim % 4:
             raise ConfigError(f"field 'embed_dim' ({self.embed_dim}) must be divisible by 4")
-        if self.num_classes < 0:
-            raise ConfigError(f"field 'num_classes' must be >= 0, got {self.num_classes}")
-        bad = [i for i in self.probe_layers or [] if not 0 <= i < self.num_blocks]
-        if bad or self.probe_layers == []:
-            raise ConfigError(
-                f"field 'probe_layers' {self.probe_layers} must name blocks in "
-                f"[0, {self.num_blocks})"
-            )
-
-    @property
-    def feature_layers(self) -> list[int]:
-        """Blocks averaged by the classifier: ``probe_layers`` or the last six."""
-        if self.probe_layers:
-            return list(self.probe_layers)
-        return list(range(max(0, self.num_blocks - 6), self.num_blocks))
 
 
-class Model(nn.Module):
+class Model(ClassifierMixin, nn.Module):
     """AIMv1 trunk, optionally with the attentive-probe classifier of the released checkpoints.
 
-    ``model(images)`` takes normalized NHWC images and returns logits (B, classes) when the model has
-    a classifier, else the final-norm tokens (B, N, D).
+    ``model(images)`` takes normalized NHWC images and returns logits (B, classes) when the model
+    has a classifier, else the final-norm tokens (B, N, D).
     """
 
     def __init__(self, args: ModelArgs):
@@ -72,7 +59,7 @@ class Model(nn.Module):
         ]
         self.trunk = Transformer(blocks, layer_norm(dim))
         if args.num_classes:
-            self.head = AttentionPoolingClassifier(dim, args.num_classes, args.num_heads)
+            self.head = build_classifier(args)
 
     def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
         """Final-norm tokens (B, N, D)."""
@@ -83,17 +70,6 @@ class Model(nn.Module):
     ) -> list[mx.array]:
         """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
         return self.trunk.features(self.preprocessor(images), mask, max_block_id)
-
-    def probe_features(self, images: mx.array) -> mx.array:
-        """Mean of the classifier's probe-layer block outputs (B, N, D); runs no later block."""
-        layers = self.args.feature_layers
-        features = self.extract_features(images, max_block_id=max(layers))
-        return mx.mean(mx.stack([features[i] for i in layers]), axis=0)
-
-    def __call__(self, images: mx.array) -> mx.array:
-        if "head" in self:
-            return self.head(self.probe_features(images))
-        return self.encode(images)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Drop torch-only buffers; transpose a torch-layout (D, C, p, p) patch weight."""

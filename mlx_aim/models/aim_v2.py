@@ -10,11 +10,13 @@ import mlx.nn as nn
 from .base import BaseModelArgs, ConfigError
 from .layers import (
     Block,
+    ClassifierMixin,
     Mask,
     PatchEmbed,
     SinCosPreprocessor,
     SwiGLU,
     Transformer,
+    build_classifier,
     rms_norm,
     sanitize_vision_weights,
 )
@@ -31,6 +33,9 @@ class ModelArgs(BaseModelArgs):
     num_heads: int = 8
     mlp_hidden_dim: int = 2816
     pos_embed_type: str = "absolute"
+    num_classes: int = 0
+    probe_layers: list[int] | None = None
+    classifier: str = "attentive"
 
     def validate(self) -> None:
         super().validate()
@@ -68,8 +73,12 @@ class AbsolutePreprocessor(nn.Module):
         return tokens + self.pos_embed
 
 
-class Model(nn.Module):
-    """AIMv2 vision encoder; ``model(images)`` returns the final-norm tokens (B, N, D)."""
+class Model(ClassifierMixin, nn.Module):
+    """AIMv2 vision encoder.
+
+    ``model(images)`` returns the final-norm tokens (B, N, D), or logits (B, classes) when a probe
+    classifier was attached (``num_classes`` > 0, e.g. by ``mlx-aim probe``).
+    """
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -88,6 +97,8 @@ class Model(nn.Module):
             for _ in range(args.num_blocks)
         ]
         self.trunk = Transformer(blocks, rms_norm(dim))
+        if args.num_classes:
+            self.head = build_classifier(args)
 
     def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
         """Final-norm tokens (B, N, D)."""
@@ -98,9 +109,6 @@ class Model(nn.Module):
     ) -> list[mx.array]:
         """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
         return self.trunk.features(self.preprocessor(images), mask, max_block_id)
-
-    def __call__(self, images: mx.array) -> mx.array:
-        return self.encode(images)
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Transpose a torch-layout patch weight; idempotent."""

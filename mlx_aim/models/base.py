@@ -82,11 +82,30 @@ class BaseModelArgs:
                 f"field 'embed_dim' ({self.embed_dim}) must be divisible by 'num_heads' "
                 f"({self.num_heads})"
             )
+        if getattr(self, "num_classes", 0) < 0:
+            raise ConfigError(f"field 'num_classes' must be >= 0, got {self.num_classes}")
+        if getattr(self, "classifier", "attentive") not in ("attentive", "linear"):
+            raise ConfigError(
+                f"field 'classifier' must be 'attentive' or 'linear', got {self.classifier!r}"
+            )
+        layers = getattr(self, "probe_layers", None)
+        if layers is not None and (not layers or not all(0 <= i < self.num_blocks for i in layers)):
+            raise ConfigError(
+                f"field 'probe_layers' {layers} must name blocks in [0, {self.num_blocks})"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"field 'image_size' ({self.image_size}) must be a multiple of 'patch_size' "
                 f"({self.patch_size})"
             )
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """Blocks averaged by a classifier: ``probe_layers`` or the last six."""
+        layers = getattr(self, "probe_layers", None)
+        if layers:
+            return list(layers)
+        return list(range(max(0, self.num_blocks - 6), self.num_blocks))
 
     @property
     def grid_size(self) -> int:

@@ -227,6 +227,44 @@ class AttentionPoolingClassifier(nn.Module):
         return self.linear(self.pool(x))
 
 
+class LinearClassifier(nn.Module):
+    """Linear-probe baseline: BatchNorm (no affine) on the token-mean feature, then a linear layer."""
+
+    def __init__(self, dim: int, out_features: int):
+        super().__init__()
+        self.bn = nn.BatchNorm(dim, eps=1e-6, affine=False)
+        self.linear = nn.Linear(dim, out_features, bias=True)
+
+    def pool(self, x: mx.array) -> mx.array:
+        """Mean over tokens (B, D)."""
+        return x.mean(axis=1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.linear(self.bn(self.pool(x)))
+
+
+def build_classifier(args) -> nn.Module:
+    """The probe head a config asks for (``classifier``: attentive or linear)."""
+    if args.classifier == "linear":
+        return LinearClassifier(args.embed_dim, args.num_classes)
+    return AttentionPoolingClassifier(args.embed_dim, args.num_classes, args.num_heads)
+
+
+class ClassifierMixin:
+    """``__call__`` and ``probe_features`` for trunks that may carry a probe classifier."""
+
+    def probe_features(self, images: mx.array) -> mx.array:
+        """Mean of the probe layers' raw block outputs (B, N, D); runs no later block."""
+        layers = self.args.feature_layers
+        features = self.extract_features(images, max_block_id=max(layers))
+        return mx.mean(mx.stack([features[i] for i in layers]), axis=0)
+
+    def __call__(self, images: mx.array) -> mx.array:
+        if "head" in self:
+            return self.head(self.probe_features(images))
+        return self.encode(images)
+
+
 class SinCosPreprocessor(nn.Module):
     """Patch embedding (conv + norm) plus fixed 2-D sin-cos positions; no class token."""
 

@@ -1,0 +1,1 @@
+"""The ``mlx-aim`` command line (Typer)."""
