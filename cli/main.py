@@ -61,5 +61,5 @@ def main(
 
 
 # Sub-commands live in their own modules and register themselves on ``app``.
-for _module in ():
+for _module in ("convert",):
     __import__(f"cli.{_module}")

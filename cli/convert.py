@@ -1,0 +1,64 @@
+"""``mlx-aim convert``: import released PyTorch / Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .errors import fail, user_errors
+from .main import app
+
+
+@app.command("convert")
+def convert_command(
+    source: str = typer.Argument(
+        ..., help="A .pth or .safetensors file, a directory holding one, a registry name or a hub id."
+    ),
+    destination: Path = typer.Argument(..., help="Output directory (mlx-aim format)."),
+    head: str | None = typer.Option(
+        None,
+        "--head",
+        help="ml-aim probe-head .pth to merge with a backbone .pth; for a registry name of an "
+        "AIMv1 release: 'last' or 'best'.",
+    ),
+    arch: str | None = typer.Option(
+        None, "--arch", help="Registry architecture for sources without a config (.pth files)."
+    ),
+    probe_layers: str | None = typer.Option(
+        None, "--probe-layers", help="Blocks the AIMv1 probe head averages: last, best or i,j,k."
+    ),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (default: pinned)."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="Store weights as float32, float16 or bfloat16 (default: as read)."
+    ),
+    force: bool = typer.Option(False, "--force", help="Replace DESTINATION if it exists."),
+) -> None:
+    """Convert a checkpoint into mlx-aim's format (config.json + model.safetensors).
+
+    Examples:
+
+      mlx-aim convert aimv2-large-patch14-224 models/aimv2-l
+
+      mlx-aim convert aim_600m_2bimgs_attnprobe_backbone.pth models/aim-600M --head aim_600m_2bimgs_attnprobe_head_best_layers.pth --arch aim-600M
+
+      mlx-aim convert path/to/hf-aimv2-checkpoint/ models/mine
+    """
+    import mlx.core as mx
+
+    from mlx_aim.convert import convert
+
+    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+        raise fail(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
+    with user_errors():
+        path = convert(
+            source,
+            destination,
+            head=head,
+            arch=arch,
+            probe_layers=probe_layers,
+            revision=revision,
+            dtype=getattr(mx, dtype) if dtype else None,
+            force=force,
+        )
+    typer.echo(f"wrote {path}")

@@ -1,0 +1,344 @@
+"""Import released AIM checkpoints into mlx-aim's format.
+
+Sources (``import_checkpoint``):
+- ml-aim ``.pth`` state dicts (AIMv1 backbone, optionally with a probe-head file, or one merged dict),
+  read with ``torch.load(weights_only=True)``; torch is needed for this path only;
+- safetensors in the ml-aim layout (``apple/aim*`` / ``apple/aimv2-*`` at ml-aim's pinned revisions,
+  and the official ``mlx_model.safetensors``), read without torch;
+- safetensors in the transformers ``Aimv2VisionModel`` layout (with its ``config.json``);
+- a registry name (``aimv2-large-patch14-224``, ``aim-600M``) or hub repo id, via the local HF cache.
+
+Every import is strict: each source tensor must land on a parameter and each parameter must be
+filled with the right shape (checked by ``weights.check_weights`` when the model is built).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from .hub import fetch
+from .models import build_model
+from .models.base import ConfigError
+from .registry import REGISTRY, Entry, Preprocessing, default_preprocessing, get_entry
+from .weights import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    WEIGHTS_FILE,
+    WeightsError,
+    apply_weights,
+    read_safetensors,
+    save_model,
+)
+
+TRANSFORMERS_RENAMES = [
+    (r"^embeddings\.patch_embed\.", "preprocessor.patchifier.proj."),
+    (r"^embeddings\.rms_norm\.", "preprocessor.patchifier.norm."),
+    (r"^encoder\.layers\.(\d+)\.attention\.out_proj\.", r"trunk.blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.ffn\.gate_proj\.", r"trunk.blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.(\d+)\.ffn\.up_proj\.", r"trunk.blocks.\1.mlp.fc3."),
+    (r"^encoder\.layers\.(\d+)\.ffn\.down_proj\.", r"trunk.blocks.\1.mlp.fc2."),
+    (r"^encoder\.layers\.(\d+)\.rms_norm1\.", r"trunk.blocks.\1.norm_1."),
+    (r"^encoder\.layers\.(\d+)\.rms_norm2\.", r"trunk.blocks.\1.norm_2."),
+    (r"^rms_norm\.", "trunk.post_trunk_norm."),
+]
+
+
+@dataclass
+class ImportedCheckpoint:
+    """A foreign checkpoint as mlx-aim config + weights (ml-aim keys) + preprocessing."""
+
+    config: dict[str, Any]
+    weights: dict[str, mx.array]
+    preprocessing: Preprocessing
+
+
+def read_pth(path: str | Path) -> dict[str, mx.array]:
+    """Tensors of a PyTorch state dict, loaded safely (``weights_only=True``, no code execution)."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(
+            f"{path}: reading .pth files needs PyTorch (pip install 'mlx-aim[torch]'); "
+            "safetensors sources need no torch"
+        ) from None
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling refusals and corrupt archives raise various types
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsError(
+            f"{path}: refused or unreadable PyTorch file ({first_line}); only plain tensor "
+            "state dicts are loaded (weights_only=True), never pickled code"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict of tensors")
+    return {k: mx.array(v.detach().to(torch.float32).numpy()) for k, v in state.items()}
+
+
+def from_transformers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Map transformers ``Aimv2VisionModel`` keys to ml-aim keys (q/k/v fused into qkv)."""
+    out: dict[str, mx.array] = {}
+    qkv: dict[str, dict[str, mx.array]] = {}
+    for key, value in weights.items():
+        if key == "embeddings.position_embedding.weight":
+            out["preprocessor.pos_embed"] = value[None]
+            continue
+        match = re.match(r"^encoder\.layers\.(\d+)\.attention\.([qkv])_proj\.weight$", key)
+        if match:
+            qkv.setdefault(match.group(1), {})[match.group(2)] = value
+            continue
+        new = key
+        for pattern, replacement in TRANSFORMERS_RENAMES:
+            new = re.sub(pattern, replacement, new)
+        out[new] = value
+    for block, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise WeightsError(f"block {block}: attention needs q, k and v, found {sorted(parts)}")
+        out[f"trunk.blocks.{block}.attn.qkv.weight"] = mx.concatenate(
+            [parts["q"], parts["k"], parts["v"]]
+        )
+    return out
+
+
+def _transformers_config(hf: dict[str, Any]) -> dict[str, Any]:
+    hf = hf.get("vision_config", hf)
+    try:
+        return {
+            "model_type": "aim_v2",
+            "image_size": hf.get("image_size", 224),
+            "patch_size": hf.get("patch_size", 14),
+            "num_channels": hf.get("num_channels", 3),
+            "embed_dim": hf["hidden_size"],
+            "num_blocks": hf["num_hidden_layers"],
+            "num_heads": hf["num_attention_heads"],
+            "mlp_hidden_dim": hf["intermediate_size"],
+            "pos_embed_type": "sincos" if hf.get("is_native") else "absolute",
+        }
+    except KeyError as e:
+        raise ConfigError(f"transformers config lacks field {e}") from None
+
+
+def _block_count(weights: dict[str, mx.array]) -> int:
+    ids = {int(m.group(1)) for k in weights if (m := re.match(r"trunk\.blocks\.(\d+)\.", k))}
+    return max(ids) + 1 if ids else 0
+
+
+def infer_config(weights: dict[str, mx.array], arch: str | None = None) -> dict[str, Any]:
+    """Architecture of ml-aim-layout weights: from ``arch`` or by matching registry shapes.
+
+    Head counts cannot be read off shapes, so an unregistered shape needs ``arch``.
+    """
+    if arch is not None:
+        return dict(get_entry(arch).config)
+    proj = weights.get("preprocessor.patchifier.proj.weight")
+    if proj is None:
+        raise WeightsError("no 'preprocessor.patchifier.proj.weight': not an AIM vision checkpoint")
+    dim, blocks = proj.shape[0], _block_count(weights)
+    patch = proj.shape[2]  # (D, C, p, p) in torch, (D, p, p, C) in MLX
+    is_v2 = "trunk.blocks.0.mlp.fc3.weight" in weights
+    pos = weights.get("preprocessor.pos_embed")
+    for entry in REGISTRY.values():
+        c = entry.config
+        if (c["model_type"] == "aim_v2") != is_v2:
+            continue
+        if (c["embed_dim"], c["num_blocks"], c["patch_size"]) != (dim, blocks, patch):
+            continue
+        if is_v2 and (pos is None) != (c["pos_embed_type"] == "sincos"):
+            continue
+        if pos is not None and pos.shape[1] != c["image_size"] ** 2 // patch**2:
+            continue
+        return dict(c)
+    raise WeightsError(
+        f"no registered architecture has width {dim}, {blocks} blocks and patch {patch}; "
+        "pass --arch NAME (see `mlx-aim models`)"
+    )
+
+
+def _attach_head(
+    config: dict[str, Any], weights: dict[str, mx.array], probe_layers: str | None, best: tuple
+) -> dict[str, Any]:
+    """Set ``num_classes``/``probe_layers`` when the weights carry an AIMv1 probe head."""
+    if "head.linear.weight" not in weights:
+        if probe_layers:
+            raise WeightsError("--probe-layers was given but the checkpoint has no probe head")
+        return config
+    config = {**config, "num_classes": int(weights["head.linear.weight"].shape[0])}
+    if probe_layers == "best":
+        if not best:
+            raise WeightsError("'best' probe layers are only known for released AIMv1 models")
+        config["probe_layers"] = list(best)
+    elif probe_layers not in (None, "last"):
+        config["probe_layers"] = [int(i) for i in probe_layers.split(",")]
+    return config
+
+
+def _entry_for(config: dict[str, Any]) -> Entry | None:
+    keys = ("model_type", "embed_dim", "num_blocks", "patch_size")
+    return next(
+        (e for e in REGISTRY.values() if all(e.config[k] == config.get(k) for k in keys)), None
+    )
+
+
+def _read_weight_files(files: list[Path]) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        tensors = read_pth(file) if file.suffix in (".pth", ".pt", ".bin") else None
+        if tensors is None:
+            tensors = read_safetensors(file)[0]
+        overlap = set(weights) & set(tensors)
+        if overlap:
+            raise WeightsError(
+                f"{file}: tensors also present in another file: {sorted(overlap)[:3]}"
+            )
+        weights.update(tensors)
+    return weights
+
+
+def _from_files(
+    files: list[Path],
+    hf_config: dict[str, Any] | None,
+    arch: str | None,
+    probe_layers: str | None,
+) -> ImportedCheckpoint:
+    weights = _read_weight_files(files)
+    if any(k.startswith(("text_model.", "text_encoder.")) for k in weights):
+        raise WeightsError(f"{files[0]}: has a text tower; mlx-aim imports vision encoders only")
+    weights = {k.removeprefix("vision_model."): v for k, v in weights.items()}
+    if any(k.startswith(("embeddings.", "encoder.layers.")) for k in weights):
+        if hf_config is None and arch is None:
+            raise WeightsError(
+                f"{files[0]}: transformers-layout weights need their config.json beside them "
+                "or --arch NAME"
+            )
+        config = (
+            dict(get_entry(arch).config) if arch is not None else _transformers_config(hf_config)
+        )
+        weights = from_transformers(weights)
+    else:
+        config = infer_config(weights, arch)
+    if probe_layers is None and any("head_best_layers" in f.name for f in files):
+        probe_layers = "best"
+    entry = _entry_for(config)
+    config = _attach_head(
+        config,
+        weights,
+        probe_layers,
+        entry.checkpoint.best_layers if entry and entry.checkpoint else (),
+    )
+    preprocessing = entry.preprocessing if entry else default_preprocessing(config)
+    if config.get("pos_embed_type") == "absolute" and "preprocessor.pos_embed" in weights:
+        n = weights["preprocessor.pos_embed"].shape[1]
+        size = int(round(np.sqrt(n))) * config["patch_size"]
+        if size != config["image_size"]:
+            config["image_size"] = size
+            preprocessing = default_preprocessing(config)
+    return ImportedCheckpoint(config, weights, preprocessing)
+
+
+def _hub_files(name: str, revision: str | None, head: str | None) -> tuple[list[Path], str]:
+    entry = get_entry(name)
+    ckpt = entry.checkpoint
+    if ckpt is None:
+        raise WeightsError(f"{name} is an architecture without released weights; train it instead")
+    revision = revision or ckpt.revision
+    if ckpt.repo == "apple/AIM":
+        files = [fetch(ckpt.repo, ckpt.files[0], revision)]
+        if head is not None:
+            files.append(fetch(ckpt.repo, ckpt.head_files[head], revision))
+        return files, name
+    return [fetch(ckpt.repo, ckpt.files[0], revision)], name
+
+
+def import_checkpoint(
+    source: str | Path,
+    *,
+    head: str | Path | None = None,
+    arch: str | None = None,
+    probe_layers: str | None = None,
+    revision: str | None = None,
+) -> ImportedCheckpoint:
+    """Read any supported checkpoint as an :class:`ImportedCheckpoint` (nothing written).
+
+    Args:
+        source: a ``.pth``/``.safetensors`` file, a directory holding one (with ``config.json`` for
+            the transformers layout), a registry name or a hub repo id.
+        head: an ml-aim probe-head ``.pth`` file merged with a backbone file; for a registry name
+            of an AIMv1 release, ``"last"`` or ``"best"`` picks the released head.
+        arch: registry architecture for sources without a config (``.pth`` files).
+        probe_layers: ``last``, ``best`` or ``i,j,k`` for the AIMv1 probe head.
+        revision: hub revision (default: the one ml-aim pins).
+    """
+    name = str(source)
+    path = Path(source).expanduser()
+    if not path.exists() and name in REGISTRY:
+        head_name = str(head) if head is not None else probe_layers
+        files, name = _hub_files(name, revision, head_name)
+        entry = get_entry(name)
+        imported = _from_files(files, None, name, head_name)
+        imported.preprocessing = entry.preprocessing
+        return imported
+    if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        match = next(
+            (e for e in REGISTRY.values() if e.checkpoint and e.checkpoint.repo == name), None
+        )
+        if match is not None:
+            return import_checkpoint(
+                match.name, head=head, probe_layers=probe_layers, revision=revision
+            )
+        raise WeightsError(f"{name}: unknown hub repo; download it and pass the directory")
+    if not path.exists():
+        raise FileNotFoundError(f"{source}: no such file, directory or model name")
+    hf_config = None
+    if path.is_dir():
+        if (path / CONFIG_FILE).exists():
+            hf_config = json.loads((path / CONFIG_FILE).read_text())
+        if (path / INDEX_FILE).exists():
+            index = json.loads((path / INDEX_FILE).read_text())
+            files = [path / f for f in sorted(set(index["weight_map"].values()))]
+        else:
+            candidates = [WEIGHTS_FILE, "mlx_model.safetensors", "pytorch_model.bin"]
+            found = [path / c for c in candidates if (path / c).exists()]
+            if not found:
+                raise WeightsError(f"{path}: no {' / '.join(candidates)} inside")
+            files = found[:1]
+    else:
+        files = [path]
+        if (path.parent / CONFIG_FILE).exists() and path.suffix == ".safetensors":
+            hf_config = json.loads((path.parent / CONFIG_FILE).read_text())
+    if head is not None:
+        files.append(Path(head).expanduser())
+    if hf_config is not None and hf_config.get("model_type") in ("aim_v1", "aim_v2"):
+        hf_config = None  # an mlx-aim directory: its weights carry ml-aim keys
+    return _from_files(files, hf_config, arch, probe_layers)
+
+
+def convert(
+    source: str | Path,
+    destination: str | Path,
+    *,
+    head: str | Path | None = None,
+    arch: str | None = None,
+    probe_layers: str | None = None,
+    revision: str | None = None,
+    dtype: mx.Dtype | None = None,
+    force: bool = False,
+) -> Path:
+    """Import ``source`` and write it to ``destination`` in mlx-aim's format (refuses to overwrite
+    unless ``force``)."""
+    destination = Path(destination)
+    if destination.exists() and not force:
+        raise FileExistsError(f"{destination} already exists (use --force to replace it)")
+    imported = import_checkpoint(
+        source, head=head, arch=arch, probe_layers=probe_layers, revision=revision
+    )
+    model = build_model(imported.config)
+    apply_weights(model, imported.weights, dtype)
+    return save_model(model, destination, preprocessing=imported.preprocessing, overwrite=force)
