@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -10,6 +11,18 @@ import mlx.nn as nn
 from .models import build_model
 from .registry import REGISTRY, default_preprocessing
 from .weights import CONFIG_FILE, apply_weights, load_model
+
+# config.json model types of checkpoints that are converted on the fly.
+FOREIGN_MODEL_TYPES = ("aimv2_vision_model", "aimv2", "aimv2_text_model")
+
+
+def _is_mlx_aim_dir(path: Path) -> bool:
+    """A directory in mlx-aim's own format (its config names one of our model types)."""
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return (path / CONFIG_FILE).is_file()  # unreadable: let load_model report it
+    return not isinstance(config, dict) or config.get("model_type") not in FOREIGN_MODEL_TYPES
 
 
 def load(
@@ -33,7 +46,7 @@ def load(
     ``head`` picks the AIMv1 probe head of a released checkpoint (``"last"`` or ``"best"``).
     """
     source = Path(path_or_name).expanduser()
-    if source.is_dir() and (source / CONFIG_FILE).exists():
+    if _is_mlx_aim_dir(source):
         model = load_model(source, dtype=dtype, lazy=True)
     elif source.exists() or str(path_or_name) in REGISTRY:
         from .convert import import_checkpoint
