@@ -13,7 +13,8 @@ from .main import app
 @app.command("convert")
 def convert_command(
     source: str = typer.Argument(
-        ..., help="A .pth or .safetensors file, a directory holding one, a registry name or a hub id."
+        ...,
+        help="A .pth or .safetensors file, a directory holding one, a registry name or a hub id.",
     ),
     destination: Path = typer.Argument(..., help="Output directory (mlx-aim format)."),
     head: str | None = typer.Option(

@@ -15,12 +15,14 @@ filled with the right shape (checked by ``weights.check_weights`` when the model
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .hub import fetch
@@ -70,11 +72,18 @@ def read_pth(path: str | Path) -> dict[str, mx.array]:
         ) from None
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refusals and corrupt archives raise various types
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except pickle.UnpicklingError as e:  # weights_only refused an object, a callable or an opcode
+        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
         raise WeightsError(
-            f"{path}: refused or unreadable PyTorch file ({first_line}); only plain tensor "
-            "state dicts are loaded (weights_only=True), never pickled code"
+            f"{path}: refused: not a plain tensor state dict "
+            f"({found.group(0) if found else 'unsupported pickle content'}); .pth files are read "
+            "with torch.load(weights_only=True), so pickled objects and code never load or run"
+        ) from None
+    except Exception as e:  # corrupt or truncated archives raise various types
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise WeightsError(
+            f"{path}: not a readable PyTorch file, truncated or corrupt ({type(e).__name__}: "
+            f"{reason})"
         ) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -176,14 +185,21 @@ def _attach_head(
             raise WeightsError("'best' probe layers are only known for released AIMv1 models")
         config["probe_layers"] = list(best)
     elif probe_layers not in (None, "last"):
-        config["probe_layers"] = [int(i) for i in probe_layers.split(",")]
+        try:
+            config["probe_layers"] = [int(i) for i in probe_layers.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"probe layers must be 'last', 'best' or block indices such as 14,15,16; "
+                f"got {probe_layers!r}"
+            ) from None
     return config
 
 
 def _entry_for(config: dict[str, Any]) -> Entry | None:
-    keys = ("model_type", "embed_dim", "num_blocks", "patch_size")
+    """The first registry entry with exactly this architecture (positions and size included)."""
     return next(
-        (e for e in REGISTRY.values() if all(e.config[k] == config.get(k) for k in keys)), None
+        (e for e in REGISTRY.values() if all(config.get(k) == v for k, v in e.config.items())),
+        None,
     )
 
 
@@ -208,15 +224,27 @@ def _from_files(
     arch: str | None,
     probe_layers: str | None,
 ) -> ImportedCheckpoint:
-    weights = _read_weight_files(files)
+    weights = _read_weight_files(files)  # read errors name their file
+    try:
+        return _interpret(weights, files, hf_config, arch, probe_layers)
+    except (WeightsError, ConfigError) as e:
+        raise type(e)(f"{files[0]}: {e}") from None
+
+
+def _interpret(
+    weights: dict[str, mx.array],
+    files: list[Path],
+    hf_config: dict[str, Any] | None,
+    arch: str | None,
+    probe_layers: str | None,
+) -> ImportedCheckpoint:
     if any(k.startswith(("text_model.", "text_encoder.")) for k in weights):
-        raise WeightsError(f"{files[0]}: has a text tower; mlx-aim imports vision encoders only")
+        raise WeightsError("has a text tower; mlx-aim imports vision encoders only")
     weights = {k.removeprefix("vision_model."): v for k, v in weights.items()}
     if any(k.startswith(("embeddings.", "encoder.layers.")) for k in weights):
         if hf_config is None and arch is None:
             raise WeightsError(
-                f"{files[0]}: transformers-layout weights need their config.json beside them "
-                "or --arch NAME"
+                "transformers-layout weights need their config.json beside them or --arch NAME"
             )
         config = (
             dict(get_entry(arch).config) if arch is not None else _transformers_config(hf_config)
@@ -248,13 +276,14 @@ def _hub_files(name: str, revision: str | None, head: str | None) -> tuple[list[
     ckpt = entry.checkpoint
     if ckpt is None:
         raise WeightsError(f"{name} is an architecture without released weights; train it instead")
+    if head is not None and head not in ckpt.head_files:
+        released = ", ".join(ckpt.head_files) or "none"
+        raise WeightsError(f"{name} has no released probe head {head!r} (released: {released})")
     revision = revision or ckpt.revision
-    if ckpt.repo == "apple/AIM":
-        files = [fetch(ckpt.repo, ckpt.files[0], revision)]
-        if head is not None:
-            files.append(fetch(ckpt.repo, ckpt.head_files[head], revision))
-        return files, name
-    return [fetch(ckpt.repo, ckpt.files[0], revision)], name
+    files = [fetch(ckpt.repo, ckpt.files[0], revision)]
+    if head is not None:
+        files.append(fetch(ckpt.repo, ckpt.head_files[head], revision))
+    return files, name
 
 
 def import_checkpoint(
@@ -320,6 +349,18 @@ def import_checkpoint(
     return _from_files(files, hf_config, arch, probe_layers)
 
 
+def build_imported(
+    imported: ImportedCheckpoint, source: str | Path, dtype: mx.Dtype | None = None
+) -> nn.Module:
+    """The model of an imported checkpoint with its weights in place; errors name ``source``."""
+    model = build_model(imported.config)
+    try:
+        apply_weights(model, imported.weights, dtype)
+    except WeightsError as e:
+        raise WeightsError(f"{source}: {e}") from None
+    return model
+
+
 def convert(
     source: str | Path,
     destination: str | Path,
@@ -339,6 +380,5 @@ def convert(
     imported = import_checkpoint(
         source, head=head, arch=arch, probe_layers=probe_layers, revision=revision
     )
-    model = build_model(imported.config)
-    apply_weights(model, imported.weights, dtype)
+    model = build_imported(imported, source, dtype)
     return save_model(model, destination, preprocessing=imported.preprocessing, overwrite=force)

@@ -24,6 +24,6 @@ def fetch(repo: str, filename: str, revision: str | None = None) -> Path:
         raise HubError(
             f"{repo}/{filename}{'@' + revision if revision else ''} is not in the local Hugging Face "
             f"cache and cannot be downloaded now ({type(e).__name__}). On a connected machine run "
-            f"`huggingface-cli download {repo} {filename}{rev}` (or `mlx-aim convert` there and copy "
-            "the output directory), then try again."
+            f"`hf download {repo} {filename}{rev}` (or `mlx-aim convert` there and copy the "
+            "output directory), then try again."
         ) from None

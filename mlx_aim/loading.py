@@ -8,9 +8,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .models import build_model
 from .registry import REGISTRY, default_preprocessing
-from .weights import CONFIG_FILE, apply_weights, load_model
+from .weights import CONFIG_FILE, load_model
 
 # config.json model types of checkpoints that are converted on the fly.
 FOREIGN_MODEL_TYPES = ("aimv2_vision_model", "aimv2", "aimv2_text_model")
@@ -49,11 +48,10 @@ def load(
     if _is_mlx_aim_dir(source):
         model = load_model(source, dtype=dtype, lazy=True)
     elif source.exists() or str(path_or_name) in REGISTRY:
-        from .convert import import_checkpoint
+        from .convert import build_imported, import_checkpoint
 
         imported = import_checkpoint(path_or_name, revision=revision, probe_layers=head)
-        model = build_model(imported.config)
-        apply_weights(model, imported.weights, dtype)
+        model = build_imported(imported, path_or_name, dtype)
         model.eval()
         model.preprocessing = imported.preprocessing
     else:

@@ -101,6 +101,12 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, mx.array], dict[str, s
         raise WeightsError(f"{path}: cannot read safetensors ({e})") from None
 
 
+def _listing(keys: list[str], shapes: dict[str, tuple]) -> str:
+    """``key shape`` for the first three keys."""
+    more = ", ..." if len(keys) > 3 else ""
+    return ", ".join(f"{k} {shapes[k]}" for k in keys[:3]) + more
+
+
 def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
     """Strict check: every parameter is given with its shape and no extra tensor is left over."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
@@ -108,9 +114,10 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
     extra = sorted(set(weights) - set(expected))
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensor(s), e.g. {missing[:3]}")
+        problems.append(f"missing {len(missing)} tensor(s): {_listing(missing, expected)}")
     if extra:
-        problems.append(f"{len(extra)} unexpected tensor(s), e.g. {extra[:3]}")
+        given = {k: tuple(weights[k].shape) for k in extra}
+        problems.append(f"{len(extra)} unexpected tensor(s): {_listing(extra, given)}")
     for key in sorted(set(expected) & set(weights)):
         if tuple(weights[key].shape) != expected[key]:
             problems.append(
