@@ -4,10 +4,14 @@
 >>> model = mlx_aim.load("aimv2-large-patch14-224")   # or a directory written by mlx-aim
 """
 
-from .loading import load
-from .models import build_model
-from .registry import REGISTRY, Preprocessing
-from .weights import save_model
+from .blas import enable_fast_blas
+
+enable_fast_blas()  # must run before anything imports mlx.core (see blas.py)
+
+from .loading import load  # noqa: E402
+from .models import build_model  # noqa: E402
+from .registry import REGISTRY, Preprocessing  # noqa: E402
+from .weights import save_model  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["REGISTRY", "Preprocessing", "build_model", "load", "save_model", "__version__"]

@@ -1,0 +1,268 @@
+"""``TrainConfig``: every setting of a pre-training run; its fields are the flags of ``mlx-aim train``.
+
+Each field carries its help text and help panel in ``metadata`` (the command line is generated
+from them) and a config file (TOML or YAML) uses the same names, with ``-`` or ``_``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInputError
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
+    return field(default=default, metadata={"help": help, "panel": panel})
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a pre-training run (defaults: a few-minute run of ``aim-nano`` on digits)."""
+
+    # data
+    data: str | None = _opt(
+        None,
+        "Training images: a folder (searched recursively), a glob, or a .txt file listing paths. "
+        "Default: the built-in digits set.",
+        "Data",
+    )
+    val_data: str | None = _opt(
+        None, "Validation images (same forms as --data). Default: --val-fraction of --data.", "Data"
+    )
+    val_fraction: float = _opt(
+        0.05, "Fraction of --data held out for validation when --val-data is not given.", "Data"
+    )
+    val_images: int = _opt(256, "Size of the fixed validation subset.", "Data")
+    workers: int = _opt(2, "Threads decoding and augmenting images in the background.", "Data")
+    min_crop_scale: float = _opt(
+        0.4, "Smallest RandomResizedCrop area fraction (the largest is 1.0).", "Data"
+    )
+    hflip: float = _opt(0.5, "Probability of a horizontal flip.", "Data")
+    # model
+    model: str = _opt(
+        "aim-nano",
+        "Architecture: a name from `mlx-aim models` (aim-nano, aim-tiny, ...) or a JSON model "
+        "config file (an aim_pretrain config, or an aim_v1/aim_v2 trunk).",
+        "Model",
+    )
+    head_blocks: int | None = _opt(
+        None, "Pixel-head MLP blocks (default: the architecture's).", "Model"
+    )
+    head_width: int | None = _opt(None, "Pixel-head width (default: the architecture's).", "Model")
+    dtype: str = _opt(
+        "float32",
+        "Compute dtype: float32, or bfloat16 (mixed precision: float32 master weights and "
+        "optimizer state, bfloat16 forward and backward).",
+        "Model",
+    )
+    grad_checkpoint: bool = _opt(
+        False,
+        "Recompute each trunk block in the backward pass (less memory, ~30% slower).",
+        "Model",
+    )
+    # optimisation
+    steps: int = _opt(100, "Optimizer steps.")
+    batch_size: int = _opt(
+        32, "Images per step over all processes (each of N processes loads batch-size / N)."
+    )
+    grad_accum: int = _opt(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = _opt(1e-3, "Peak learning rate (AdamW).")
+    min_lr: float = _opt(1e-5, "Learning rate at the end of the cosine decay.")
+    warmup_steps: int | None = _opt(
+        None, "Linear warm-up steps before the cosine decay (default: 10% of --steps)."
+    )
+    weight_decay: float = _opt(
+        0.05, "AdamW weight decay (not applied to norms, biases and position embeddings)."
+    )
+    beta1: float = _opt(0.9, "AdamW beta1.")
+    beta2: float = _opt(0.95, "AdamW beta2.")
+    grad_clip: float = _opt(1.0, "Clip the global gradient norm to this value (0: no clipping).")
+    seed: int = _opt(0, "Random seed: initialisation, data order, augmentation, prefixes.")
+    # output
+    output: str | None = _opt(
+        None,
+        "Output directory (default: runs/<model>). Holds a checkpoint? The run resumes.",
+        "Output",
+    )
+    resume: bool = _opt(False, "Require a checkpoint in --output and continue from it.", "Output")
+    checkpoint_every: int = _opt(50, "Write a checkpoint every N steps (and at the end).", "Output")
+    keep_checkpoints: int = _opt(3, "Keep the last K checkpoints.", "Output")
+    log_every: int = _opt(10, "Log training metrics every N steps.", "Output")
+    val_every: int = _opt(
+        50, "Evaluate the validation loss every N steps (0: at the end).", "Output"
+    )
+    preview_every: int = _opt(
+        50, "Write a prediction preview PNG every N steps (0: never).", "Output"
+    )
+    preview_images: int = _opt(4, "Images shown in each preview.", "Output")
+    quiet: bool = _opt(False, "No progress display; errors and the final summary only.", "Output")
+
+    # ---- derived ------------------------------------------------------------------------------
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps actually used."""
+        if self.warmup_steps is None:
+            return max(1, math.ceil(0.1 * self.steps))
+        return self.warmup_steps
+
+    @property
+    def model_name(self) -> str:
+        return Path(self.model).stem if self.model.endswith(".json") else self.model
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or Path("runs") / self.model_name).expanduser()
+
+    # ---- checks and conversion ----------------------------------------------------------------
+
+    def validate(self) -> TrainConfig:
+        """Raise ``BadInputError`` naming the first invalid setting; return ``self``."""
+        positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints")
+        positive += ("log_every", "preview_images", "val_images")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise BadInputError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "val_every",
+            "preview_every",
+            "workers",
+            "weight_decay",
+            "min_lr",
+            "grad_clip",
+        ):
+            if getattr(self, name) < 0:
+                raise BadInputError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("head_blocks", "head_width", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < (1 if name == "head_width" else 0):
+                raise BadInputError(f"--{_flag(name)} must be positive, got {value}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise BadInputError(f"--lr must be a positive number, got {self.lr}")
+        if self.min_lr > self.lr:
+            raise BadInputError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+        if self.warmup > self.steps:
+            raise BadInputError(
+                f"--warmup-steps ({self.warmup}) must not exceed --steps ({self.steps})"
+            )
+        if not 0 <= self.val_fraction < 1:
+            raise BadInputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise BadInputError(f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}")
+        if not 0 <= self.hflip <= 1:
+            raise BadInputError(f"--hflip must be in [0, 1], got {self.hflip}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise BadInputError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.dtype not in DTYPES:
+            raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping of field names (``-`` or ``_``); unknown keys or types raise."""
+        return cls(**_check_values(values, source)).validate()
+
+
+def config_fields() -> list[tuple[dataclasses.Field, Any]]:
+    """``(field, resolved type)`` of every ``TrainConfig`` field, in order."""
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
+    types_by_name = {f.name: t for f, t in config_fields()}
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in types_by_name:
+            raise BadInputError(
+                f"{source}: unknown setting {key!r} (the settings are the flags listed by "
+                "`mlx-aim train --help`)"
+            )
+        out[name] = _coerce(value, types_by_name[name], f"{source}: setting {key!r}")
+    return out
+
+
+def _coerce(value: Any, annotation: Any, what: str) -> Any:
+    allowed = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, (str, Path)):
+            return str(value)
+    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+    raise BadInputError(f"{what} must be {names}, got {value!r}")
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML (``.toml``), YAML (``.yaml``/``.yml``) or JSON (``.json``) file.
+
+    Keys are flag names (``batch-size`` or ``batch_size``); the result uses field names.
+    """
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(
+            f"{path}: cannot read config file ({e.__class__.__name__}: {e})"
+        ) from None
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ModuleNotFoundError:
+                raise BadInputError(
+                    f"{path}: reading YAML needs PyYAML (pip install 'mlx-aim[yaml]'), or use TOML"
+                ) from None
+            values = yaml.safe_load(text)
+        elif suffix == ".json":
+            values = json.loads(text)
+        else:
+            raise BadInputError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
+    except BadInputError:
+        raise
+    except Exception as e:  # each parser has its own error class; all mean "invalid syntax"
+        raise BadInputError(f"{path}: invalid {suffix[1:].upper()} ({_first_line(e)})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise BadInputError(f"{path}: expected a table of settings, got {type(values).__name__}")
+    return _check_values(values, str(path))
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]

@@ -1,0 +1,132 @@
+"""Evaluation during a run: the validation loss on a fixed subset and prediction previews.
+
+Both use fixed images and fixed prefix lengths (drawn from the run's seed, never from MLX's
+global random state), so they are comparable across steps and do not change the training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..data import ImageLoader
+from ..images import ImageError, open_image
+from ..objective import next_patch_loss
+from .report import preview_image, save_png
+
+PREVIEWS = "previews"
+_PREFIX_SEED, _PREVIEW_COUNT_MAX = 7, 16
+
+
+class Validation:
+    """The loss on a fixed validation subset with fixed prefix lengths, split over the ranks.
+
+    ``run`` is the run's context (``config``, ``world``, ``metrics``, ``log``, ``on_image_error``).
+    The images are decoded once, here; unreadable ones are reported and left out.
+    """
+
+    def __init__(self, run, subset: list[Path], preprocess, num_patches: int, batch: int):
+        self.ctx = run
+        self.num_patches = num_patches
+        self.batch = batch
+        world = run.world
+        prefix = np.random.default_rng([run.config.seed, _PREFIX_SEED]).integers(
+            1, num_patches, len(subset)
+        )
+        mine = list(range(world.rank, len(subset), world.size))
+        self.enabled = bool(subset)
+        self.images = np.zeros((0,), np.float32)
+        self.prefix = np.zeros((0,), np.int32)
+        if mine:
+            loader = ImageLoader(
+                [subset[i] for i in mine],
+                preprocess,
+                min(64, len(mine)),
+                shuffle=False,
+                drop_last=False,
+                epochs=1,
+                num_workers=run.config.workers,
+                on_error=run.on_image_error,
+            )
+            arrays, kept = [], []
+            try:
+                for b in loader:
+                    arrays.append(b["images"])
+                    kept.extend(b["indices"].tolist())
+            except ValueError:
+                arrays = []  # none of this rank's validation images could be read
+            if arrays:
+                self.images = np.concatenate(arrays)
+                self.prefix = prefix[np.array(mine)[kept]].astype(np.int32)
+
+    def evaluate(self, model: nn.Module, step: int) -> float | None:
+        """The mean loss over the subset's predicted patches (logged on rank 0)."""
+        if not self.enabled:
+            return None
+        total, count = mx.array(0.0), mx.array(0.0)
+        patch = model.encoder.args.patch_size
+        for i in range(0, len(self.prefix), self.batch):
+            x = mx.array(self.images[i : i + self.batch])
+            s = mx.array(self.prefix[i : i + self.batch])
+            n = (self.num_patches - s).sum().astype(mx.float32)
+            total = total + next_patch_loss(model(x, s), x, s, patch) * n
+            count = count + n
+            mx.eval(total, count)
+        sums = mx.stack([total, count])
+        if self.ctx.world.size > 1:
+            sums = mx.distributed.all_sum(sums)
+        total, count = sums.tolist()
+        if count == 0:
+            return None
+        loss = total / count
+        if self.ctx.world.is_main:
+            self.ctx.metrics.append({"split": "val", "step": step, "loss": loss})
+            self.ctx.log(f"step {step} validation loss {loss:.4f}")
+        return loss
+
+
+class Previews:
+    """Prediction previews of a few fixed images, evenly spaced in ``candidates`` (rank 0)."""
+
+    def __init__(self, run, candidates: list[Path], preprocess, encoder):
+        self.ctx = run
+        self.encoder = encoder
+        self.prefix = encoder.num_patches // 2
+        self.mean, self.std = preprocess.mean, preprocess.std
+        self.originals, arrays = [], []
+        n = min(run.config.preview_images, _PREVIEW_COUNT_MAX)
+        spread = lambda k: np.linspace(0, len(candidates) - 1, k).round().astype(int).tolist()  # noqa: E731
+        for i in dict.fromkeys(spread(n) + spread(4 * n)):  # evenly spaced; spares for bad files
+            if len(arrays) == n:
+                break
+            path = candidates[i]
+            try:
+                original = open_image(path)
+            except ImageError:
+                continue
+            self.originals.append(original)
+            arrays.append(preprocess(original))
+        self.images = np.stack(arrays) if arrays else None
+
+    def write(self, model: nn.Module, step: int) -> None:
+        """Write ``previews/step-NNNNNNNN.png``."""
+        if self.images is None:
+            return
+        x = mx.array(self.images)
+        prefix = mx.full((len(self.images),), self.prefix, dtype=mx.int32)
+        predictions = np.array(model(x, prefix).astype(mx.float32))
+        image = preview_image(
+            self.images,
+            predictions,
+            self.prefix,
+            self.encoder.patch_size,
+            self.mean,
+            self.std,
+            self.originals,
+            title=f"{self.ctx.config.model_name}  step {step}  (next-patch predictions after a "
+            f"{self.prefix}-patch prefix, teacher-forced)",
+        )
+        save_png(image, self.ctx.output / PREVIEWS / f"step-{step:08d}.png")

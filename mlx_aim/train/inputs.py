@@ -1,0 +1,118 @@
+"""What a run trains: the pre-training model config and the training and validation images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import split_paths
+from ..datasets import builtin_dataset
+from ..images import ImageError, find_images
+from ..models import build_model_args
+from ..models.base import ConfigError
+from ..registry import REGISTRY, Preprocessing, default_preprocessing, pretrain_config
+from .config import TrainConfig
+from .errors import BadInputError
+
+_SUBSET_SEED = 7
+
+
+def resolve_model(config: TrainConfig) -> tuple[dict[str, Any], Preprocessing]:
+    """The ``aim_pretrain`` model config and the preprocessing of ``--model`` and head flags."""
+    head = {
+        k: v
+        for k, v in (("head_blocks", config.head_blocks), ("head_width", config.head_width))
+        if v is not None
+    }
+    source = Path(config.model).expanduser()
+    try:
+        if config.model in REGISTRY:
+            model_config = pretrain_config(config.model, **head)
+            preprocessing = REGISTRY[config.model].preprocessing
+        elif source.is_dir():
+            raise BadInputError(
+                f"--model {config.model}: a directory; give its config.json to train that "
+                "architecture from scratch"
+            )
+        elif source.is_file():
+            raw = _read_json(source)
+            if raw.get("model_type") == "aim_pretrain":
+                model_config = {**raw, **head}
+            else:
+                model_config = {"model_type": "aim_pretrain", "encoder": raw, **head}
+            preprocessing = default_preprocessing(model_config)
+        else:
+            known = ", ".join(n for n, e in REGISTRY.items() if e.checkpoint is None)
+            raise BadInputError(
+                f"--model {config.model}: not a model name (e.g. {known}; see `mlx-aim models`) "
+                "and no such JSON config file"
+            )
+        build_model_args(model_config)
+    except ConfigError as e:
+        raise BadInputError(f"--model {config.model}: {e}") from None
+    if build_model_args(model_config).encoder_args.num_patches < 2:
+        raise BadInputError(f"--model {config.model}: next-patch prediction needs >= 2 patches")
+    return model_config, preprocessing
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise BadInputError(f"--model {path}: not a readable JSON config ({e})") from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"--model {path}: a model config must be a JSON object")
+    return value
+
+
+@dataclass
+class Images:
+    train: list[Path]
+    val: list[Path]
+    description: str
+    errors: list[ImageError]
+
+
+def find_training_images(config: TrainConfig) -> Images:
+    """Training and validation image paths (not decoded) and the files that were skipped."""
+    errors: list[ImageError] = []
+    builtin = config.data is None or (config.data == "digits" and not Path("digits").exists())
+    if builtin:
+        root = builtin_dataset("digits")
+        train = _find(root / "train", "--data", errors)
+        val_source = config.val_data or root / "val"
+        description = f"built-in digits ({root})"
+    else:
+        train = _find(config.data, "--data", errors)
+        val_source = config.val_data
+        description = str(config.data)
+    if val_source is not None:
+        val = _find(val_source, "--val-data", errors)
+    elif config.val_fraction > 0:
+        train, val = split_paths(train, config.val_fraction, config.seed)
+    else:
+        val = []
+    return Images(train, val, description, errors)
+
+
+def _find(source, flag: str, errors: list[ImageError]) -> list[Path]:
+    paths, problems = find_images(source)
+    if not paths:
+        reason = (
+            problems[0].reason if problems else "no image files (JPEG, PNG, WebP, BMP, TIFF, GIF)"
+        )
+        raise BadInputError(f"{flag} {source}: {reason}")
+    errors.extend(problems)
+    return paths
+
+
+def fixed_subset(items: list[Path], n: int, seed: int) -> list[Path]:
+    """A deterministic random subset of ``n`` items, in input order."""
+    if len(items) <= n:
+        return list(items)
+    keep = np.sort(np.random.default_rng([seed, _SUBSET_SEED]).permutation(len(items))[:n])
+    return [items[i] for i in keep]

@@ -1,0 +1,309 @@
+"""What a run shows and leaves behind: progress display, ``metrics.jsonl``, previews, loss curve.
+
+Pictures are drawn with Pillow only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+from ..transforms import denormalize
+
+METRICS_FILE = "metrics.jsonl"
+LOG_FILE = "train.log"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Reporter:
+    """Console display and files of rank 0; other ranks get a silent one (``enabled=False``).
+
+    On a terminal a live progress bar shows step, loss, learning rate, images/s, ETA and peak
+    memory; elsewhere (logs, pipes) one line is printed per logging step.
+    """
+
+    def __init__(
+        self, output: Path, total_steps: int, *, enabled: bool = True, quiet: bool = False
+    ):
+        self.output = output
+        self.total = total_steps
+        self.enabled = enabled
+        self.quiet = quiet
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)
+        self._progress: Progress | None = None
+        self._task = None
+        self._logged = False
+        self._log_file = None
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self.enabled:
+            return
+        self._log_file = open(self.output / LOG_FILE, "a", buffering=1)
+        if self.console.is_terminal and not self.quiet:
+            self._progress = Progress(
+                TextColumn("[bold]train[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.console,
+                transient=False,
+            )
+            self._task = self._progress.add_task(
+                "train", total=self.total, completed=0, status="starting"
+            )
+            self._progress.start()
+
+    def stop_display(self) -> None:
+        """End the live progress bar (before the final summary)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def close(self) -> None:
+        self.stop_display()
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    # ---- messages -----------------------------------------------------------------------------
+
+    def log(self, message: str, *, always: bool = False) -> None:
+        """A one-line message: on the console (unless quiet) and in ``train.log``."""
+        if not self.enabled:
+            return
+        if self._log_file is not None:
+            self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        if always or not self.quiet:
+            (self._progress.console if self._progress else self.console).print(
+                message, markup=False
+            )
+
+    def advance(self, step: int, loss: float | None = None) -> None:
+        """Move the progress bar (every step; the full numbers change at logging steps)."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+            if loss is not None and not self._logged:
+                self._progress.update(self._task, status=f"loss {loss:.4f}")
+
+    def step(self, step: int, metrics: dict[str, Any]) -> None:
+        """Show the metrics of a logging step."""
+        if not self.enabled:
+            return
+        self._logged = True
+        speed = metrics["images_per_s"]
+        status = (
+            f"loss {metrics['loss']:.4f}"
+            + (f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else "")
+            + f" lr {metrics['lr']:.2e} "
+            + (f"{speed:.1f} img/s ETA {format_duration(metrics['eta_s'])}" if speed else "")
+            + f" peak {metrics['peak_memory_gb']:.2f} GB"
+        )
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, status=status)
+            if self._log_file is not None:
+                self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} step {step} {status}\n")
+        else:
+            self.log(f"step {step}/{self.total} {status}")
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per logging step (``split`` is train or val)."""
+
+    def __init__(self, output: Path):
+        self.path = output / METRICS_FILE
+
+    def truncate_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` (left by a run that died after its checkpoint)."""
+        records = [r for r in self.read() if r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut by a crash
+        return records
+
+
+# ---- pictures ---------------------------------------------------------------------------------
+
+_BACKGROUND = (255, 255, 255)
+_GREY = (128, 128, 128)
+_TEXT = (20, 20, 20)
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def unpatchify(patches: np.ndarray, grid: int, patch_size: int) -> np.ndarray:
+    """(K, p*p*C) raster-order patches back to an (H, W, C) image."""
+    c = patches.shape[-1] // patch_size**2
+    x = patches.reshape(grid, grid, patch_size, patch_size, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape(grid * patch_size, grid * patch_size, c)
+
+
+def patchify_np(image: np.ndarray, patch_size: int) -> np.ndarray:
+    """(H, W, C) to (K, p*p*C) in raster order, pixels as (row, col, channel)."""
+    h, w, c = image.shape
+    p = patch_size
+    x = image.reshape(h // p, p, w // p, p, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape((h // p) * (w // p), p * p * c)
+
+
+def prediction_panels(
+    image: np.ndarray,
+    predictions: np.ndarray,
+    prefix: int,
+    patch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    eps: float = 1e-6,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(prefix, prediction, truth) uint8 images for one normalized (H, W, C) input.
+
+    Predicted patches are per-patch-normalized pixels; they are mapped back with the true patch's
+    mean and standard deviation (as MAE shows its reconstructions), then de-normalized.
+    """
+    grid = image.shape[0] // patch_size
+    truth_patches = patchify_np(image, patch_size)
+    mu = truth_patches.mean(-1, keepdims=True)
+    sigma = np.sqrt(truth_patches.var(-1, ddof=1, keepdims=True) + eps)
+    predicted = truth_patches.copy()
+    predicted[prefix:] = predictions[prefix - 1 : -1] * sigma[prefix:] + mu[prefix:]
+    masked = truth_patches.copy()
+    grey = (np.asarray(_GREY, np.float32) / 255 - np.asarray(mean)) / np.asarray(std)
+    masked[prefix:] = np.tile(grey, patch_size**2)
+    to_image = lambda p: denormalize(unpatchify(p, grid, patch_size), mean, std)  # noqa: E731
+    return to_image(masked), to_image(predicted), to_image(truth_patches)
+
+
+def preview_image(
+    images: np.ndarray,
+    predictions: np.ndarray,
+    prefix: int,
+    patch_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    originals: Sequence[Image.Image | None],
+    title: str,
+    cell: int = 128,
+) -> Image.Image:
+    """A grid with one row per image: input file, prefix, next-patch predictions, truth."""
+    columns = ("input", f"prefix ({prefix} patches)", "prediction", "truth")
+    pad, header = 8, 40
+    width = pad + len(columns) * (cell + pad)
+    height = header + len(images) * (cell + pad) + pad
+    canvas = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 4), title, fill=_TEXT, font=_font(13))
+    for j, name in enumerate(columns):
+        draw.text((pad + j * (cell + pad), 22), name, fill=_TEXT, font=_font(11))
+    for i, (image, pred, original) in enumerate(zip(images, predictions, originals, strict=True)):
+        y = header + i * (cell + pad)
+        panels = prediction_panels(image, pred, prefix, patch_size, mean, std)
+        if original is not None:
+            scale = cell / max(original.size)
+            size = (max(1, round(original.width * scale)), max(1, round(original.height * scale)))
+            thumb = original.resize(size, Image.Resampling.BICUBIC)
+            canvas.paste(thumb, (pad + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+        for j, panel in enumerate(panels, 1):
+            big = Image.fromarray(panel).resize((cell, cell), Image.Resampling.NEAREST)
+            canvas.paste(big, (pad + j * (cell + pad), y))
+    return canvas
+
+
+def loss_curve_image(
+    train: Sequence[tuple[int, float]],
+    val: Sequence[tuple[int, float]],
+    title: str = "loss",
+    size: tuple[int, int] = (720, 420),
+) -> Image.Image:
+    """A line chart of the train (blue) and validation (orange) loss against the step."""
+    width, height = size
+    left, right, top, bottom = 64, 16, 32, 40
+    canvas = Image.new("RGB", size, _BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(11)
+    draw.text((left, 8), title, fill=_TEXT, font=_font(13))
+    points = [p for p in [*train, *val] if math.isfinite(p[1])]
+    if not points:
+        draw.text((left, height // 2), "no finite loss recorded", fill=_TEXT, font=font)
+        return canvas
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    if x1 == x0:
+        x1 = x0 + 1
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+    margin = 0.05 * (y1 - y0)
+    y0, y1 = y0 - margin, y1 + margin
+
+    def xy(step: float, value: float) -> tuple[float, float]:
+        x = left + (step - x0) / (x1 - x0) * (width - left - right)
+        y = top + (y1 - value) / (y1 - y0) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle((left, top, width - right, height - bottom), outline=_GREY)
+    for k in range(5):
+        value = y0 + (y1 - y0) * k / 4
+        _, y = xy(x0, value)
+        draw.line((left - 4, y, left, y), fill=_GREY)
+        draw.text((4, y - 6), f"{value:.3g}", fill=_TEXT, font=font)
+        step = x0 + (x1 - x0) * k / 4
+        x, _ = xy(step, y0)
+        draw.line((x, height - bottom, x, height - bottom + 4), fill=_GREY)
+        draw.text((x - 12, height - bottom + 6), f"{step:.0f}", fill=_TEXT, font=font)
+    draw.text((width // 2 - 12, height - 16), "step", fill=_TEXT, font=font)
+    for series, colour, label, dy in (
+        (train, (31, 119, 180), "train", 0),
+        (val, (255, 127, 14), "val", 14),
+    ):
+        finite = [xy(s, v) for s, v in series if math.isfinite(v)]
+        if len(finite) > 1:
+            draw.line(finite, fill=colour, width=2)
+        for x, y in finite if len(finite) <= 50 or series is val else []:
+            draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
+        if finite:
+            lx = width - right - 60
+            draw.line((lx, top + 10 + dy, lx + 16, top + 10 + dy), fill=colour, width=2)
+            draw.text((lx + 20, top + 4 + dy), label, fill=_TEXT, font=font)
+    return canvas
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically (temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)

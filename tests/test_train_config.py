@@ -1,0 +1,102 @@
+"""``TrainConfig``, config files and the ``mlx-aim train`` command line (no training here)."""
+
+import dataclasses
+
+import pytest
+from typer.testing import CliRunner
+
+import mlx_aim.train
+from cli.main import app
+from mlx_aim.train import BadInputError, TrainConfig, read_config_file
+
+runner = CliRunner()
+
+
+def test_config_files_use_the_flag_names(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('batch-size = 8\nlr = 1\nmodel = "aim-tiny"\ngrad_checkpoint = true\n')
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("batch_size: 8\nlr: 1\nmodel: aim-tiny\ngrad-checkpoint: true\n")
+    expected = {"batch_size": 8, "lr": 1.0, "model": "aim-tiny", "grad_checkpoint": True}
+    assert read_config_file(toml) == expected
+    assert read_config_file(yaml) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("stepz = 3\n", "unknown setting 'stepz'"),
+        ('steps = "many"\n', "setting 'steps' must be int"),
+        ("steps = \n", "invalid TOML"),
+        ("batch-size = true\n", "setting 'batch-size' must be int"),
+    ],
+)
+def test_bad_config_files_give_one_line_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    with pytest.raises(BadInputError) as e:
+        read_config_file(path)
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "change, flag",
+    [
+        ({"steps": 0}, "--steps"),
+        ({"lr": -1.0}, "--lr"),
+        ({"lr": 1e-4, "min_lr": 1e-3}, "--min-lr"),
+        ({"dtype": "float16"}, "--dtype"),
+        ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"steps": 10, "warmup_steps": 11}, "--warmup-steps"),
+        ({"beta2": 1.0}, "--beta2"),
+    ],
+)
+def test_invalid_settings_name_their_flag(change, flag):
+    with pytest.raises(BadInputError, match=flag):
+        dataclasses.replace(TrainConfig(), **change).validate()
+
+
+def test_defaults_are_a_short_nano_run_on_the_digits():
+    config = TrainConfig().validate()
+    assert (config.model, config.data, config.output_dir.as_posix()) == (
+        "aim-nano",
+        None,
+        "runs/aim-nano",
+    )
+    assert config.warmup == 10 and config.beta1 == 0.9 and config.beta2 == 0.95
+    assert config.weight_decay == 0.05 and config.grad_clip == 1.0
+
+
+def test_help_lists_every_setting_with_examples_and_exit_codes():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{field.name.replace('_', '-')}" in result.output
+    for text in ("--config", "Examples", "mlx.launch -n 2", "Exit codes"):
+        assert text in result.output
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Replace the run by a recorder of the config it receives."""
+    configs = []
+    monkeypatch.setattr(mlx_aim.train, "train", configs.append)
+    return configs
+
+
+def test_command_line_flags_win_over_the_config_file(tmp_path, captured):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 7\nlr: 0.01\nbatch-size: 4\n")
+    result = runner.invoke(app, ["train", "-c", str(path), "--lr", "0.002", "-o", "out"])
+    assert result.exit_code == 0, result.output
+    (config,) = captured
+    assert (config.steps, config.lr, config.batch_size, config.output) == (7, 0.002, 4, "out")
+
+
+@pytest.mark.parametrize(
+    "args", [["--bogus"], ["--steps", "many"], ["--steps", "0"], ["--dtype", "float16"]]
+)
+def test_usage_errors_exit_with_code_1(args, captured):
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 1, result.output
+    assert not captured and "Traceback" not in result.output

@@ -1,0 +1,66 @@
+"""Previews, the loss curve and ``metrics.jsonl`` (pictures are checked by their pixels)."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_aim.objective import normalize_patches
+from mlx_aim.train.report import (
+    MetricsLog,
+    loss_curve_image,
+    patchify_np,
+    prediction_panels,
+    preview_image,
+    unpatchify,
+)
+from mlx_aim.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+
+
+def test_patchify_and_unpatchify_invert_each_other():
+    image = np.random.default_rng(0).normal(size=(12, 12, 3)).astype(np.float32)
+    patches = patchify_np(image, 4)
+    assert patches.shape == (9, 48)
+    assert np.array_equal(patches[1], image[0:4, 4:8].reshape(-1))  # raster order
+    assert np.array_equal(unpatchify(patches, 3, 4), image)
+
+
+def test_perfect_next_patch_predictions_reproduce_the_truth():
+    rng = np.random.default_rng(1)
+    image = rng.normal(size=(16, 16, 3)).astype(np.float32)
+    targets = np.array(normalize_patches(mx.array(patchify_np(image, 4))))
+    predictions = np.concatenate([targets[1:], np.zeros_like(targets[:1])])  # k predicts k + 1
+    prefix, predicted, truth = prediction_panels(
+        image, predictions, 5, 4, IMAGENET_MEAN, IMAGENET_STD
+    )
+    assert np.array_equal(truth, denormalize(image, IMAGENET_MEAN, IMAGENET_STD))
+    assert np.abs(predicted.astype(int) - truth.astype(int)).max() <= 1
+    assert (patchify_np(prefix, 4)[5:] == 128).all()  # patches after the prefix are grey
+    assert np.array_equal(patchify_np(prefix, 4)[:5], patchify_np(truth, 4)[:5])
+
+
+def test_a_preview_has_one_row_per_image_and_four_columns():
+    images = np.zeros((3, 16, 16, 3), np.float32)
+    image = preview_image(
+        images, np.zeros((3, 16, 48)), 8, 4, IMAGENET_MEAN, IMAGENET_STD, [None] * 3, "t", 64
+    )
+    assert image.size == (8 + 4 * 72, 40 + 3 * 72 + 8)
+
+
+def test_the_loss_curve_draws_train_and_validation():
+    image = np.asarray(loss_curve_image([(1, 1.0), (2, 0.5), (3, 0.4)], [(0, 1.1), (3, 0.45)]))
+    blue = ((image == (31, 119, 180)).all(-1)).sum()
+    orange = ((image == (255, 127, 14)).all(-1)).sum()
+    assert blue > 100 and orange > 50
+    assert np.asarray(loss_curve_image([], [])).mean() > 200  # nothing to plot: a blank chart
+
+
+def test_metrics_keep_the_records_up_to_a_resumed_step(tmp_path):
+    log = MetricsLog(tmp_path)
+    for step in (2, 4, 6):
+        log.append({"split": "train", "step": step, "loss": 1.0 / step})
+    with open(log.path, "a") as f:
+        f.write('{"split": "train", "st')  # a line cut by a crash
+    assert [r["step"] for r in log.read()] == [2, 4, 6]
+    log.truncate_after(4)
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [2, 4]

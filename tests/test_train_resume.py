@@ -1,0 +1,146 @@
+"""Interrupted runs resume to the same weights as an uninterrupted run (subprocesses, SIGKILL)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlx_aim.train.checkpoint import FAULT_ENV
+
+ROOT = Path(__file__).parents[1]
+STEPS = 12
+TINY = {
+    "model_type": "aim_pretrain",
+    "encoder": {
+        "model_type": "aim_v1",
+        "image_size": 16,
+        "patch_size": 4,
+        "embed_dim": 32,
+        "num_blocks": 2,
+        "num_heads": 2,
+    },
+    "head_blocks": 1,
+    "head_width": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The command line of a 12-step run (accumulating 2 micro-batches), and its outcome."""
+    root = tmp_path_factory.mktemp("resume")
+    (root / "tiny.json").write_text(json.dumps(TINY))
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir()
+    for i in range(24):
+        small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((20, 20), Image.Resampling.BICUBIC).save(
+            root / "images" / f"{i:02d}.png"
+        )
+    args = ["-m", str(root / "tiny.json"), "-d", str(root / "images"), "-n", str(STEPS)]
+    args += ["-b", "4", "--grad-accum", "2", "--checkpoint-every", "2", "--keep-checkpoints", "2"]
+    args += ["--val-every", "4", "--val-images", "4", "--preview-every", "0", "--quiet"]
+    reference = root / "reference"
+    assert command(args, reference).wait(timeout=120) == 0
+    return args, reference
+
+
+def command(args, output, fault=None) -> subprocess.Popen:
+    env = dict(os.environ)
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    argv = [sys.executable, "-c", "from cli.main import app; app()", "train", *args]
+    return subprocess.Popen(
+        [*argv, "-o", str(output)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def checkpoint_lines(output: Path) -> int:
+    log = output / "train.log"
+    return log.read_text().count(" checkpoint ") if log.exists() else 0
+
+
+def final_state(output: Path) -> dict[str, mx.array]:
+    folder = output / "checkpoints" / f"step-{STEPS:08d}"
+    state = mx.load(str(folder / "model.safetensors"))
+    optimizer = mx.load(str(folder / "optimizer.safetensors"))
+    state.update({f"optimizer.{k}": v.astype(mx.float32) for k, v in optimizer.items()})
+    state.update({f"export.{k}": v for k, v in mx.load(str(output / "model.safetensors")).items()})
+    return state
+
+
+def assert_same_weights(output: Path, reference: Path) -> None:
+    a, b = final_state(output), final_state(reference)
+    assert a.keys() == b.keys()
+    worst = max(mx.abs(a[k] - b[k]).max().item() for k in a)
+    assert worst <= 1e-6, worst
+    losses = [
+        [(r["step"], r["loss"]) for r in map(json.loads, (o / "metrics.jsonl").open())]
+        for o in (output, reference)
+    ]
+    assert losses[0] == losses[1]
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, setup):
+    args, reference = setup
+    killed = command(args, tmp_path, fault="kill-after-checkpoint:6")
+    assert killed.wait(timeout=120) == -signal.SIGKILL
+    resumed = command(args, tmp_path)
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    assert "resuming from" in (tmp_path / "train.log").read_text()
+    assert_same_weights(tmp_path, reference)
+
+
+def test_kill_9_inside_a_checkpoint_write_and_at_random_moments(tmp_path, setup):
+    args, reference = setup
+    inside = command(args, tmp_path, fault="kill-in-checkpoint:4")
+    assert inside.wait(timeout=120) == -signal.SIGKILL
+    leftovers = [p.name for p in (tmp_path / "checkpoints").iterdir()]
+    assert "step-00000002" in leftovers and "step-00000004" not in leftovers
+    assert any(name.startswith(".step-00000004.") for name in leftovers)  # the cut-off write
+
+    # then: once during start-up, and twice just after a new checkpoint (mid-training)
+    delays = random.Random(0)
+    process = command(args, tmp_path)
+    time.sleep(delays.uniform(0.2, 1.0))
+    process.send_signal(signal.SIGKILL)
+    assert process.wait(timeout=120) == -signal.SIGKILL
+    for _ in range(2):
+        written = checkpoint_lines(tmp_path)
+        process = command(args, tmp_path)
+        while checkpoint_lines(tmp_path) == written and process.poll() is None:
+            time.sleep(0.005)
+        time.sleep(delays.uniform(0.0, 0.02))
+        process.send_signal(signal.SIGKILL)
+        assert process.wait(timeout=120) == -signal.SIGKILL
+
+    final = command([*args, "--resume"], tmp_path)
+    assert final.wait(timeout=120) == 0, final.stderr.read()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert_same_weights(tmp_path, reference)
+
+
+def test_ctrl_c_writes_a_checkpoint_exits_130_and_the_run_continues(tmp_path, setup):
+    args, reference = setup
+    interrupted = command(args, tmp_path, fault="sigint-after-checkpoint:4")
+    assert interrupted.wait(timeout=120) == 130
+    assert "interrupted at step" in interrupted.stderr.read()
+    stopped = max(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step-*"))
+    assert 4 <= stopped < STEPS and (tmp_path / "model.safetensors").exists()
+    resumed = command(args, tmp_path)
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    assert_same_weights(tmp_path, reference)

@@ -1,0 +1,201 @@
+"""End-to-end runs of ``mlx_aim.train.train`` and ``mlx-aim train`` with a tiny model."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from image_corpus import make_corpus
+from PIL import Image
+
+import mlx_aim
+from mlx_aim.train import (
+    EXIT_NON_FINITE,
+    EXIT_OUTPUT,
+    BadInputError,
+    NonFiniteError,
+    TrainConfig,
+    train,
+)
+from mlx_aim.train.checkpoint import OutputLock
+
+TINY = {
+    "model_type": "aim_pretrain",
+    "encoder": {
+        "model_type": "aim_v1",
+        "image_size": 16,
+        "patch_size": 4,
+        "embed_dim": 32,
+        "num_blocks": 2,
+        "num_heads": 2,
+    },
+    "head_blocks": 1,
+    "head_width": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("model") / "tiny.json"
+    path.write_text(json.dumps(TINY))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+    """40 small smooth RGB images in nested folders."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((24, 20), Image.Resampling.BICUBIC)
+        folder = root / f"group{i % 3}"
+        folder.mkdir(exist_ok=True)
+        img.save(folder / f"{i:03d}.png")
+    return str(root)
+
+
+def config(output, model, data, **overrides) -> TrainConfig:
+    settings = dict(
+        model=model,
+        data=data,
+        output=str(output),
+        steps=6,
+        batch_size=4,
+        checkpoint_every=3,
+        val_every=3,
+        preview_every=3,
+        log_every=2,
+        val_images=8,
+        val_fraction=0.2,
+        workers=1,
+        quiet=True,
+    )
+    return TrainConfig(**{**settings, **overrides})
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "from cli.main import app; app()", "train", *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1]
+    )
+
+
+def test_a_run_leaves_checkpoints_metrics_previews_and_a_loadable_trunk(
+    tmp_path, tiny_model, images
+):
+    result = train(config(tmp_path, tiny_model, images, keep_checkpoints=1))
+    assert result.step == 6 and result.resumed_from is None
+    assert math.isfinite(result.final_loss) and math.isfinite(result.val_loss)
+    assert result.images_per_second > 0 and result.peak_memory_gb > 0
+
+    names = {p.name for p in tmp_path.iterdir()}
+    expected = {"config.json", "model.safetensors", "preprocess.json", "run.json"}
+    assert expected | {"metrics.jsonl", "loss.png", "previews", "checkpoints"} <= names
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-00000006"]
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == [
+        "step-00000003.png",
+        "step-00000006.png",
+    ]
+    assert Image.open(tmp_path / "loss.png").size == (720, 420)
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in records] == [
+        ("val", 0), ("train", 2), ("val", 3), ("train", 4), ("train", 6), ("val", 6),
+    ]  # fmt: skip
+    train_keys = {"loss", "lr", "grad_norm", "images_per_s", "eta_s", "peak_memory_gb"}
+    assert train_keys <= set(records[1])
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["config"]["steps"] == 6 and run["model_config"] == TINY
+    assert run["train_images"] == 32 and run["val_images"] == 8
+
+    model = mlx_aim.load(tmp_path)
+    assert model.args.model_type == "aim_v1" and model.preprocessing.crop == 16
+    tokens = model(mx.zeros((1, 16, 16, 3)))
+    assert tokens.shape == (1, 16, 32)
+    trained = result.model.encoder.trunk.blocks[0].attn.qkv.weight
+    assert mx.array_equal(model.trunk.blocks[0].attn.qkv.weight, trained).item()
+
+
+def test_no_data_argument_trains_on_the_builtin_digits(tmp_path, tiny_model, monkeypatch):
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
+    result = train(config(tmp_path / "out", tiny_model, None, steps=2, preview_every=0))
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert "digits" in run["data"] and run["train_images"] == 1500 and run["val_images"] == 297
+    assert result.step == 2
+
+
+def test_unreadable_files_are_skipped_counted_and_named_once(tmp_path, tiny_model):
+    corpus = make_corpus(tmp_path / "corpus")
+    data = str(tmp_path / "corpus")
+    result = train(config(tmp_path / "out", tiny_model, data, val_fraction=0.0, steps=15))
+    assert result.step == 15
+    assert sorted(set(result.skipped_files)) == sorted(str(p) for p in corpus["bad"])
+    log = (tmp_path / "out" / "train.log").read_text()
+    for path in corpus["bad"]:
+        assert log.count(f"skipping unreadable image {path}:") == 1, path
+
+
+def test_a_learning_rate_far_too_high_stops_with_the_step_and_keeps_the_checkpoint(
+    tmp_path, tiny_model, images
+):
+    cfg = config(tmp_path, tiny_model, images, lr=1e6, warmup_steps=0, steps=20)
+    cfg.checkpoint_every = 1
+    with pytest.raises(NonFiniteError) as e:
+        train(cfg)
+    assert e.value.exit_code == EXIT_NON_FINITE and e.value.step >= 2
+    message = str(e.value)
+    assert f"at step {e.value.step}" in message and "--lr" in message
+    last = tmp_path / "checkpoints" / f"step-{e.value.step - 1:08d}"
+    assert f"last good checkpoint: {last}" in message and last.is_dir()
+    assert not (tmp_path / "model.safetensors").exists()  # nothing exported from a broken run
+
+
+def test_a_damaged_latest_checkpoint_is_skipped_when_resuming(tmp_path, tiny_model, images):
+    cfg = config(tmp_path, tiny_model, images, checkpoint_every=2, steps=6, preview_every=0)
+    train(cfg)
+    model_file = tmp_path / "checkpoints" / "step-00000006" / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:100])
+    cfg.steps = 8
+    result = train(cfg)
+    assert result.resumed_from == 4 and result.step == 8
+    log = (tmp_path / "train.log").read_text()
+    assert f"checkpoint {model_file.parent} is damaged" in log
+    assert "resuming from" in log and "step-00000004 (step 4)" in log
+
+
+def test_resuming_refuses_settings_that_change_the_data_order(tmp_path, tiny_model, images):
+    train(config(tmp_path, tiny_model, images, steps=2, preview_every=0))
+    with pytest.raises(BadInputError, match="--batch-size 4, this command has 8"):
+        train(config(tmp_path, tiny_model, images, steps=4, batch_size=8))
+
+
+def test_a_second_run_on_a_locked_output_exits_3_and_a_stale_lock_is_recovered(
+    tmp_path, tiny_model, images
+):
+    args = ["-m", tiny_model, "-d", images, "-o", str(tmp_path), "-n", "1", "-b", "4", "--quiet"]
+    with OutputLock(tmp_path):
+        refused = run_cli(*args)
+    assert refused.returncode == EXIT_OUTPUT
+    assert "in use by another training run (pid" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "checkpoints").exists()
+
+    (tmp_path / "train.lock").write_text('{"pid": 999999999, "host": "crashed-host"}')
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    log = (tmp_path / "train.log").read_text()
+    assert (
+        "recovered a stale lock left by a run that is gone (pid 999999999 on crashed-host)" in log
+    )
+
+
+def test_an_unwritable_output_exits_3_before_training(tmp_path, tiny_model, images):
+    (tmp_path / "file").write_text("x")
+    result = run_cli("-m", tiny_model, "-d", images, "-o", str(tmp_path / "file" / "run"))
+    assert result.returncode == EXIT_OUTPUT
+    assert result.stderr.strip().startswith("error: cannot create the output directory")
+    assert len(result.stderr.strip().splitlines()) == 1
