@@ -61,5 +61,5 @@ def main(
 
 
 # Sub-commands live in their own modules and register themselves on ``app``.
-for _module in ("convert", "probe", "embed", "bench", "train"):
+for _module in ("convert", "train"):
     __import__(f"cli.{_module}")
