@@ -86,3 +86,21 @@ def test_pretraining_predictions_do_not_depend_on_future_patches():
     diff = np.abs(np.array(model(changed, prefix) - base)).max(axis=-1)[0]
     assert diff[:20].max() == 0 and diff[20:].min() > 0
     assert base.shape == (1, 64, 4 * 4 * 3)
+
+
+def test_grad_checkpointing_of_trunk_and_head_keeps_gradients():
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model = build_model(pretrain_config("aim-nano", head_blocks=2, head_width=32))
+    images, prefix = mx.random.normal((2, 32, 32, 3)), mx.array([5, 40])
+
+    def loss(m):
+        return next_patch_loss(m(images, prefix), images, prefix, 4)
+
+    reference = nn.value_and_grad(model, loss)(model)[1]
+    model.set_grad_checkpoint(True)
+    assert model.head.checkpoint_blocks and model.encoder.trunk.checkpoint_blocks
+    checkpointed = nn.value_and_grad(model, loss)(model)[1]
+    for (key, a), (_, b) in zip(tree_flatten(reference), tree_flatten(checkpointed), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, err_msg=key)

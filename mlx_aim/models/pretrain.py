@@ -69,11 +69,12 @@ class PixelPredictionHead(nn.Module):
         self.blocks = [HeadBlock(width, mlp_ratio) for _ in range(num_blocks)]
         self.norm = layer_norm(width)
         self.proj_out = nn.Linear(width, out_dim, bias=True)
+        self.checkpoint_blocks = False
 
     def __call__(self, x: mx.array) -> mx.array:
         x = self.proj_in(x)
         for block in self.blocks:
-            x = block(x)
+            x = nn.utils.checkpoint(block)(x) if self.checkpoint_blocks else block(x)
         return self.proj_out(self.norm(x))
 
 
@@ -97,6 +98,11 @@ class Model(nn.Module):
             args.head_mlp_ratio,
             patch_dim,
         )
+
+    def set_grad_checkpoint(self, enabled: bool) -> None:
+        """Recompute trunk and head blocks in the backward pass instead of storing activations."""
+        self.encoder.trunk.checkpoint_blocks = enabled
+        self.head.checkpoint_blocks = enabled
 
     def __call__(self, images: mx.array, prefix_lengths: mx.array) -> mx.array:
         tokens = self.encoder.preprocessor(images)

@@ -181,7 +181,7 @@ def _train(run: _Run, stop: _StopFlag) -> TrainResult:
     run.model_config = model_config
     mx.random.seed(config.seed)
     model = build_model(model_config)
-    model.encoder.trunk.checkpoint_blocks = config.grad_checkpoint
+    model.set_grad_checkpoint(config.grad_checkpoint)
     encoder = model.encoder.args
     num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     trunk_params = sum(v.size for _, v in tree_flatten(model.encoder.parameters()))

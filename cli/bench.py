@@ -1,0 +1,100 @@
+"""``mlx-aim bench``: mlx-aim against a plain-MLX baseline and PyTorch, side by side."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import typer
+
+from .errors import fail, user_errors
+from .main import app
+
+
+def _names(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+@app.command("bench")
+def bench_command(
+    config: str = typer.Option(
+        ..., "--config", help="Registry name (mlx-aim models) or 'vit-s' (= aim-small's shape)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Images per step (default 8; 1 for released models)."
+    ),
+    tasks: str | None = typer.Option(
+        None, "--tasks", help="train,embed (default both; embed only for released models)."
+    ),
+    impls: str = typer.Option(
+        "mlx-aim,plain-mlx,torch-eager,torch-compile", "--impls", help="Columns to measure."
+    ),
+    steps: int = typer.Option(3, "--steps", help="Timed steps per column."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed steps first (compilation included)."),
+    rounds: int = typer.Option(
+        1, "--rounds", help="Repeat every column, interleaved; keep each one's best round."
+    ),
+    grad_checkpoint: bool = typer.Option(
+        False, "--grad-checkpoint", help="Also train mlx-aim with activation checkpointing."
+    ),
+    growth: bool = typer.Option(
+        False, "--growth", help="Also time the step over widths x patches per image."
+    ),
+    growth_depth: int = typer.Option(2, "--growth-depth", help="Trunk blocks in --growth models."),
+    loader: bool = typer.Option(
+        False, "--loader", help="Also measure ImageLoader throughput against the step's."
+    ),
+    mlx_blas: str = typer.Option(
+        "auto",
+        "--mlx-blas",
+        help="MLX's BLAS: auto (mlx_aim.blas picks an optimized one), bundled (the wheel's), or "
+        "both as 'auto,bundled' (first is the main column set).",
+    ),
+    threads: int | None = typer.Option(
+        None,
+        "--threads",
+        help="Threads for every backend (OMP/OpenBLAS/MKL/BLIS variables); default: libraries' own.",
+    ),
+    timeout: float = typer.Option(1800, "--timeout", help="Seconds allowed per worker process."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full result as JSON."),
+    markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown table."),
+) -> None:
+    """Benchmark the pre-training step and embedding throughput, side by side.
+
+    Each implementation runs in its own process on the same weights and inputs; the markdown
+    table goes to stdout (and --markdown), everything to --json.
+
+    Example: [bold]mlx-aim bench --config aim-tiny --batch-size 8 --json bench.json[/bold]
+    """
+    from mlx_aim.bench import BenchOptions, run_benchmark, to_markdown, write_atomic
+
+    options = BenchOptions(
+        config=config,
+        batch_size=batch_size,
+        tasks=_names(tasks),
+        impls=_names(impls) or (),
+        steps=steps,
+        warmup=warmup,
+        rounds=rounds,
+        grad_checkpoint=grad_checkpoint,
+        growth=growth,
+        growth_depth=growth_depth,
+        loader=loader,
+        mlx_blas=_names(mlx_blas) or (),
+        threads=threads,
+        timeout=timeout,
+        command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    )
+    with user_errors():
+        try:
+            result = run_benchmark(options)
+        except ValueError as e:
+            raise fail(str(e)) from None
+    markdown = to_markdown(result)
+    typer.echo(markdown)
+    if json_out:
+        write_atomic(json_out, json.dumps(result, indent=2))
+    if markdown_out:
+        write_atomic(markdown_out, markdown)

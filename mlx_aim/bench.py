@@ -1,0 +1,756 @@
+"""Side-by-side benchmark of mlx-aim, a plain-MLX baseline and PyTorch (``mlx-aim bench``).
+
+One invocation measures every implementation on the same shapes, weights and inputs. Each
+(implementation, task) runs in its own subprocess (``bench_worker.py``) so that no BLAS loaded for
+one library serves the other's matmuls; torch workers also get no ``LD_PRELOAD``.
+
+Implementations: ``mlx-aim`` (the library's models, its compiled training step
+``mlx_aim.train.step.make_train_step`` and a compiled forward), ``plain-mlx``
+(``mlx_aim.reference.plain_mlx``: explicit softmax attention, ``nn.Conv2d`` patches, nothing
+compiled), ``torch-eager`` and ``torch-compile`` (``mlx_aim.reference.torch_aim``).
+Tasks: ``train`` (forward, backward, gradient clipping to norm 1 and AdamW update of the
+pre-training model and loss) and ``embed`` (trunk forward, no gradients). FLOPs are counted analytically (matmuls only, 2 per
+multiply-add, full N x N attention scores; training = 3 x the forward of trunk and head); MFU
+divides achieved FLOP/s by the best 2048 x 2048 fp32 GEMM rate measured in this run.
+
+Memory: ``rss_peak_delta_bytes`` is the rise of the process's resident-set high-water mark during
+warm-up and timed steps, measured alike for every implementation (Linux ``/proc``; tracemalloc
+would miss the C allocations); MLX columns add MLX's allocator peak (``mx.get_peak_memory``) and
+its part above the memory resident before the first step, per image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .models import build_model_args
+from .registry import get_entry, pretrain_config
+
+IMPLS = ("mlx-aim", "plain-mlx", "torch-eager", "torch-compile")
+TASKS = ("train", "embed")
+BLAS_MODES = ("auto", "bundled")
+ALIASES = {"vit-s": "aim-small"}  # ViT-S-like: 224 px, patch 16, width 384, depth 12
+GROWTH_WIDTHS = ("aim-tiny", "aim-small", "aim-base")
+GROWTH_PATCHES = (64, 196, 256, 576)
+WORKER = Path(__file__).resolve().parent / "bench_worker.py"
+MIB = 2**20
+
+
+@dataclass
+class BenchOptions:
+    """What ``run_benchmark`` measures; see ``mlx-aim bench --help``."""
+
+    config: str
+    batch_size: int | None = None
+    tasks: tuple[str, ...] | None = None
+    impls: tuple[str, ...] = IMPLS
+    steps: int = 3
+    warmup: int = 1
+    rounds: int = 1
+    grad_checkpoint: bool = False
+    growth: bool = False
+    growth_depth: int = 2
+    growth_batch: int = 2
+    loader: bool = False
+    mlx_blas: tuple[str, ...] = ("auto",)
+    threads: int | None = None
+    seed: int = 0
+    gemm_seconds: float = 1.0
+    timeout: float = 1800.0
+    command: str = ""
+    verbose: bool = True
+    errors: list[str] = field(default_factory=list)
+
+
+# ---- configs and FLOPs -------------------------------------------------------------------------
+
+
+def resolve_config(name: str, tasks: tuple[str, ...] | None) -> tuple[dict, tuple[str, ...], int]:
+    """(model config, tasks, default batch) for a registry name, an alias or a config.json path.
+
+    Architectures without released weights (the laptop configs) default to both tasks at batch 8;
+    released models to inference only at batch 1. ``train`` uses the ``aim_pretrain`` config.
+    A config file is taken as it is (``train`` needs an ``aim_pretrain`` config).
+    """
+    if name.endswith(".json"):
+        config = json.loads(Path(name).read_text())
+        build_model_args(config)  # validates; raises ConfigError naming the field
+        trainable = config["model_type"] == "aim_pretrain"
+        tasks = tasks or (TASKS if trainable else ("embed",))
+        if "train" in tasks and not trainable:
+            raise ValueError(f"{name}: task 'train' needs an aim_pretrain config")
+        return config, tasks, 8
+    entry = get_entry(ALIASES.get(name, name))
+    trainable = entry.checkpoint is None
+    tasks = tasks or (TASKS if trainable else ("embed",))
+    config = pretrain_config(entry.name) if "train" in tasks else dict(entry.config)
+    return config, tasks, 8 if trainable else 1
+
+
+def _encoder(config: dict) -> dict:
+    return config["encoder"] if config["model_type"] == "aim_pretrain" else config
+
+
+def flops_per_image(config: dict) -> dict[str, float | None]:
+    """Model FLOPs per image: ``embed`` (trunk forward) and ``train`` (3 x trunk + head forward)."""
+    enc = _encoder(config)
+    d, p, c = enc["embed_dim"], enc["patch_size"], enc.get("num_channels", 3)
+    n = (enc["image_size"] // p) ** 2
+    if enc["model_type"] == "aim_v2":
+        mlp = 3 * 2 * n * d * enc["mlp_hidden_dim"]
+    else:
+        mlp = 2 * 2 * n * d * int(enc.get("mlp_ratio", 4.0) * d)
+    attention = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
+    trunk = 2 * n * p * p * c * d + enc["num_blocks"] * (attention + mlp)
+    if config["model_type"] != "aim_pretrain":
+        return {"embed": float(trunk), "train": None}
+    w = config.get("head_width", 2048)
+    hidden = int(config.get("head_mlp_ratio", 4.0) * w)
+    head = (
+        2 * n * d * w
+        + config.get("head_blocks", 12) * 2 * 2 * n * w * hidden
+        + 2 * n * w * p * p * c
+    )
+    return {"embed": float(trunk), "train": float(3 * (trunk + head))}
+
+
+def growth_cells(depth: int, batch: int) -> list[dict]:
+    """Pre-training configs over widths (tiny to base) x patches per image, ``depth`` blocks."""
+    cells = []
+    for name in GROWTH_WIDTHS:
+        base = pretrain_config(name, head_blocks=1)
+        for patches in GROWTH_PATCHES:
+            side = int(round(patches**0.5))
+            enc = {**base["encoder"], "num_blocks": depth}
+            enc["image_size"] = side * enc["patch_size"]
+            config = {**base, "encoder": enc}
+            cells.append(
+                {
+                    "arch": name,
+                    "width": enc["embed_dim"],
+                    "patches": patches,
+                    "batch": batch,
+                    "config": config,
+                    "flops_per_image": flops_per_image(config)["train"],
+                }
+            )
+    return cells
+
+
+# ---- shared weights and inputs -------------------------------------------------------------------
+
+
+def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tuple[Path, Path]:
+    """Initial weights of mlx-aim's model for ``config`` and one input batch, as safetensors."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from .models import build_model
+
+    mx.random.seed(seed)
+    model = build_model(config)
+    weights = folder / "weights.safetensors"
+    mx.save_safetensors(str(weights), dict(tree_flatten(model.parameters())))
+    enc = _encoder(config)
+    size, k = enc["image_size"], (enc["image_size"] // enc["patch_size"]) ** 2
+    rng = np.random.default_rng(seed)
+    images = rng.standard_normal((batch, size, size, enc.get("num_channels", 3)), np.float32)
+    prefix = rng.integers(1, k, batch).astype(np.int32)
+    inputs = folder / "inputs.safetensors"
+    mx.save_safetensors(
+        str(inputs), {"images": mx.array(images), "prefix_lengths": mx.array(prefix)}
+    )
+    return weights, inputs
+
+
+# ---- workers -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One measured column: an implementation, MLX's BLAS mode, activation checkpointing."""
+
+    label: str
+    impl: str
+    blas: str | None = None
+    grad_checkpoint: bool = False
+
+    @property
+    def backend(self) -> str:
+        return "torch" if self.impl.startswith("torch") else "mlx"
+
+
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def variants(options: BenchOptions, tasks: tuple[str, ...]) -> list[Variant]:
+    out = []
+    for i, blas in enumerate(options.mlx_blas):
+        suffix = "" if i == 0 else f" [{blas} BLAS]"
+        for impl in ("mlx-aim", "plain-mlx"):
+            if impl in options.impls:
+                out.append(Variant(impl + suffix, impl, blas))
+        if options.grad_checkpoint and "mlx-aim" in options.impls and "train" in tasks:
+            out.append(Variant("mlx-aim +ckpt" + suffix, "mlx-aim", blas, True))
+    if torch_available():
+        out += [Variant(i, i) for i in ("torch-eager", "torch-compile") if i in options.impls]
+    return out
+
+
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+)
+
+
+def _env(variant_backend: str, blas: str | None, threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads:
+        env.update({name: str(threads) for name in THREAD_VARIABLES})
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    if variant_backend == "torch" or blas == "bundled":
+        env.pop("LD_PRELOAD", None)
+    if blas == "bundled":
+        env["MLX_AIM_BLAS"] = "off"
+    return env
+
+
+def run_worker(spec: dict, backend: str, blas: str | None, options: BenchOptions, folder: Path):
+    """Run one worker; its result dict, or ``{"error": ...}`` (also added to ``options.errors``)."""
+    name = f"{spec['task']}-{spec['impl']}-{blas or 'torch'}-{len(options.errors)}-{os.urandom(3).hex()}"
+    spec = {**spec, "out": str(folder / f"{name}.json")}
+    spec_path = folder / f"{name}.spec.json"
+    spec_path.write_text(json.dumps(spec))
+    label = f"{spec['impl']} {spec['task']}" + (f" ({blas} BLAS)" if blas else "")
+    if options.verbose:
+        print(f"[bench] {label} ...", file=sys.stderr, flush=True)
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), str(spec_path)],
+            env=_env(backend, blas, options.threads),
+            capture_output=True,
+            text=True,
+            timeout=options.timeout,
+        )
+    except subprocess.TimeoutExpired:
+        error = f"{label}: timed out after {options.timeout:.0f} s"
+    else:
+        if proc.returncode == 0:
+            return json.loads(Path(spec["out"]).read_text())
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        error = f"{label}: {lines[-1] if lines else f'exit code {proc.returncode}'}"
+    options.errors.append(error)
+    if options.verbose:
+        print(f"[bench] {error}", file=sys.stderr, flush=True)
+    return {"error": error}
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = None
+    try:
+        pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        memory = pages * page
+    except (ValueError, OSError, AttributeError):
+        pass
+    import mlx.core as mx
+
+    info = {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "memory_bytes": memory,
+        "os": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_device": str(mx.default_device()),
+    }
+    if torch_available():
+        info["torch"] = _torch_version()
+    return info
+
+
+def _torch_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _metrics(raw: dict, batch: int, flops: float | None, peaks: dict) -> dict[str, Any]:
+    if "error" in raw:
+        return {"error": raw["error"]}
+    times = raw["step_times_s"]
+    step = statistics.median(times)
+    ips = batch / step
+    own_peak = peaks.get(raw["_peak_key"])
+    achieved = flops * ips / 1e9 if flops else None
+    machine_peak = max((v for v in peaks.values() if v), default=None)
+    out = {
+        "images_per_s": ips,
+        "images_per_s_best": batch / min(times),
+        "step_s": step,
+        "step_s_min": min(times),
+        "step_times_s": times,
+        "first_step_s": raw.get("first_step_s"),
+        "steps": len(times),
+        "flops_per_image": flops,
+        "achieved_gflops": achieved,
+        "mfu": achieved / machine_peak if achieved and machine_peak else None,
+        "mfu_own_backend": achieved / own_peak if achieved and own_peak else None,
+        "rss_peak_delta_bytes": raw.get("rss_peak_delta_bytes"),
+        "rss_bytes_per_image": (raw["rss_peak_delta_bytes"] / batch)
+        if raw.get("rss_peak_delta_bytes") is not None
+        else None,
+        "blas": raw.get("blas"),
+    }
+    if "alloc_peak_bytes" in raw:
+        over = raw["alloc_peak_bytes"] - raw["alloc_resident_bytes"]
+        out.update(
+            mlx_peak_bytes=raw["alloc_peak_bytes"],
+            mlx_resident_bytes=raw["alloc_resident_bytes"],
+            mlx_bytes_per_image=over / batch,
+        )
+    if "loss_at_init" in raw:
+        out["loss_at_init"] = raw["loss_at_init"]
+    return out
+
+
+def _add_ratios(per_impl: dict[str, dict]) -> None:
+    for name, m in per_impl.items():
+        if "images_per_s" not in m:
+            continue
+        m["ratios"] = {
+            other: m["images_per_s"] / o["images_per_s"]
+            for other, o in per_impl.items()
+            if other != name and "images_per_s" in o
+        }
+
+
+def _embedding_agreement(dumps: dict[str, Path], reference: str) -> dict[str, float]:
+    if reference not in dumps:
+        return {}
+    base = np.load(dumps[reference])
+    scale = float(np.abs(base).max()) or 1.0
+    return {
+        label: float(np.abs(np.load(path) - base).max()) / scale
+        for label, path in dumps.items()
+        if label != reference
+    }
+
+
+def run_benchmark(options: BenchOptions) -> dict[str, Any]:
+    """Measure everything ``options`` asks for; returns the JSON-able result."""
+    bad = [i for i in options.impls if i not in IMPLS]
+    if bad:
+        raise ValueError(f"unknown implementation(s) {bad}; known: {', '.join(IMPLS)}")
+    bad = [t for t in options.tasks or () if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; known: {', '.join(TASKS)}")
+    bad = [b for b in options.mlx_blas if b not in BLAS_MODES]
+    if bad or not options.mlx_blas:
+        raise ValueError(f"--mlx-blas takes {' or '.join(BLAS_MODES)} (comma-separated), got {bad}")
+    config, tasks, default_batch = resolve_config(options.config, options.tasks)
+    batch = options.batch_size or default_batch
+    if batch < 1 or options.steps < 1 or options.warmup < 0 or options.rounds < 1:
+        raise ValueError("need --batch-size >= 1, --steps >= 1, --rounds >= 1 and --warmup >= 0")
+    if options.threads is not None and options.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {options.threads}")
+    chosen = variants(options, tasks)
+    flops = flops_per_image(config)
+    result: dict[str, Any] = {
+        "config": options.config,
+        "model_config": config,
+        "batch_size": batch,
+        "tasks": list(tasks),
+        "warmup": options.warmup,
+        "steps": options.steps,
+        "rounds": options.rounds,
+        "threads": options.threads,
+        "command": options.command,
+        "machine": machine_info(),
+        "load_average": {"start": _load_average()},
+        "source": {"start": source_fingerprint()},
+        "flops_per_image": flops,
+        "notes": [],
+    }
+    if not torch_available() and any(i.startswith("torch") for i in options.impls):
+        result["notes"].append("torch is not installed: PyTorch columns skipped")
+    with tempfile.TemporaryDirectory(prefix="mlx-aim-bench-") as tmp:
+        folder = Path(tmp)
+        weights, inputs = write_shared_state(config, batch, options.seed, folder)
+        base = {
+            "config": config,
+            "weights": str(weights),
+            "inputs": str(inputs),
+            "batch": batch,
+            "warmup": options.warmup,
+            "steps": options.steps,
+            "seed": options.seed,
+            "gemm_seconds": options.gemm_seconds,
+        }
+        # Matmul peak of each backend (and BLAS mode), measured in its own process.
+        peaks, blas_names = {}, {}
+        for key, impl, blas in _peak_jobs(chosen):
+            raw = run_worker(
+                {**base, "impl": impl, "task": "peak", "blas": blas},
+                _backend(impl),
+                blas,
+                options,
+                folder,
+            )
+            peaks[key] = raw.get("gemm_gflops")
+            blas_names[key] = raw.get("blas")
+        result["gemm_peak_gflops"] = peaks
+        result["blas"] = blas_names
+        result["machine_peak_gflops"] = max((v for v in peaks.values() if v), default=None)
+        result["results"], result["agreement"] = {}, {}
+        for task in tasks:
+            per_impl, dumps = {}, {}
+            for _ in range(options.rounds):  # interleaved; each column keeps its best round
+                for i, v in enumerate(chosen):
+                    if v.grad_checkpoint and task != "train":
+                        continue
+                    dump = folder / f"{task}-{i}.npy"
+                    spec = {
+                        **base,
+                        "impl": v.impl,
+                        "task": task,
+                        "blas": v.blas,
+                        "grad_checkpoint": v.grad_checkpoint,
+                        "dump": str(dump),
+                    }
+                    raw = run_worker(spec, v.backend, v.blas, options, folder)
+                    raw["_peak_key"] = _peak_key(v.impl, v.blas)
+                    metrics = _metrics(raw, batch, flops[task], peaks)
+                    old = per_impl.get(v.label, {})
+                    if metrics.get("images_per_s", 0) >= old.get("images_per_s", 0):
+                        per_impl[v.label] = metrics
+                    if task == "embed" and dump.exists():
+                        dumps[v.label] = dump
+            _add_ratios(per_impl)
+            result["results"][task] = per_impl
+            result["agreement"][task] = _agreement(task, per_impl, dumps)
+        if options.grad_checkpoint:
+            result["grad_checkpoint"] = _checkpoint_summary(result["results"].get("train", {}))
+        if options.growth:
+            result["growth"] = _run_growth(options, chosen, folder, peaks)
+        if options.loader:
+            result["loader"] = _run_loader(options, config, batch, folder)
+    result["load_average"]["end"] = _load_average()
+    result["source"]["end"] = source_fingerprint()
+    result["errors"] = list(options.errors)
+    return result
+
+
+def source_fingerprint() -> str:
+    """Short hash of the package's Python sources: which code a result measured."""
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
+def _backend(impl: str) -> str:
+    return "torch" if impl.startswith("torch") else "mlx"
+
+
+def _peak_key(impl: str, blas: str | None) -> str:
+    return "torch" if impl.startswith("torch") else f"mlx ({blas} BLAS)"
+
+
+def _peak_jobs(chosen: list[Variant]) -> list[tuple[str, str, str | None]]:
+    jobs = {}
+    for v in chosen:
+        jobs.setdefault(_peak_key(v.impl, v.blas), (v.impl, v.blas))
+    return [(key, impl, blas) for key, (impl, blas) in jobs.items()]
+
+
+def _agreement(task: str, per_impl: dict, dumps: dict) -> dict[str, float]:
+    """How far each implementation is from mlx-aim on the same weights and inputs."""
+    if task == "embed":
+        return _embedding_agreement(dumps, "mlx-aim")
+    ref = per_impl.get("mlx-aim", {}).get("loss_at_init")
+    if ref is None:
+        return {}
+    return {
+        label: abs(m["loss_at_init"] - ref)
+        for label, m in per_impl.items()
+        if label != "mlx-aim" and "loss_at_init" in m
+    }
+
+
+def _checkpoint_summary(train: dict) -> dict[str, Any]:
+    plain, ckpt = train.get("mlx-aim", {}), train.get("mlx-aim +ckpt", {})
+    if "mlx_peak_bytes" not in plain or "mlx_peak_bytes" not in ckpt:
+        return {}
+    over = [m["mlx_peak_bytes"] - m["mlx_resident_bytes"] for m in (plain, ckpt)]
+    return {
+        "peak_bytes": plain["mlx_peak_bytes"],
+        "peak_bytes_checkpointed": ckpt["mlx_peak_bytes"],
+        "peak_reduction": 1 - ckpt["mlx_peak_bytes"] / plain["mlx_peak_bytes"],
+        "step_peak_over_weights_reduction": 1 - over[1] / over[0],
+        "slowdown": plain["images_per_s"] / ckpt["images_per_s"],
+    }
+
+
+def _run_growth(options: BenchOptions, chosen: list[Variant], folder: Path, peaks: dict) -> dict:
+    cells = growth_cells(options.growth_depth, options.growth_batch)
+    out: dict[str, Any] = {
+        "depth": options.growth_depth,
+        "head_blocks": 1,
+        "batch": options.growth_batch,
+        "cells": {},
+    }
+    for v in chosen:
+        if v.impl not in ("mlx-aim", "torch-eager") or v.grad_checkpoint or v.label != v.impl:
+            continue
+        spec = {
+            "impl": v.impl,
+            "task": "growth",
+            "blas": v.blas,
+            "cells": cells,
+            "batch": options.growth_batch,
+            "warmup": 1,
+            "steps": options.steps,
+            "seed": options.seed,
+        }
+        raw = run_worker(spec, v.backend, v.blas, options, folder)
+        if "error" in raw:
+            continue
+        rows = []
+        for cell in raw["cells"]:
+            step = statistics.median(cell["step_times_s"])
+            rows.append(
+                {
+                    "arch": cell["arch"],
+                    "width": cell["width"],
+                    "patches": cell["patches"],
+                    "step_s": step,
+                    "ms_per_image": 1000 * step / cell["batch"],
+                    "gflop_per_image": cell["flops_per_image"] / 1e9,
+                    "achieved_gflops": cell["flops_per_image"] * cell["batch"] / step / 1e9,
+                }
+            )
+        out["cells"][v.label] = rows
+    return out
+
+
+def _run_loader(options: BenchOptions, config: dict, batch: int, folder: Path) -> dict:
+    if config["model_type"] != "aim_pretrain":
+        return {"error": "--loader needs a config with a training step"}
+    images = folder / "loader-images"
+    images.mkdir()
+    spec = {
+        "impl": "mlx-aim",
+        "task": "loader",
+        "blas": options.mlx_blas[0],
+        "config": config,
+        "batch": batch,
+        "warmup": options.warmup,
+        "steps": max(options.steps, 5),
+        "image_dir": str(images),
+        "num_images": max(64, 8 * batch),
+        "workers": 2,
+        "loader_batches": 10,
+        "seed": options.seed,
+    }
+    raw = run_worker(spec, "mlx", options.mlx_blas[0], options, folder)
+    if "error" in raw:
+        return raw
+    wait, step = sum(raw["fed_wait_s"]), sum(raw["fed_step_s"])
+    steps_ips = batch * len(raw["fed_step_s"]) / step
+    return {
+        "loader_images_per_s": raw["loader_images_per_s"],
+        "step_images_per_s": steps_ips,
+        "loader_to_step_ratio": raw["loader_images_per_s"] / steps_ips,
+        "fed_wait_fraction": wait / (wait + step),
+        "workers": spec["workers"],
+    }
+
+
+# ---- report --------------------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
+    return "–" if value is None else format(value / scale, spec)
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The result as the markdown section the README shows."""
+    m = result["machine"]
+    memory = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
+    lines = [
+        f"### {result['config']}, batch {result['batch_size']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores{memory}, {m['os']}; Python {m['python']}, "
+        f"MLX {m['mlx']} ({m['mlx_device']})"
+        + (f", torch {m['torch']}" if m.get("torch") else "")
+        + ".",
+        "",
+        f"Command: `{result['command']}` ({result['warmup']} warm-up + {result['steps']} timed "
+        f"steps per column, each column in its own process, best of {result['rounds']} "
+        "interleaved round(s); step time = median of the timed steps, 'best' = fastest step; "
+        f"threads: {result['threads'] or 'library defaults'}). "
+        f"Load average at start / end: {result['load_average']['start']} / "
+        f"{result['load_average']['end']}. mlx_aim sources: {result['source']['start']}.",
+        "",
+        "Matmul peak (2048x2048 fp32 GEMM, this run): "
+        + ", ".join(
+            f"{key} {_fmt(v)} GFLOP/s [{result['blas'].get(key) or '?'}]"
+            for key, v in result["gemm_peak_gflops"].items()
+        )
+        + f". MFU uses the best of these ({_fmt(result['machine_peak_gflops'])} GFLOP/s); "
+        "'MFU own' uses the column's own backend.",
+        "",
+        "Model FLOPs per image (matmuls, 2 per multiply-add; train = 3 x forward of trunk + head): "
+        + ", ".join(
+            f"{task} {_fmt(f, '.2f', 1e9)} GFLOP"
+            for task, f in result["flops_per_image"].items()
+            if f is not None and task in result["tasks"]
+        )
+        + ".",
+        "",
+        "| task | implementation | images/s | best | step ms | GFLOP/s | MFU | MFU own "
+        "| RSS rise MiB | MLX peak MiB | MLX B/image | mlx-aim is |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for task, per_impl in result["results"].items():
+        for label, r in per_impl.items():
+            if "error" in r:
+                lines.append(f"| {task} | {label} | failed: {r['error']} |" + " |" * 10)
+                continue
+            ratio = r["ratios"].get("mlx-aim")
+            versus = "–" if label == "mlx-aim" else _fmt(1 / ratio if ratio else None, ".2f") + "x"
+            lines.append(
+                f"| {task} | {label} | {_fmt(r['images_per_s'], '.2f')} "
+                f"| {_fmt(r['images_per_s_best'], '.2f')} "
+                f"| {_fmt(r['step_s'] * 1000, '.0f')} | {_fmt(r['achieved_gflops'])} "
+                f"| {_fmt(r['mfu'] and 100 * r['mfu'])}% "
+                f"| {_fmt(r['mfu_own_backend'] and 100 * r['mfu_own_backend'])}% "
+                f"| {_fmt(r['rss_peak_delta_bytes'], '.0f', MIB)} "
+                f"| {_fmt(r.get('mlx_peak_bytes'), '.0f', MIB)} "
+                f"| {_fmt(r.get('mlx_bytes_per_image'), '.2e')} | {versus} |"
+            )
+    lines += ["", _agreement_line(result)]
+    source = result.get("source", {})
+    if source.get("start") != source.get("end"):
+        lines += ["", f"Warning: mlx_aim's sources changed during this run ({source})."]
+    ckpt = result.get("grad_checkpoint")
+    if ckpt:
+        lines += [
+            "",
+            f"Activation checkpointing (mlx-aim train): MLX peak {_fmt(ckpt['peak_bytes'], '.0f', MIB)}"
+            f" -> {_fmt(ckpt['peak_bytes_checkpointed'], '.0f', MIB)} MiB "
+            f"({100 * ckpt['peak_reduction']:.0f}% less; step memory above the weights "
+            f"{100 * ckpt['step_peak_over_weights_reduction']:.0f}% less), "
+            f"{ckpt['slowdown']:.2f}x the step time.",
+        ]
+    if result.get("growth"):
+        lines += ["", *_growth_lines(result["growth"])]
+    loader = result.get("loader")
+    if loader:
+        if "error" in loader:
+            lines += ["", f"Loader: failed: {loader['error']}"]
+        else:
+            lines += [
+                "",
+                f"Data loading ({loader['workers']} decode threads, TrainTransform, JPEG files): "
+                f"{loader['loader_images_per_s']:.1f} images/s alone; the mlx-aim step fed by it "
+                f"consumes {loader['step_images_per_s']:.1f} images/s "
+                f"(loader/step {loader['loader_to_step_ratio']:.1f}x; the step waited for data "
+                f"{100 * loader['fed_wait_fraction']:.1f}% of the time).",
+            ]
+    if result.get("notes") or result.get("errors"):
+        lines += ["", *(f"- {n}" for n in result["notes"] + result["errors"])]
+    return "\n".join(lines) + "\n"
+
+
+def _agreement_line(result: dict) -> str:
+    parts = []
+    for task, diffs in result.get("agreement", {}).items():
+        what = (
+            "|loss - mlx-aim loss| at the initial weights"
+            if task == "train"
+            else "max |out - mlx-aim| / max |mlx-aim|"
+        )
+        if diffs:
+            parts.append(f"{task} {what}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    return "Same model check (shared weights and inputs): " + ("; ".join(parts) or "–") + "."
+
+
+def _growth_lines(growth: dict) -> list[str]:
+    lines = [
+        f"Growth: training step ms per image ({growth['depth']} trunk blocks, 1 head block, "
+        f"batch {growth['batch']}), by width and patches per image; in brackets the achieved "
+        "GFLOP/s.",
+        "",
+    ]
+    for label, rows in growth["cells"].items():
+        patches = sorted({r["patches"] for r in rows})
+        lines += [
+            f"| {label} | " + " | ".join(f"{p} patches" for p in patches) + " |",
+            "|---|" + "---:|" * len(patches),
+        ]
+        for arch in dict.fromkeys(r["arch"] for r in rows):
+            cells = {r["patches"]: r for r in rows if r["arch"] == arch}
+            width = next(iter(cells.values()))["width"]
+            lines.append(
+                f"| {arch} (width {width}) | "
+                + " | ".join(
+                    f"{cells[p]['ms_per_image']:.0f} ({cells[p]['achieved_gflops']:.0f})"
+                    for p in patches
+                )
+                + " |"
+            )
+        lines.append("")
+    return lines
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
