@@ -9,6 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .ops import attention, gelu
+
 Mask = mx.array | str | None
 NormFactory = Callable[[int], nn.Module]
 
@@ -104,9 +106,8 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, mask: Mask = None) -> mx.array:
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
-        out = mx.fast.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], scale=self.scale, mask=mask
-        )
+        q, k, v = (t.squeeze(0) for t in mx.split(qkv, 3))  # qkv[i] would gather (scatter in vjp)
+        out = attention(q, k, v, self.scale, mask)
         return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, d))
 
 
@@ -119,7 +120,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.gelu(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
@@ -220,7 +221,7 @@ class AttentionPoolingClassifier(nn.Module):
         q = q.reshape(b, -1, heads, d // heads).transpose(0, 2, 1, 3)
         k = self.k(x).reshape(b, n, heads, d // heads).transpose(0, 2, 1, 3)
         v = self.v(x).reshape(b, n, heads, d // heads).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = attention(q, k, v, self.scale)
         return out.transpose(0, 2, 1, 3).reshape(b, -1, d).mean(axis=1)
 
     def __call__(self, x: mx.array) -> mx.array:
