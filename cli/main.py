@@ -61,5 +61,5 @@ def main(
 
 
 # Sub-commands live in their own modules and register themselves on ``app``.
-for _module in ("convert", "train", "bench"):
+for _module in ("convert", "probe", "embed", "bench", "train"):
     __import__(f"cli.{_module}")

@@ -1,0 +1,340 @@
+"""Image embeddings from AIM trunks (the library side of ``mlx-aim embed``).
+
+Example::
+
+    import mlx_aim
+    from mlx_aim.embed import embed_images
+
+    model = mlx_aim.load("aimv2-large-patch14-224")
+    vectors = embed_images(model, ["cat.jpg", Image.open("dog.png")], normalize=True)  # (2, 1024)
+
+Images are prepared with the checkpoint's own preprocessing (``model.preprocessing``); the
+native-resolution AIMv2 keeps each image's aspect ratio and pads it to whole patches.
+
+Poolings: ``mean`` (mean of the final-norm tokens, the AIMv2 default), ``head`` (the attention
+pool of the model's classifier head), ``layers`` (token mean of the average of chosen raw block
+outputs, the AIMv1 convention, default for AIMv1 trunks), ``tokens`` (all final-norm patch tokens,
+(N, D) per image). ``auto`` picks ``head`` when the model has one, else the family default.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from PIL import Image
+
+from .data import ImageLoader
+from .features import (
+    BatchRunner,
+    ImageLike,
+    as_pil,
+    image_transform,
+    layer_average,
+    to_nhwc,
+    vision_model,
+)
+from .images import ImageError
+
+POOLS = ("auto", "mean", "head", "layers", "tokens")
+FORMATS = (".npy", ".safetensors", ".jsonl")
+PATHS_SUFFIX = ".paths.txt"
+
+Embeddings = np.ndarray | list[np.ndarray]
+
+
+def default_pool(model: nn.Module) -> str:
+    """``head`` for a model with a classifier head, ``mean`` for AIMv2, ``layers`` for AIMv1."""
+    trunk = vision_model(model)
+    if "head" in trunk:
+        return "head"
+    return "mean" if trunk.args.model_type == "aim_v2" else "layers"
+
+
+def pooling(
+    model: nn.Module, pool: str = "auto", layers: Sequence[int] | None = None
+) -> Callable[[mx.array], mx.array]:
+    """The function images (B, H, W, 3) -> embeddings (B, D) (or (B, N, D) for ``tokens``)."""
+    trunk = vision_model(model)
+    pool = default_pool(model) if pool == "auto" else pool
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if layers is not None and pool != "layers":
+        raise ValueError("layers only apply to the 'layers' pooling")
+    if pool == "head":
+        if "head" not in trunk:
+            raise ValueError("this model has no classifier head to pool with; use mean or layers")
+        return lambda x: trunk.head.pool(trunk.probe_features(x))
+    if pool == "layers":
+        chosen = list(layers) if layers is not None else trunk.args.feature_layers
+        n = trunk.args.num_blocks
+        if not chosen or not all(0 <= i < n for i in chosen):
+            raise ValueError(f"layers {chosen} must name blocks in 0..{n - 1}")
+        return lambda x: layer_average(trunk, x, chosen).mean(axis=1)
+    if pool == "tokens":
+        return trunk.encode
+    return lambda x: trunk.encode(x).mean(axis=1)
+
+
+def quantize(model: nn.Module, bits: int, group_size: int = 64) -> int:
+    """Quantize ``model``'s linear layers in place with ``mlx.nn.quantize``; returns how many.
+
+    Layers whose input width is not a multiple of ``group_size`` use group size 32, or stay in
+    floating point when 32 does not divide it either (as mlx-lm skips them).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"quantization bits must be 4 or 8, got {bits}")
+    count = 0
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        nonlocal count
+        if not isinstance(module, nn.Linear):
+            return False
+        width = module.weight.shape[1]
+        size = next((g for g in (group_size, 32) if width % g == 0), None)
+        if size is None:
+            return False
+        count += 1
+        return {"group_size": size, "bits": bits}
+
+    nn.quantize(model, group_size, bits, class_predicate=predicate)
+    return count
+
+
+@dataclass
+class EmbedResult:
+    """Embeddings of the readable files, in input order, with their paths and the failures."""
+
+    embeddings: Embeddings
+    paths: list[str]
+    errors: list[ImageError] = field(default_factory=list)
+
+
+class Embedder:
+    """Reusable embedding pipeline: preprocessing, compiled batched forward, pooling.
+
+    ``embedder(images)`` embeds a list of paths / PIL images / pixel arrays (or an already
+    preprocessed 4-D batch, NHWC or NCHW) and returns float32 numpy (B, D) (or (B, N, D) for
+    ``tokens``). ``embed_files`` streams many files with background decoding and skips
+    unreadable ones.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        pool: str = "auto",
+        layers: Sequence[int] | None = None,
+        normalize: bool = False,
+        batch_size: int = 16,
+    ):
+        self.model = model
+        self.pool = default_pool(model) if pool == "auto" else pool
+        self.normalize = normalize
+        trunk = vision_model(model)
+        self.native = trunk.args.model_type == "aim_v2" and trunk.args.native_resolution
+        self.transform = image_transform(model)
+        dtype = trunk.preprocessor.patchifier.proj.weight.dtype
+        fn = pooling(model, pool, layers)
+
+        def forward(x: mx.array) -> mx.array:
+            out = fn(x.astype(dtype)).astype(mx.float32)
+            if normalize:
+                out = out / mx.maximum(mx.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
+            return out
+
+        # Native-resolution inputs vary in size: run them one by one, uncompiled.
+        self.batch_size = 1 if self.native else batch_size
+        self.runner = BatchRunner(forward, self.batch_size, model.state, compile=not self.native)
+
+    @property
+    def ragged(self) -> bool:
+        """Whether results can differ in shape between images (native-resolution tokens)."""
+        return self.native and self.pool == "tokens"
+
+    def embed_batch(self, batch: mx.array | np.ndarray) -> np.ndarray:
+        """Embeddings of a preprocessed batch (B, H, W, 3) (NCHW accepted)."""
+        batch = to_nhwc(batch)
+        out = [
+            np.asarray(self.runner(batch[i : i + self.batch_size]))
+            for i in range(0, batch.shape[0], self.batch_size)
+        ]
+        return np.concatenate(out)
+
+    def __call__(self, images: ImageLike | Sequence[ImageLike] | mx.array) -> Embeddings:
+        if isinstance(images, (mx.array, np.ndarray)) and images.ndim == 4:
+            return self.embed_batch(images)
+        if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+            images = [images]
+        arrays = [self.transform(as_pil(image)) for image in images]
+        out = [self.embed_batch(a[None])[0] for a in arrays] if self.native else None
+        if out is None:
+            return self.embed_batch(np.stack(arrays)) if arrays else np.zeros((0,), np.float32)
+        return _stack(out)
+
+    def embed_files(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        on_error: Callable[[ImageError], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+        num_workers: int = 2,
+    ) -> EmbedResult:
+        """Embed image files in order; unreadable files are reported and skipped."""
+        errors: list[ImageError] = []
+
+        def skip(error: ImageError) -> None:
+            errors.append(error)
+            if on_error is not None:
+                on_error(error)
+
+        out: list[np.ndarray] = []
+        done: list[str] = []
+        if not paths:
+            return EmbedResult(np.zeros((0,), np.float32), [], [])
+        loader = ImageLoader(
+            [str(p) for p in paths],
+            self.transform,
+            self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            epochs=1,
+            num_workers=num_workers,
+            on_error=skip,
+        )
+        try:
+            for batch in loader:
+                out.extend(np.asarray(self.runner(batch["images"])))
+                done.extend(str(p) for p in batch["paths"])
+                if progress is not None:
+                    progress(len(batch["paths"]))
+        except ValueError:
+            if len(errors) < len(paths):
+                raise  # not the loader's "no image could be read"
+        return EmbedResult(_stack(out), done, errors)
+
+
+def _stack(arrays: list[np.ndarray]) -> Embeddings:
+    if not arrays:
+        return np.zeros((0,), np.float32)
+    if len({a.shape for a in arrays}) > 1:
+        return arrays
+    return np.stack(arrays)
+
+
+def embed_images(
+    model: nn.Module,
+    images: ImageLike | Sequence[ImageLike] | mx.array,
+    *,
+    pool: str = "auto",
+    layers: Sequence[int] | None = None,
+    normalize: bool = False,
+    batch_size: int = 16,
+) -> Embeddings:
+    """Embeddings (B, D) float32 of paths, PIL images, pixel arrays or a preprocessed batch."""
+    embedder = Embedder(model, pool=pool, layers=layers, normalize=normalize, batch_size=batch_size)
+    return embedder(images)
+
+
+# --------------------------------------------------------------------------------------------
+# output files
+
+
+def output_format(path: str | os.PathLike) -> str:
+    """The output format of ``path`` from its suffix (``.npy``, ``.safetensors``, ``.jsonl``)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(
+            f"{path}: unknown output format {suffix or '(no suffix)'!r}; use {', '.join(FORMATS)}"
+        )
+    return suffix
+
+
+def paths_file(path: str | os.PathLike) -> Path:
+    """The list of source paths written beside a ``.npy`` file (``out.npy`` -> ``out.paths.txt``)."""
+    path = Path(path)
+    return path.with_name(path.stem + PATHS_SUFFIX)
+
+
+def _temp_beside(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_embeddings(
+    path: str | os.PathLike, embeddings: Embeddings, paths: Sequence[str]
+) -> list[Path]:
+    """Write embeddings and their source paths (same order) atomically; returns the files.
+
+    - ``.npy``: the (B, ...) float32 array, plus ``<stem>.paths.txt`` (one path a line);
+    - ``.safetensors``: tensor ``embeddings``, the paths as JSON in the metadata key ``paths``;
+    - ``.jsonl``: one ``{"path": ..., "embedding": [...]}`` object a line (the only format for
+      embeddings of different shapes, e.g. native-resolution tokens).
+    """
+    path = Path(path)
+    fmt = output_format(path)
+    paths = [str(p) for p in paths]
+    if len(paths) != len(embeddings):
+        raise ValueError(f"{len(embeddings)} embeddings but {len(paths)} paths")
+    ragged = isinstance(embeddings, list)
+    if ragged and fmt != ".jsonl":
+        raise ValueError(
+            f"{path}: the embeddings differ in shape between images (native-resolution tokens); "
+            "write them as .jsonl"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writes: list[tuple[Path, Path]] = []
+    try:
+        if fmt == ".npy":
+            if any("\n" in p for p in paths):
+                raise ValueError(f"{path}: a source path contains a line break; use .jsonl")
+            listing = _temp_beside(paths_file(path))
+            listing.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
+            writes.append((listing, paths_file(path)))
+            data = _temp_beside(path)
+            with open(data, "wb") as f:
+                np.save(f, np.asarray(embeddings, np.float32))
+            writes.append((data, path))
+        elif fmt == ".safetensors":
+            data = _temp_beside(path)
+            mx.save_safetensors(
+                str(data),
+                {"embeddings": mx.array(np.asarray(embeddings, np.float32))},
+                metadata={"format": "mlx-aim-embeddings", "paths": json.dumps(paths)},
+            )
+            writes.append((data, path))
+        else:
+            data = _temp_beside(path)
+            with open(data, "w", encoding="utf-8") as f:
+                for p, e in zip(paths, embeddings, strict=True):
+                    f.write(json.dumps({"path": p, "embedding": np.asarray(e).tolist()}) + "\n")
+            writes.append((data, path))
+        for tmp, final in writes:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in writes:
+            if tmp.exists():
+                tmp.unlink()
+    return [final for _, final in writes]
+
+
+def load_embeddings(path: str | os.PathLike) -> tuple[Embeddings, list[str]]:
+    """Read a file written by :func:`save_embeddings`: ``(embeddings, paths)``."""
+    path = Path(path)
+    fmt = output_format(path)
+    if fmt == ".npy":
+        return np.load(path), paths_file(path).read_text(encoding="utf-8").splitlines()
+    if fmt == ".safetensors":
+        tensors, metadata = mx.load(str(path), return_metadata=True)
+        return np.asarray(tensors["embeddings"]), json.loads(metadata["paths"])
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    arrays = [np.asarray(r["embedding"], np.float32) for r in rows]
+    return _stack(arrays), [r["path"] for r in rows]

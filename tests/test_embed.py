@@ -1,0 +1,233 @@
+"""Embeddings: order and names, batching, pooling, output formats, bad files, the CLI."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from image_corpus import make_corpus, noise
+from PIL import Image
+from typer.testing import CliRunner
+
+from cli.main import app
+from mlx_aim.embed import (
+    Embedder,
+    embed_images,
+    load_embeddings,
+    paths_file,
+    pooling,
+    quantize,
+    save_embeddings,
+)
+from mlx_aim.features import layer_average, preprocess
+from mlx_aim.models import build_model
+from mlx_aim.registry import aim_v1_preprocessing, aim_v2_preprocessing
+from mlx_aim.weights import save_model
+
+V1 = {
+    "model_type": "aim_v1",
+    "image_size": 28,
+    "patch_size": 7,
+    "embed_dim": 64,
+    "num_blocks": 2,
+    "num_heads": 4,
+}
+V2_NATIVE = {
+    "model_type": "aim_v2",
+    "image_size": 28,
+    "patch_size": 14,
+    "embed_dim": 32,
+    "num_blocks": 1,
+    "num_heads": 2,
+    "mlp_hidden_dim": 48,
+    "pos_embed_type": "sincos",
+}
+
+
+def tiny(config=V1, prep=None):
+    mx.random.seed(0)
+    model = build_model(config)
+    model.eval()
+    model.preprocessing = prep or aim_v1_preprocessing(config["image_size"])
+    return model
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, (w, h) in enumerate([(40, 30), (28, 28), (50, 64), (33, 33), (29, 60)]):
+        paths.append(root / f"img{i}.png")
+        noise(w, h, seed=i).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model(
+        tiny(), tmp_path_factory.mktemp("m") / "model", preprocessing=tiny().preprocessing
+    )
+
+
+def test_batched_results_match_single_images_and_keep_the_order(images):
+    model = tiny()
+    shuffled = [images[i] for i in (3, 0, 4, 1, 2)]
+    batched = Embedder(model, batch_size=2).embed_files(shuffled, num_workers=2)
+    assert batched.paths == [str(p) for p in shuffled] and not batched.errors
+    singles = np.concatenate([embed_images(model, p, batch_size=1) for p in shuffled])
+    np.testing.assert_allclose(batched.embeddings, singles, atol=1e-5)
+    # one padded batch of 8 for five images, PIL and array inputs give the same numbers
+    pil = [Image.open(p) for p in shuffled]
+    np.testing.assert_allclose(embed_images(model, pil, batch_size=8), singles, atol=1e-5)
+    arrays = [np.asarray(img.convert("RGB")) for img in pil]
+    np.testing.assert_allclose(embed_images(model, arrays), singles, atol=1e-5)
+
+
+def test_preprocessed_batches_may_be_nchw(images):
+    model = tiny()
+    x = np.array(preprocess(model, images[:3]))
+    nhwc = embed_images(model, x)
+    np.testing.assert_allclose(embed_images(model, x.transpose(0, 3, 1, 2)), nhwc, atol=1e-6)
+    np.testing.assert_allclose(embed_images(model, images[:3]), nhwc, atol=1e-6)
+
+
+def test_poolings(images):
+    model = tiny()
+    x = preprocess(model, images[:2])
+    tokens = embed_images(model, x, pool="tokens")
+    assert tokens.shape == (2, 16, 64)
+    np.testing.assert_allclose(tokens, np.array(model.encode(x)), atol=1e-5)
+    np.testing.assert_allclose(embed_images(model, x, pool="mean"), tokens.mean(1), atol=1e-5)
+    default = embed_images(model, x)  # AIMv1 default: token mean of averaged block outputs
+    np.testing.assert_allclose(
+        default, np.array(layer_average(model, x, [0, 1]).mean(1)), atol=1e-5
+    )
+    first = embed_images(model, x, pool="layers", layers=[0])
+    assert not np.allclose(first, default)
+    unit = embed_images(model, x, normalize=True)
+    np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(unit, default / np.linalg.norm(default, axis=1)[:, None], atol=1e-5)
+    with pytest.raises(ValueError, match="no classifier head"):
+        pooling(model, "head")
+
+    classifier = tiny(V1 | {"num_classes": 5})
+    pooled = embed_images(classifier, x)
+    assert pooled.shape == (2, 64)
+    expected = classifier.head.pool(classifier.probe_features(x))
+    np.testing.assert_allclose(pooled, np.array(expected), atol=1e-5)
+
+
+def test_native_resolution_keeps_the_aspect_ratio(tmp_path):
+    model = tiny(V2_NATIVE, aim_v2_preprocessing(28, native=True))
+    wide, square = tmp_path / "wide.png", tmp_path / "square.png"
+    noise(56, 28, seed=1).save(wide)
+    noise(30, 30, seed=2).save(square)  # padded to 42 x 42: 3 x 3 patches
+    result = Embedder(model, pool="tokens").embed_files([wide, square])
+    assert [t.shape for t in result.embeddings] == [(2 * 4, 32), (3 * 3, 32)]
+    pooled = embed_images(model, [wide, square])
+    np.testing.assert_allclose(pooled, np.stack([t.mean(0) for t in result.embeddings]), atol=1e-5)
+    out = tmp_path / "tokens.jsonl"
+    save_embeddings(out, result.embeddings, result.paths)
+    loaded, paths = load_embeddings(out)
+    assert paths == result.paths and all(
+        np.array_equal(a, b) for a, b in zip(loaded, result.embeddings, strict=True)
+    )
+    with pytest.raises(ValueError, match="jsonl"):
+        save_embeddings(tmp_path / "tokens.npy", result.embeddings, result.paths)
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors", ".jsonl"])
+def test_every_output_format_round_trips(tmp_path, suffix):
+    vectors = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+    names = ["b.png", "dir with space/a.jpg", "ünïcode.png"]
+    written = save_embeddings(tmp_path / f"out{suffix}", vectors, names)
+    loaded, paths = load_embeddings(tmp_path / f"out{suffix}")
+    assert paths == names and loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, vectors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+    if suffix == ".npy":
+        assert paths_file(tmp_path / "out.npy").name == "out.paths.txt"
+
+
+def test_eight_bit_quantization_keeps_embeddings_close(images):
+    model = tiny()
+    reference = embed_images(model, images)
+    assert quantize(model, 8) == 2 * 4  # qkv, proj, fc1, fc2 in each block
+    quantized = embed_images(model, images)
+    cosine = (reference * quantized).sum(1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(quantized, axis=1)
+    )
+    assert cosine.min() > 0.999 and not np.array_equal(reference, quantized)
+
+
+def run(args, **kwargs):
+    return CliRunner().invoke(app, ["embed", *map(str, args)], **kwargs)
+
+
+def test_cli_reports_bad_files_and_writes_the_rest(tmp_path, model_dir):
+    corpus = make_corpus(tmp_path / "corpus")
+    out = tmp_path / "emb.npy"
+    result = run([tmp_path / "corpus", "--model", model_dir, "-o", out, "-b", "4"])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    for bad, reason in corpus["bad"].items():
+        hits = [line for line in lines if line.startswith(f"skipped {bad}:")]
+        assert len(hits) == 1 and reason in hits[0], (bad, lines)
+    embeddings, paths = load_embeddings(out)
+    assert sorted(paths) == sorted(str(p) for p in corpus["good"])
+    assert embeddings.shape == (len(corpus["good"]), 64)
+    np.testing.assert_allclose(embeddings[:2], embed_images(tiny(), paths[:2]), atol=1e-5)
+
+
+def test_cli_reads_paths_from_stdin_in_order_and_prints_summaries(images, model_dir):
+    order = [images[2], images[0], images[4]]
+    stdin = "".join(f"{p}\n" for p in order)
+    result = run(["-", "--model", model_dir], input=stdin)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    assert [line.split("  ")[0] for line in lines] == [str(p) for p in order]
+    assert all("shape (64,)" in line and "norm" in line for line in lines)
+
+    result = run([images[1], "--model", model_dir, "--json", "--normalize"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["path"] == str(images[1]) and len(row["embedding"]) == 64
+    assert np.linalg.norm(row["embedding"]) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".jsonl"])
+def test_cli_outputs_match_the_python_api(images, model_dir, tmp_path, suffix):
+    out = tmp_path / f"e{suffix}"
+    result = run([*images, "--model", model_dir, "-o", out, "--pool", "mean", "-b", "2"])
+    assert result.exit_code == 0, result.output
+    embeddings, paths = load_embeddings(out)
+    assert paths == [str(p) for p in images]
+    np.testing.assert_allclose(embeddings, embed_images(tiny(), images, pool="mean"), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pool", "max"], "pool must be one of"),
+        (["--pool", "head"], "no classifier head"),
+        (["--layers", "7"], "block 7 does not exist"),
+        (["-o", "out.csv"], "unknown output format"),
+        (["--quantize", "3"], "--quantize must be 4 or 8"),
+        (["--dtype", "int8"], "--dtype must be one of"),
+    ],
+)
+def test_cli_bad_options_are_one_line_with_exit_code_1(images, model_dir, args, message):
+    result = run([images[0], "--model", model_dir, *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output
+
+
+def test_cli_nothing_readable_is_exit_code_1(tmp_path, model_dir):
+    (tmp_path / "a.png").write_bytes(b"not a png")
+    result = run([tmp_path / "a.png", tmp_path / "missing.png", "--model", model_dir])
+    assert result.exit_code == 1
+    assert "not an image" in result.stderr and "file not found" in result.stderr
+    assert "none of the 1 image file(s) could be read" in result.stderr
+    assert not list(Path(tmp_path).glob("*.npy"))

@@ -1,0 +1,223 @@
+"""Probing: learning, saving as a classifier, torch parity of --eval-only, the feature cache, CLI."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import mlx_aim
+from cli.main import app
+from mlx_aim.features import FeatureCache
+from mlx_aim.models import build_model
+from mlx_aim.models.aim_v1 import ModelArgs as V1Args
+from mlx_aim.probe import (
+    Hooks,
+    ProbeConfig,
+    compute_features,
+    load_dataset,
+    resolve_layers,
+    save_probe,
+    train_probe,
+)
+from mlx_aim.reference.torch_aim import AIMv1Torch, init_random_
+from mlx_aim.registry import aim_v1_preprocessing, default_preprocessing
+from mlx_aim.transforms import Preprocess
+from mlx_aim.weights import apply_weights, save_model
+
+TINY = {
+    "model_type": "aim_v1",
+    "image_size": 28,
+    "patch_size": 7,
+    "embed_dim": 32,
+    "num_blocks": 2,
+    "num_heads": 4,
+}
+TINY_V2 = {
+    "model_type": "aim_v2",
+    "image_size": 28,
+    "patch_size": 7,
+    "embed_dim": 32,
+    "num_blocks": 2,
+    "num_heads": 2,
+    "mlp_hidden_dim": 48,
+}
+COLORS = {"red": 0, "green": 1, "blue": 2}
+
+
+def write_colour_dataset(root, train_per_class=20, val_per_class=6, seed=0):
+    """Noise images whose dominant channel is the class: separable, but not pixel-identical."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for name, channel in COLORS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 120, (30, 34, 3))
+                pixels[..., channel] += 120
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_trunk(seed=0, config=TINY):
+    mx.random.seed(seed)
+    model = build_model(config)
+    model.eval()
+    model.preprocessing = default_preprocessing(config)
+    return model
+
+
+@pytest.fixture(scope="module")
+def colour_data(tmp_path_factory):
+    return write_colour_dataset(tmp_path_factory.mktemp("colours"))
+
+
+def config(tmp_path, **overrides):
+    settings = dict(epochs=12, batch_size=16, lr=3e-3, warmup_epochs=0.5)
+    settings.update(overrides)
+    return ProbeConfig(cache_dir=str(tmp_path / "cache"), num_workers=0, **settings)
+
+
+@pytest.mark.parametrize(
+    "trunk, head", [(TINY, "attentive"), (TINY, "linear"), (TINY_V2, "attentive")]
+)
+def test_probe_learns_a_separable_task(colour_data, tmp_path, trunk, head):
+    data = load_dataset(colour_data)
+    result = train_probe(tiny_trunk(config=trunk), data, config(tmp_path, head=head))
+    epochs = result.report["epochs"]
+    assert len(epochs) == 12 and epochs[-1]["loss"] < epochs[0]["loss"]
+    assert result.report["final"]["top1"] >= 0.95
+    assert result.report["final"]["top5"] == 1.0  # only 3 classes: top-5 is capped at top-3
+    assert result.report["num_train"] == 60 and result.report["num_val"] == 18
+
+
+def test_saved_probe_loads_as_the_full_classifier(colour_data, tmp_path):
+    data = load_dataset(colour_data)
+    result = train_probe(tiny_trunk(), data, config(tmp_path, epochs=2, layers="0,-1"))
+    out = save_probe(result, tmp_path / "probe")
+    loaded = mlx_aim.load(out)
+    assert loaded.args.num_classes == 3 and loaded.args.probe_layers == [0, 1]
+    assert loaded.args.classifier == "attentive"
+    assert json.loads((out / "classes.json").read_text()) == ["blue", "green", "red"]
+    assert json.loads((out / "probe_report.json").read_text())["layers"] == [0, 1]
+    x = mx.random.normal((4, 28, 28, 3))
+    np.testing.assert_allclose(np.array(loaded(x)), np.array(result.model(x)), atol=1e-5)
+    with pytest.raises(FileExistsError):
+        save_probe(result, out)
+
+
+def test_cached_features_equal_recomputed_ones(colour_data, tmp_path):
+    model, data = tiny_trunk(), load_dataset(colour_data)
+    cfg = config(tmp_path, batch_size=7)  # 18 images: the last batch is padded
+    first, hit_first = compute_features(model, data.val, [0, 1], cfg, Hooks(), "val")
+    again, hit_again = compute_features(model, data.val, [0, 1], cfg, Hooks(), "val")
+    fresh, _ = compute_features(model, data.val, [0, 1], config(tmp_path, cache=False), Hooks(), "")
+    assert (hit_first, hit_again) == (False, True)
+    assert again.features.dtype == np.float16 and fresh.features.dtype == np.float32
+    np.testing.assert_array_equal(again.features, first.features)
+    # float16 keeps 11 significant bits; BLAS threading may move float32 results by an ulp
+    np.testing.assert_allclose(again.features, fresh.features, rtol=2**-10, atol=1e-6)
+    np.testing.assert_array_equal(again.labels, fresh.labels)
+    assert again.paths == fresh.paths == [str(p) for p, _ in data.val]
+    # other layers, other weights or a changed file are different cache entries
+    assert not compute_features(model, data.val, [1], cfg, Hooks(), "")[1]
+    assert not compute_features(tiny_trunk(seed=1), data.val, [0, 1], cfg, Hooks(), "")[1]
+    Image.new("RGB", (30, 34), (255, 0, 0)).save(data.val[0][0])
+    changed, hit = compute_features(model, data.val, [0, 1], cfg, Hooks(), "")
+    assert not hit and not np.array_equal(changed.features[0], first.features[0])
+    assert len(list(FeatureCache(cfg.cache_dir).root.glob("*.npy"))) == 4
+
+
+def test_augmented_probe_runs_the_trunk_and_caches_only_validation(colour_data, tmp_path):
+    data = load_dataset(colour_data)
+    result = train_probe(tiny_trunk(), data, config(tmp_path, epochs=1, augment=True))
+    assert result.report["feature_cache"] == {"train": False, "val": False}
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+
+
+def test_layer_selection():
+    args = V1Args(**TINY | {"num_blocks": 8})
+    assert resolve_layers("last", args) == [2, 3, 4, 5, 6, 7]
+    assert resolve_layers("1, 3,-1", args) == [1, 3, 7]
+    assert resolve_layers("best", V1Args(embed_dim=1536, num_blocks=24, num_heads=12)) == list(
+        range(14, 20)
+    )
+    assert resolve_layers("best", args, "aim-1B") == list(range(12, 18))
+    for bad in ("best", "8", "a,b", ""):
+        with pytest.raises(ValueError):
+            resolve_layers(bad, args)
+
+
+def test_eval_only_reproduces_the_torch_reference_predictions(tmp_path):
+    classes = ["a", "b", "c", "d", "e", "f"]
+    rng = np.random.default_rng(3)
+    for name in classes:
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (31, 29, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    torch_model = AIMv1Torch(28, 7, 32, 3, 4, num_classes=6, probe_layers=(1, 2))
+    init_random_(torch_model, seed=0, std=0.3).eval()
+    weights = {k: mx.array(v.numpy()) for k, v in torch_model.state_dict().items()}
+    model = build_model(TINY | {"num_blocks": 3, "num_classes": 6, "probe_layers": [1, 2]})
+    apply_weights(model, weights)  # sanitize: conv transpose, drop num_batches_tracked
+    save_model(model, tmp_path / "clf", preprocessing=aim_v1_preprocessing(28))
+
+    result = CliRunner().invoke(
+        app,
+        ["probe", "--eval-only", "--model", str(tmp_path / "clf"), "--data",
+         str(tmp_path / "data"), "--batch-size", "4", "-o", str(tmp_path / "eval")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = [
+        json.loads(x) for x in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 18
+
+    prep = Preprocess(32, 28)
+    with torch.no_grad():
+        batch = np.stack([prep(Image.open(r["path"]).convert("RGB")) for r in rows])
+        logits = torch_model(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()
+    assert [r["prediction"] for r in rows] == logits.argmax(1).tolist()
+    assert [r["label"] for r in rows] == [classes.index(r["path"].split("/")[-2]) for r in rows]
+    report = json.loads((tmp_path / "eval" / "eval_report.json").read_text())
+    assert report["top1"] == pytest.approx(np.mean(logits.argmax(1) == [r["label"] for r in rows]))
+    assert f"top-1 {100 * report['top1']:.2f}%" in result.stdout
+
+
+def test_cli_trains_writes_a_classifier_and_reuses_the_cache(colour_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = ["probe", "--model", str(trunk_dir), "--data", str(colour_data), "--epochs", "2",
+            "-b", "16", "-o", str(tmp_path / "out")]  # fmt: skip
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "epoch   2/2" in first.stderr and "val top-1" in first.stdout
+    report = json.loads((tmp_path / "out" / "probe_report.json").read_text())
+    assert report["feature_cache"] == {"train": False, "val": False}
+    second = CliRunner().invoke(app, [*args, "--force"])
+    assert second.exit_code == 0, second.output
+    report = json.loads((tmp_path / "out" / "probe_report.json").read_text())
+    assert report["feature_cache"] == {"train": True, "val": True}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data", "/no/such/folder"], "not a folder"),
+        (["--layers", "best"], "only defined for the released AIMv1 models"),
+        (["--layers", "9"], "block 9 does not exist"),
+        (["--head", "mlp"], "head must be one of attentive, linear"),
+    ],
+)
+def test_cli_bad_input_is_one_line_with_exit_code_1(colour_data, tmp_path, extra, message):
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = ["probe", "--model", str(trunk_dir), "--data", str(colour_data), "--epochs", "1",
+            "-o", str(tmp_path / "out"), "--no-cache", *extra]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
