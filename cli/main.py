@@ -46,8 +46,13 @@ def version_callback(value: bool) -> None:
         import mlx.core as mx
 
         import mlx_aim
+        from mlx_aim.blas import blas_info
 
-        typer.echo(f"mlx-aim {mlx_aim.__version__} (mlx {mx.__version__}, {mx.default_device()})")
+        blas = blas_info() or "MLX's own"
+        typer.echo(
+            f"mlx-aim {mlx_aim.__version__} (mlx {mx.__version__}, {mx.default_device()}, "
+            f"BLAS: {blas})"
+        )
         raise typer.Exit()
 
 

@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+from image_corpus import make_corpus
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -221,3 +222,19 @@ def test_cli_bad_input_is_one_line_with_exit_code_1(colour_data, tmp_path, extra
     assert result.exit_code == 1
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_cli_probes_the_good_images_of_a_messy_folder_and_names_each_bad_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
+    data = write_colour_dataset(tmp_path / "data", train_per_class=6, val_per_class=2)
+    corpus = make_corpus(tmp_path / "data" / "train" / "red" / "messy")
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = ["probe", "--model", str(trunk_dir), "--data", str(data), "--epochs", "1",
+            "-b", "8", "-o", str(tmp_path / "out")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    for bad in corpus["bad"]:
+        assert result.stderr.count(str(bad)) == 1, bad
+    report = json.loads((tmp_path / "out" / "probe_report.json").read_text())
+    assert report["final"]["top1"] >= 0

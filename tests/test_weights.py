@@ -74,7 +74,10 @@ def test_missing_extra_and_misshaped_tensors_are_named():
     with pytest.raises(WeightsError, match="unexpected tensor.*bogus"):
         apply_weights(build_model(TINY), {**weights, "bogus": mx.zeros(1)})
     bad = {**weights, "head.linear.weight": mx.zeros((4, 16))}
-    with pytest.raises(WeightsError, match=r"head.linear.weight: checkpoint shape \(4, 16\) != model shape \(3, 16\)"):
+    with pytest.raises(
+        WeightsError,
+        match=r"head.linear.weight: checkpoint shape \(4, 16\) != model shape \(3, 16\)",
+    ):
         apply_weights(build_model(TINY), bad)
 
 
@@ -98,8 +101,16 @@ def _write_raw_safetensors(path, header, data):
     "header,data,message",
     [
         ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "outside"),
-        ({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, b"\0" * 16, "needs 12 bytes"),
-        ({"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 16, "unknown dtype"),
+        (
+            {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}},
+            b"\0" * 16,
+            "needs 12 bytes",
+        ),
+        (
+            {"w": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 16]}},
+            b"\0" * 16,
+            "unknown dtype",
+        ),
         (
             {
                 "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
@@ -108,7 +119,11 @@ def _write_raw_safetensors(path, header, data):
             b"\0" * 16,
             "overlap",
         ),
-        ({"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "invalid shape"),
+        (
+            {"w": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}},
+            b"\0" * 4,
+            "invalid shape",
+        ),
     ],
 )
 def test_lying_safetensors_headers_are_refused(tmp_path, header, data, message):
