@@ -138,3 +138,15 @@ def test_preflight_refuses_a_folder_holding_other_files(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match=r"already holds other files \(notes.txt\)"):
         ckpt.preflight(tmp_path, 1, frozenset({"config.json"}))
+
+
+def test_preflight_accepts_temporary_files_left_by_a_killed_run(tmp_path):
+    from mlx_aim.train.checkpoint import preflight
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    (tmp_path / ".loss.png.tmp").write_bytes(b"cut off")
+    (tmp_path / ".config.json.k3j2.tmp").write_text("{")
+    preflight(tmp_path, 0, frozenset({"metrics.jsonl", "loss.png", "config.json"}))
+    (tmp_path / ".notes.txt.tmp").write_text("someone else's")
+    with pytest.raises(Exception, match="already holds other files"):
+        preflight(tmp_path, 0, frozenset({"metrics.jsonl", "loss.png", "config.json"}))

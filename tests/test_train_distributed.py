@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import TINY_PRETRAIN
 
 ROOT = Path(__file__).parents[1]
 LAUNCH = shutil.which("mlx.launch")
@@ -32,19 +33,7 @@ weights = dict(tree_flatten(result.model.parameters()))
 mx.save_safetensors(f"{output}-rank{rank}.safetensors", weights)
 """
 
-TINY = {
-    "model_type": "aim_pretrain",
-    "encoder": {
-        "model_type": "aim_v1",
-        "image_size": 16,
-        "patch_size": 4,
-        "embed_dim": 32,
-        "num_blocks": 2,
-        "num_heads": 2,
-    },
-    "head_blocks": 1,
-    "head_width": 32,
-}
+TINY = TINY_PRETRAIN
 
 
 def free_port() -> int:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from image_corpus import make_corpus
 from PIL import Image
+from train_helpers import TINY_PRETRAIN
 
 import mlx_aim
 from mlx_aim.train import (
@@ -23,19 +24,7 @@ from mlx_aim.train import (
 )
 from mlx_aim.train.checkpoint import OutputLock
 
-TINY = {
-    "model_type": "aim_pretrain",
-    "encoder": {
-        "model_type": "aim_v1",
-        "image_size": 16,
-        "patch_size": 4,
-        "embed_dim": 32,
-        "num_blocks": 2,
-        "num_heads": 2,
-    },
-    "head_blocks": 1,
-    "head_width": 32,
-}
+TINY = TINY_PRETRAIN
 
 
 @pytest.fixture(scope="module")

@@ -6,24 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+from train_helpers import TINY_PRETRAIN
 
 from mlx_aim.models import build_model
 from mlx_aim.train.optim import build_optimizer, decays, warmup_cosine
 from mlx_aim.train.step import make_train_step
 
-TINY = {
-    "model_type": "aim_pretrain",
-    "encoder": {
-        "model_type": "aim_v1",
-        "image_size": 16,
-        "patch_size": 4,
-        "embed_dim": 32,
-        "num_blocks": 2,
-        "num_heads": 2,
-    },
-    "head_blocks": 1,
-    "head_width": 64,
-}
+TINY = {**TINY_PRETRAIN, "head_width": 64}
 
 
 def fixed_batch(n: int = 8, seed: int = 0) -> mx.array:

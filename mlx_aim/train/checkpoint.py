@@ -287,6 +287,17 @@ def _read_owner(fd: int) -> str:
         return ""
 
 
+def _is_own_leftover(name: str, own_names: frozenset[str]) -> bool:
+    """A temporary file of an atomic write (or a write probe) cut off by a crash."""
+    if name.startswith(".write-test-"):
+        return True
+    return (
+        name.startswith(".")
+        and name.endswith(".tmp")
+        and any(name[1:].startswith(own) for own in own_names)
+    )
+
+
 def preflight(output: Path, needed_bytes: int, own_names: frozenset[str] = frozenset()) -> None:
     """Check that ``output`` can be created, written and has room for ``needed_bytes``.
 
@@ -296,7 +307,11 @@ def preflight(output: Path, needed_bytes: int, own_names: frozenset[str] = froze
     """
     if output.is_dir():
         foreign = sorted(
-            p.name for p in output.iterdir() if p.name not in own_names and not _SHARD.match(p.name)
+            p.name
+            for p in output.iterdir()
+            if p.name not in own_names
+            and not _SHARD.match(p.name)
+            and not _is_own_leftover(p.name, own_names)
         )
         if foreign:
             raise OutputError(
