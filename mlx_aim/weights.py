@@ -175,6 +175,18 @@ def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.a
     return shards
 
 
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the complete directory ``new`` to ``target``, replacing an existing ``target``."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)
+
+
 def save_model(
     model: nn.Module,
     path: str | Path,
@@ -214,14 +226,7 @@ def save_model(
         if preprocessing is not None:
             write_json(tmp / PREPROCESS_FILE, preprocessing.to_dict())
         write_json(tmp / CONFIG_FILE, model.args.to_dict())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_directory(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -29,6 +29,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from ..weights import replace_directory
 from .errors import BadInputError, OutputError
 
 CHECKPOINTS = "checkpoints"
@@ -125,14 +126,7 @@ def save_checkpoint(
         }
         _write_json(tmp / INTEGRITY_FILE, integrity)
         _fsync(tmp)
-        if final.exists():  # the same step written again (a resumed run): replace it
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        replace_directory(tmp, final)  # the same step written again (a resumed run) is replaced
         tmp = None
         _fsync(root)
     except OSError as e:
