@@ -339,6 +339,28 @@ class ImageLoader:
 
     # ---- resuming ----------------------------------------------------------------------
 
+    @classmethod
+    def in_order(
+        cls,
+        items: Sequence,
+        transform: Callable,
+        batch_size: int,
+        *,
+        num_workers: int = 2,
+        on_error: Callable[[ImageError], None] | None = None,
+    ) -> ImageLoader:
+        """One pass over ``items`` in their order, last batch kept (evaluation, embedding)."""
+        return cls(
+            list(items),
+            transform,
+            batch_size,
+            shuffle=False,
+            drop_last=False,
+            epochs=1,
+            num_workers=num_workers,
+            on_error=on_error,
+        )
+
     def state(self) -> dict:
         """JSON-serialisable position after the last batch yielded (for ``start=``)."""
         return {**self._state, "bad": sorted(self._reported)}

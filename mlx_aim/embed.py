@@ -199,13 +199,10 @@ class Embedder:
         done: list[str] = []
         if not paths:
             return EmbedResult(np.zeros((0,), np.float32), [], [])
-        loader = ImageLoader(
+        loader = ImageLoader.in_order(
             [str(p) for p in paths],
             self.transform,
             self.batch_size,
-            shuffle=False,
-            drop_last=False,
-            epochs=1,
             num_workers=num_workers,
             on_error=skip,
         )

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 from PIL import Image
 
 from .images import ImageError, open_image, to_rgb
-from .registry import default_preprocessing
+from .registry import Preprocessing, default_preprocessing
 from .transforms import NativeResolution, Preprocess
 
 # AIMv2-native accepts 112 to 4096 patches; larger images are downscaled to fit.
@@ -56,7 +56,13 @@ def image_transform(model: nn.Module) -> Callable[..., np.ndarray]:
         return NativeResolution(
             args.patch_size, prep.mean, prep.std, NATIVE_MAX_PATCHES, prep.interpolation
         )
-    offsets = "floor" if args.model_type == "aim_v2" else "round"
+    return crop_transform(prep, args.model_type)
+
+
+def crop_transform(prep: Preprocessing, model_type: str) -> Preprocess:
+    """Resize + centre-crop + normalize with the crop rounding of the family's reference pipeline
+    (torchvision's for AIMv1, Hugging Face's for AIMv2)."""
+    offsets = "floor" if model_type == "aim_v2" else "round"
     return Preprocess(prep.resize, prep.crop, prep.mean, prep.std, prep.interpolation, offsets)
 
 
@@ -198,15 +204,8 @@ def extract_features(
         if on_error is not None:
             on_error(error)
 
-    loader = ImageLoader(
-        list(items),
-        transform,
-        runner.batch_size,
-        shuffle=False,
-        drop_last=False,
-        epochs=1,
-        num_workers=num_workers,
-        on_error=skip,
+    loader = ImageLoader.in_order(
+        items, transform, runner.batch_size, num_workers=num_workers, on_error=skip
     )
     store = None
     labels: list[int] = []

@@ -39,6 +39,7 @@ from .features import (
     BatchRunner,
     FeatureCache,
     FeatureSet,
+    crop_transform,
     extract_features,
     items_fingerprint,
     layer_average,
@@ -209,9 +210,7 @@ def probe_preprocessing(model: nn.Module) -> Preprocessing:
 
 
 def _eval_transform(model: nn.Module) -> Preprocess:
-    prep = probe_preprocessing(model)
-    offsets = "floor" if vision_model(model).args.model_type == "aim_v2" else "round"
-    return Preprocess(prep.resize, prep.crop, prep.mean, prep.std, prep.interpolation, offsets)
+    return crop_transform(probe_preprocessing(model), vision_model(model).args.model_type)
 
 
 def _param_dtype(model: nn.Module) -> mx.Dtype:
@@ -562,15 +561,8 @@ def evaluate_classifier(
         if hooks.on_error is not None:
             hooks.on_error(error)
 
-    loader = ImageLoader(
-        items,
-        _eval_transform(model),
-        batch_size,
-        shuffle=False,
-        drop_last=False,
-        epochs=1,
-        num_workers=num_workers,
-        on_error=skip,
+    loader = ImageLoader.in_order(
+        items, _eval_transform(model), batch_size, num_workers=num_workers, on_error=skip
     )
     advance = hooks.progress("evaluating", len(items))
     logits, labels, paths = [], [], []

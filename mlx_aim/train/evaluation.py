@@ -41,13 +41,10 @@ class Validation:
         self.images = np.zeros((0,), np.float32)
         self.prefix = np.zeros((0,), np.int32)
         if mine:
-            loader = ImageLoader(
+            loader = ImageLoader.in_order(
                 [subset[i] for i in mine],
                 preprocess,
                 min(64, len(mine)),
-                shuffle=False,
-                drop_last=False,
-                epochs=1,
                 num_workers=run.config.workers,
                 on_error=run.on_image_error,
             )
