@@ -43,7 +43,9 @@ def _annotation(kind: Any) -> Any:
 def _parameters() -> list[inspect.Parameter]:
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
     for f, kind in config_fields():
-        names = [f"--{f.name.replace('_', '-')}"] + ([_SHORT[f.name]] if f.name in _SHORT else [])
+        flag = f.name.replace("_", "-")
+        flag = f"--{flag}/--no-{flag}" if f.default is True else f"--{flag}"  # on by default
+        names = [flag] + ([_SHORT[f.name]] if f.name in _SHORT else [])
         option = typer.Option(
             f.default, *names, help=f.metadata["help"], rich_help_panel=f.metadata["panel"]
         )

@@ -9,9 +9,12 @@ Implementations: ``mlx-aim`` (the library's models, its compiled training step
 (``mlx_aim.reference.plain_mlx``: explicit softmax attention, ``nn.Conv2d`` patches, nothing
 compiled), ``torch-eager`` and ``torch-compile`` (``mlx_aim.reference.torch_aim``).
 Tasks: ``train`` (forward, backward, gradient clipping to norm 1 and AdamW update of the
-pre-training model and loss) and ``embed`` (trunk forward, no gradients). FLOPs are counted analytically (matmuls only, 2 per
-multiply-add, full N x N attention scores; training = 3 x the forward of trunk and head); MFU
-divides achieved FLOP/s by the best 2048 x 2048 fp32 GEMM rate measured in this run.
+pre-training model and loss) and ``embed`` (trunk forward, no gradients). Every training column
+uses the same paired prefix lengths (``objective.sample_paired_prefix_lengths``); mlx-aim and torch
+run the pixel head only at the positions the loss reads (half of them), plain-MLX at every position
+as a direct port would. FLOPs are counted analytically (matmuls only, 2 per multiply-add, full
+N x N attention scores; training = 3 x the forward of the trunk and of the head where the loss
+reads); MFU divides achieved FLOP/s by the best 2048 x 2048 fp32 GEMM rate measured in this run.
 
 Memory: ``rss_peak_delta_bytes`` is the rise of the process's resident-set high-water mark during
 warm-up and timed steps, measured alike for every implementation (Linux ``/proc``; tracemalloc
@@ -104,8 +107,9 @@ def _encoder(config: dict) -> dict:
     return config["encoder"] if config["model_type"] == "aim_pretrain" else config
 
 
-def flops_per_image(config: dict) -> dict[str, float | None]:
-    """Model FLOPs per image: ``embed`` (trunk forward) and ``train`` (3 x trunk + head forward)."""
+def flops_per_image(config: dict, batch: int = 2) -> dict[str, float | None]:
+    """Model FLOPs per image: ``embed`` (trunk forward) and ``train`` (3 x the forward of the trunk
+    and of the head at the positions a batch of ``batch`` predicts: ceil(B / 2) * n of B * n)."""
     enc = _encoder(config)
     d, p, c = enc["embed_dim"], enc["patch_size"], enc.get("num_channels", 3)
     n = (enc["image_size"] // p) ** 2
@@ -119,10 +123,9 @@ def flops_per_image(config: dict) -> dict[str, float | None]:
         return {"embed": float(trunk), "train": None}
     w = config.get("head_width", 2048)
     hidden = int(config.get("head_mlp_ratio", 4.0) * w)
-    head = (
-        2 * n * d * w
-        + config.get("head_blocks", 12) * 2 * 2 * n * w * hidden
-        + 2 * n * w * p * p * c
+    predicted = n * ((batch + 1) // 2) / batch  # paired prefix lengths: K predictions per pair
+    head = predicted * (
+        2 * d * w + config.get("head_blocks", 12) * 2 * 2 * w * hidden + 2 * w * p * p * c
     )
     return {"embed": float(trunk), "train": float(3 * (trunk + head))}
 
@@ -144,7 +147,7 @@ def growth_cells(depth: int, batch: int) -> list[dict]:
                     "patches": patches,
                     "batch": batch,
                     "config": config,
-                    "flops_per_image": flops_per_image(config)["train"],
+                    "flops_per_image": flops_per_image(config, batch)["train"],
                 }
             )
     return cells
@@ -168,7 +171,8 @@ def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tup
     size, k = enc["image_size"], (enc["image_size"] // enc["patch_size"]) ** 2
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, size, size, enc.get("num_channels", 3)), np.float32)
-    prefix = rng.integers(1, k, batch).astype(np.int32)
+    half = rng.integers(1, k, (batch + 1) // 2)
+    prefix = np.stack([half, k - half], axis=1).reshape(-1)[:batch].astype(np.int32)  # pairs
     inputs = folder / "inputs.safetensors"
     mx.save_safetensors(
         str(inputs), {"images": mx.array(images), "prefix_lengths": mx.array(prefix)}
@@ -387,7 +391,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     if options.threads is not None and options.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {options.threads}")
     chosen = variants(options, tasks)
-    flops = flops_per_image(config)
+    flops = flops_per_image(config, batch)
     result: dict[str, Any] = {
         "config": options.config,
         "model_config": config,
@@ -642,7 +646,9 @@ def to_markdown(result: dict[str, Any]) -> str:
         + f". MFU uses the best of these ({_fmt(result['machine_peak_gflops'])} GFLOP/s); "
         "'MFU own' uses the column's own backend.",
         "",
-        "Model FLOPs per image (matmuls, 2 per multiply-add; train = 3 x forward of trunk + head): "
+        "Model FLOPs per image (matmuls, 2 per multiply-add; train = 3 x forward of the trunk and "
+        "of the pixel head at the positions the loss reads, which mlx-aim and torch compute; "
+        "plain-mlx runs the head at every position): "
         + ", ".join(
             f"{task} {_fmt(f, '.2f', 1e9)} GFLOP"
             for task, f in result["flops_per_image"].items()

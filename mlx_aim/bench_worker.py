@@ -144,6 +144,8 @@ def _mlx_model(spec: dict, embed: bool):
 def _mlx_inputs(spec: dict):
     import mlx.core as mx
 
+    from mlx_aim.objective import sample_paired_prefix_lengths
+
     if spec.get("inputs"):
         data = mx.load(spec["inputs"])
         return data["images"], data["prefix_lengths"]
@@ -152,7 +154,7 @@ def _mlx_inputs(spec: dict):
     k = (size // enc["patch_size"]) ** 2
     key = mx.random.key(spec.get("seed", 0))
     images = mx.random.normal((b, size, size, enc.get("num_channels", 3)), key=key)
-    return images, mx.random.randint(1, k, (b,), dtype=mx.int32, key=key)
+    return images, sample_paired_prefix_lengths(b, k, key=key)
 
 
 def _mlx_train_step(spec: dict, model, loss_fn):
@@ -396,7 +398,8 @@ def _torch_inputs(spec: dict):
         gen = torch.Generator().manual_seed(spec.get("seed", 0))
         images = torch.randn(b, size, size, enc.get("num_channels", 3), generator=gen)
         k = (size // enc["patch_size"]) ** 2
-        prefix = torch.randint(1, k, (b,), generator=gen)
+        half = torch.randint(1, k, ((b + 1) // 2,), generator=gen)
+        prefix = torch.stack([half, k - half], dim=1).reshape(-1)[:b]  # pairs, as mlx-aim draws
     return images.permute(0, 3, 1, 2).contiguous(), prefix.long()
 
 
@@ -407,8 +410,9 @@ def _torch_train_step(spec: dict, ref, model):
     params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
 
-    def loss_of(images, prefix):
-        return ref.aim_pretraining_loss_torch(model(images, prefix), images, prefix, patch)
+    def loss_of(images, prefix):  # the head only where the loss reads, as in mlx-aim's step
+        predictions = model(images, prefix, loss_positions=True)
+        return ref.aim_pretraining_loss_torch(predictions, images, prefix, patch)
 
     if spec["impl"] == "torch-compile":
         loss_of = torch.compile(loss_of)

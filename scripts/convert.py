@@ -4,7 +4,13 @@ python scripts/convert.py SOURCE DESTINATION [--head FILE|last|best] [--arch NAM
     [--probe-layers last|best|i,j,k] [--revision REV] [--dtype DTYPE] [--force]
 """
 
-from cli.main import app
+import sys
+from pathlib import Path
+
+# Run the checkout this script sits in, even when another copy of mlx-aim is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cli.main import app  # noqa: E402
 
 if __name__ == "__main__":
-    app(["convert", *__import__("sys").argv[1:]], prog_name="convert.py")
+    app(["convert", *sys.argv[1:]], prog_name="convert.py")

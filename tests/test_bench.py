@@ -42,10 +42,14 @@ def test_embed_flops_match_torchs_flop_counter(enc):
     assert flops_per_image(enc) == {"embed": counted, "train": None}
 
 
-def test_train_flops_are_three_forwards_of_trunk_and_head():
+def test_train_flops_are_three_forwards_of_trunk_and_head_where_the_loss_reads():
     model = ref.AIMForPretrainingTorch(ref.build_reference({**V1, "model_type": "aimv1"}), 2, 48)
-    forward = _torch_flops(model, torch.randn(1, 3, 32, 32), torch.tensor([3]))
-    assert flops_per_image(PRETRAIN)["train"] == 3 * (forward + _attention_flops(V1))
+    images, pair = torch.randn(2, 3, 32, 32), torch.tensor([3, 13])  # K = 16: one paired row
+    forward = _torch_flops(model, images, pair, True) / 2
+    assert flops_per_image(PRETRAIN, batch=2)["train"] == 3 * (forward + _attention_flops(V1))
+    odd = _torch_flops(model, images[:1], pair[:1], True)  # an unpaired image fills a row alone
+    padding = _torch_flops(model.head, torch.randn(3, 32))  # the row's 3 unread slots
+    assert flops_per_image(PRETRAIN, batch=1)["train"] == 3 * (odd + padding + _attention_flops(V1))
 
 
 def test_growth_cells_span_widths_and_patches():

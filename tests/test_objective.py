@@ -9,6 +9,9 @@ from mlx_aim.objective import (
     next_patch_loss,
     next_patch_targets,
     normalize_patches,
+    packed_next_patch_loss,
+    packed_prediction_index,
+    sample_paired_prefix_lengths,
     sample_prefix_lengths,
 )
 from mlx_aim.registry import pretrain_config
@@ -74,6 +77,61 @@ def test_prefix_lengths_cover_one_to_k_minus_one_uniformly():
     assert np.all(np.abs(counts / len(s) - 0.25) < 0.02)
     with pytest.raises(ValueError):
         sample_prefix_lengths(2, 1)
+
+
+def test_paired_prefix_lengths_are_each_uniform_and_sum_to_k_per_pair():
+    s = np.array(sample_paired_prefix_lengths(20001, 5, key=mx.random.key(2)))
+    assert len(s) == 20001 and s.min() == 1 and s.max() == 4
+    assert np.all(s[0:-1:2] + s[1::2] == 5)
+    for half in (s[0::2], s[1::2]):  # each image's length is uniform on {1, ..., K-1}
+        counts = np.bincount(half, minlength=5)[1:]
+        assert np.all(np.abs(counts / len(half) - 0.25) < 0.02)
+
+
+def _loss_positions(prefix, k, first):
+    """{(global image, position)} whose predictions the loss reads, by brute force."""
+    return {(first + b, t - 1) for b, s in enumerate(prefix) for t in range(s, k)}
+
+
+@pytest.mark.parametrize("first", [0, 1, 2, 5])
+@pytest.mark.parametrize("batch", [1, 2, 3, 6])
+def test_packed_index_lists_exactly_the_positions_the_loss_reads(first, batch):
+    k = 7
+    everything = np.array(sample_paired_prefix_lengths(first + batch, k, key=mx.random.key(3)))
+    prefix = everything[first:]
+    token, weight = packed_prediction_index(mx.array(prefix), k, first=first)
+    token, weight = np.array(token), np.array(weight)
+    rows = len({(first + b) // 2 for b in range(batch)})  # one row per pair seen in this slice
+    assert token.shape == weight.shape == (rows * k,)
+    read = [(first + i // k, i % k) for i in token[weight == 1]]
+    assert len(read) == len(set(read))
+    assert set(read) == _loss_positions(prefix, k, first)
+    assert np.all(token[weight == 0] == 0) and set(np.unique(weight)) <= {0.0, 1.0}
+    if first % 2 == 0 and batch % 2 == 0:  # whole pairs only: every row is full
+        assert weight.all()
+
+
+def test_packed_loss_and_gradients_equal_the_full_computation():
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    model = build_model(pretrain_config("aim-nano", head_blocks=2, head_width=32))
+    images = mx.random.normal((3, 32, 32, 3))
+    prefix = sample_paired_prefix_lengths(3, 64, key=mx.random.key(4))
+    token, weight = packed_prediction_index(prefix, 64)
+
+    def full(m):
+        return next_patch_loss(m(images, prefix), images, prefix, 4)
+
+    def packed(m):
+        return packed_next_patch_loss(m(images, prefix, token), images, token, weight, 4)
+
+    loss, grads = nn.value_and_grad(model, full)(model)
+    packed_loss, packed_grads = nn.value_and_grad(model, packed)(model)
+    assert model(images, prefix, token).shape == (2 * 64, 4 * 4 * 3)
+    assert packed_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    for (key, a), (_, b) in zip(tree_flatten(grads), tree_flatten(packed_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=key)
 
 
 def test_pretraining_predictions_do_not_depend_on_future_patches():

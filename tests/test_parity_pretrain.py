@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from release_files import images, max_abs_diff, nhwc
 
 from mlx_aim.models import build_model
-from mlx_aim.objective import next_patch_loss
+from mlx_aim.objective import next_patch_loss, packed_next_patch_loss, packed_prediction_index
 from mlx_aim.reference.torch_aim import (
     AIMForPretrainingTorch,
     AIMv1Torch,
@@ -65,12 +65,14 @@ def _batch(config: dict, width_patches: int | None = None):
     width = size if width_patches is None else width_patches * p
     x = images(3, size, width, seed=5)
     k = (size // p) * (width // p)
-    prefix = torch.tensor([1, k // 2, k - 1])  # plain causal, half, all but the last patch
+    # a pair (plain causal, all but the last patch), then half on its own
+    prefix = torch.tensor([1, k - 1, k // 2])
     return x, prefix, p
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["every-position", "packed"])
 @pytest.mark.parametrize("name", CONFIGS)
-def test_predictions_loss_and_every_gradient_match(name):
+def test_predictions_loss_and_every_gradient_match(name, packed):
     config = CONFIGS[name]
     model, reference = _pair(config)
     x, prefix, p = _batch(config)
@@ -80,7 +82,12 @@ def test_predictions_loss_and_every_gradient_match(name):
 
     images_mx, prefix_mx = nhwc(x), mx.array(prefix.numpy().astype(np.int32))
 
+    token, weight = packed_prediction_index(prefix_mx, pred.shape[1])
+
     def loss_fn(m):
+        if packed:  # the training step's path: the head only where the loss reads
+            predictions = m(images_mx, prefix_mx, token)
+            return packed_next_patch_loss(predictions, images_mx, token, weight, p)
         return next_patch_loss(m(images_mx, prefix_mx), images_mx, prefix_mx, p)
 
     ours, grads = nn.value_and_grad(model, loss_fn)(model)
@@ -100,7 +107,7 @@ def test_predictions_loss_and_every_gradient_match(name):
         worst_rel = max(worst_rel, diff / float(np.abs(g).max()))
         assert diff <= 1e-4, f"{key}: gradient differs by {diff:.2e}"
     print(
-        f"pretrain {name}: max|diff| pred {pred_diff:.1e}, loss rel {loss_rel:.1e}, grads "
+        f"pretrain {name} {'packed' if packed else 'full'}: max|diff| pred {pred_diff:.1e}, loss rel {loss_rel:.1e}, grads "
         f"{worst_abs:.1e} abs / {worst_rel:.1e} of each tensor's largest ({len(grads)} tensors)"
     )
     assert pred_diff <= 1e-4

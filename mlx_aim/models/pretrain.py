@@ -61,7 +61,7 @@ class HeadBlock(nn.Module):
 
 
 class PixelPredictionHead(nn.Module):
-    """Maps trunk tokens (B, K, D) to next-patch pixels (B, K, p*p*C)."""
+    """Maps trunk tokens (..., D) to next-patch pixels (..., p*p*C), each token on its own."""
 
     def __init__(self, dim: int, width: int, num_blocks: int, mlp_ratio: float, out_dim: int):
         super().__init__()
@@ -104,10 +104,17 @@ class Model(nn.Module):
         self.encoder.trunk.checkpoint_blocks = enabled
         self.head.checkpoint_blocks = enabled
 
-    def __call__(self, images: mx.array, prefix_lengths: mx.array) -> mx.array:
+    def __call__(
+        self, images: mx.array, prefix_lengths: mx.array, token_index: mx.array | None = None
+    ) -> mx.array:
+        """Next-patch predictions (B, K, p*p*C), or only at the flat positions ``token_index``
+        (``b * K + k``, e.g. from ``objective.packed_prediction_index``): (M, p*p*C)."""
         tokens = self.encoder.preprocessor(images)
         mask = prefix_causal_mask(prefix_lengths, tokens.shape[1])
         z = self.encoder.trunk(tokens, mask)
         p = self.encoder.args.patch_size
         positions = sincos_pos_embed(images.shape[1] // p, images.shape[2] // p, z.shape[-1])
-        return self.head(z + positions.astype(z.dtype))
+        z = z + positions.astype(z.dtype)
+        if token_index is not None:
+            z = z.reshape(-1, z.shape[-1])[token_index]
+        return self.head(z)

@@ -401,14 +401,22 @@ class AIMForPretrainingTorch(nn.Module):
             proj.out_channels, head_width, head_blocks, head_mlp_ratio, out_dim
         )
 
-    def forward(self, images: torch.Tensor, prefix_lengths: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W), prefix_lengths (B,) -> pred (B, K, p*p*C)."""
+    def forward(
+        self, images: torch.Tensor, prefix_lengths: torch.Tensor, loss_positions: bool = False
+    ) -> torch.Tensor:
+        """images (B, C, H, W), prefix_lengths (B,) -> pred (B, K, p*p*C); with
+        ``loss_positions`` only the predictions the loss reads, (M, p*p*C) in (b, k) order."""
         tokens = self.encoder.preprocessor(images)
-        mask = prefix_causal_mask(prefix_lengths, tokens.shape[1])
+        num_patches = tokens.shape[1]
+        mask = prefix_causal_mask(prefix_lengths, num_patches)
         z = self.encoder.trunk.post_trunk_norm(self.encoder.trunk(tokens, mask)[-1])
         p = self.patch_size
         table = sincos_pos_embed(images.shape[-2] // p, images.shape[-1] // p, z.shape[-1])
-        return self.head(z + table.to(z.device, z.dtype))
+        z = z + table.to(z.device, z.dtype)
+        if loss_positions:
+            k = torch.arange(num_patches, device=z.device)[None]
+            z = z[(k >= prefix_lengths.reshape(-1, 1) - 1) & (k < num_patches - 1)]
+        return self.head(z)
 
 
 def patchify_nchw(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -426,15 +434,21 @@ def aim_pretraining_loss_torch(
     patch_size: int,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """Normalized-pixel next-patch MSE over non-prefix targets (t >= S_b), batch-averaged."""
+    """Normalized-pixel next-patch MSE over non-prefix targets (t >= S_b), batch-averaged.
+
+    ``pred`` is (B, K, p*p*C), or (M, p*p*C) from ``forward(..., loss_positions=True)``.
+    """
     patches = patchify_nchw(images_nchw, patch_size)
     mean = patches.mean(dim=-1, keepdim=True)
     var = patches.var(dim=-1, keepdim=True, unbiased=True)
     target = (patches - mean) / torch.sqrt(var + eps)
     num_patches = target.shape[1]
+    t = torch.arange(1, num_patches, device=target.device)
+    valid = t[None, :] >= prefix_lengths.reshape(-1, 1)
+    if pred.dim() == 2:
+        return ((pred - target[:, 1:][valid]) ** 2).mean()
     err = ((pred[:, : num_patches - 1] - target[:, 1:]) ** 2).mean(dim=-1)
-    t = torch.arange(1, num_patches, device=err.device)
-    valid = (t[None, :] >= prefix_lengths.reshape(-1, 1)).to(err.dtype)
+    valid = valid.to(err.dtype)
     return (err * valid).sum() / valid.sum()
 
 

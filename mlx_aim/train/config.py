@@ -66,7 +66,15 @@ class TrainConfig:
     )
     grad_checkpoint: bool = _opt(
         False,
-        "Recompute each trunk block in the backward pass (less memory, ~30% slower).",
+        "Recompute each trunk and pixel-head block in the backward pass (less memory, ~15% "
+        "slower).",
+        "Model",
+    )
+    paired_prefixes: bool = _opt(
+        True,
+        "Draw prefix lengths in pairs (S, K - S), each uniform on 1..K-1, and run the pixel head "
+        "only where the loss reads: half the head's work, same loss. --no-paired-prefixes draws "
+        "every length independently and predicts every patch.",
         "Model",
     )
     # optimisation

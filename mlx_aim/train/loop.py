@@ -283,6 +283,7 @@ def _train(run: _Run, stop: _StopFlag) -> TrainResult:
         world_size=world.size,
         grad_clip=config.grad_clip,
         compute_dtype=mx.bfloat16 if config.dtype == "bfloat16" else mx.float32,
+        paired_prefixes=config.paired_prefixes,
     )
     previews = (
         Previews(run, val_subset or images.train, evaluation, encoder) if world.is_main else None

@@ -4,6 +4,11 @@ The step is compiled over ``[model.state, optimizer.state, mx.random.state]`` (m
 the prefix lengths are drawn inside it from MLX's global random state and the learning rate
 comes from the optimizer's schedule, so nothing that changes between steps is a Python scalar.
 
+By default the prefix lengths come in antithetic pairs (S, K - S) and the pixel head predicts only
+the patches the loss reads (``objective.packed_prediction_index``): a fixed ceil(B / 2) * K
+predictions per batch instead of B * K, the same loss and gradients. ``paired_prefixes=False``
+draws every length independently and runs the head at every position.
+
 Data parallelism: every process draws the prefix lengths of the whole global batch from the same
 random state and keeps its own slice, and weighs its loss by its share of the global number of
 predicted patches. Averaging the gradients over processes then gives exactly the gradient of the
@@ -25,7 +30,13 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
-from ..objective import next_patch_loss, sample_prefix_lengths
+from ..objective import (
+    next_patch_loss,
+    packed_next_patch_loss,
+    packed_prediction_index,
+    sample_paired_prefix_lengths,
+    sample_prefix_lengths,
+)
 
 
 def _cast(params, dtype: mx.Dtype):
@@ -48,6 +59,7 @@ def make_train_step(
     world_size: int = 1,
     grad_clip: float = 1.0,
     compute_dtype: mx.Dtype = mx.float32,
+    paired_prefixes: bool = True,
 ) -> Callable[[list[mx.array]], tuple[mx.array, mx.array]]:
     """Build ``train_step(micro_batches) -> (loss, grad_norm)``, one optimizer update.
 
@@ -63,16 +75,23 @@ def make_train_step(
     num_patches = encoder.num_patches
     local_batch = global_batch // world_size
     state = [model.state, optimizer.state, mx.random.state]
+    sample = sample_paired_prefix_lengths if paired_prefixes else sample_prefix_lengths
 
     def loss_fn(params, images, prefix, weight):
         model.update(_cast(params, compute_dtype) if compute_dtype != mx.float32 else params)
-        predictions = model(images.astype(compute_dtype), prefix)
-        return next_patch_loss(predictions, images, prefix, patch_size) * weight  # float32 targets
+        inputs = images.astype(compute_dtype)
+        if paired_prefixes:
+            index, valid = packed_prediction_index(prefix, num_patches, first=rank * local_batch)
+            predictions = model(inputs, prefix, index)
+            loss = packed_next_patch_loss(predictions, images, index, valid, patch_size)
+        else:
+            loss = next_patch_loss(model(inputs, prefix), images, prefix, patch_size)
+        return loss * weight  # float32 targets
 
     value_and_grad = mx.value_and_grad(loss_fn)
 
     def micro_step(images, accumulated, update, accum_steps):
-        prefix_all = sample_prefix_lengths(global_batch, num_patches)
+        prefix_all = sample(global_batch, num_patches)
         prefix = prefix_all[rank * local_batch : (rank + 1) * local_batch]
         # this process's share of the predicted patches of the global batch, times world size
         weight = (num_patches - prefix).sum() * world_size / (num_patches - prefix_all).sum()
