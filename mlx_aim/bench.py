@@ -216,6 +216,7 @@ def variants(options: BenchOptions, tasks: tuple[str, ...]) -> list[Variant]:
 
 
 THREAD_VARIABLES = (
+    "MLX_AIM_CPU_STREAMS",
     "OMP_NUM_THREADS",
     "OPENBLAS_NUM_THREADS",
     "MKL_NUM_THREADS",

@@ -228,9 +228,12 @@ def mlx_embed(spec: dict, result: dict) -> None:
     model, _ = _mlx_model(spec, embed=True)
     model.eval()
     images, _ = _mlx_inputs(spec)
-    forward = model.encode if spec["impl"] == "mlx-aim" else model
-    if spec["impl"] == "mlx-aim":
-        forward = mx.compile(forward, inputs=model.state)
+    if spec["impl"] == "mlx-aim":  # what mlx-aim embed runs: compiled, split over CPU streams
+        from mlx_aim.features import BatchRunner
+
+        forward = BatchRunner(model.encode, images.shape[0], model.state)
+    else:
+        forward = model
     mx.eval(model.parameters(), images)
     mx.clear_cache()
     resident = mx.get_active_memory()

@@ -14,6 +14,7 @@ was the faster of the two on the AMD CPUs measured.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import glob
 import importlib.util
@@ -22,6 +23,7 @@ import os
 import re
 import site
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 ENV_VAR = "MLX_AIM_BLAS"
@@ -77,6 +79,32 @@ def enable_fast_blas() -> BlasInfo | None:
         if _state["info"] is not None:
             logger.info("MLX CPU BLAS: %s", _state["info"])
     return _state["info"]
+
+
+# (get, set) thread-count entry points of each library, looked up in the whole process
+_THREAD_CONTROLS = (
+    ("openblas_get_num_threads", "openblas_set_num_threads"),
+    ("MKL_Get_Max_Threads", "MKL_Set_Num_Threads"),
+    ("bli_thread_get_num_threads", "bli_thread_set_num_threads"),
+)
+
+
+@contextlib.contextmanager
+def blas_threads(count: int) -> Iterator[None]:
+    """Run the block with the loaded BLAS limited to ``count`` threads (a no-op when the BLAS has
+    no thread control)."""
+    process = ctypes.CDLL(None)
+    for get_name, set_name in _THREAD_CONTROLS:
+        if hasattr(process, get_name) and hasattr(process, set_name):
+            get, set_ = getattr(process, get_name), getattr(process, set_name)
+            previous = get()
+            set_(ctypes.c_int(max(1, count)))
+            try:
+                yield
+            finally:
+                set_(ctypes.c_int(previous))
+            return
+    yield
 
 
 def _choose() -> BlasInfo | None:

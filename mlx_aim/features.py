@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from PIL import Image
 
+from .cpu_streams import StreamSplit, cpu_stream_count
 from .images import ImageError, open_image, to_rgb
 from .registry import Preprocessing, default_preprocessing
 from .transforms import NativeResolution, Preprocess
@@ -128,8 +130,9 @@ class BatchRunner:
 
     ``fn`` is compiled once (``state``: arrays it reads, e.g. ``model.state``); a short batch is
     zero-padded to ``batch_size`` so the compiled graph keeps its shape, and the padding rows are
-    cut from the result. Every call evaluates its result. With ``compile=False`` (inputs of
-    varying size, e.g. native resolution) nothing is padded.
+    cut from the result. On the CPU a batch is split over CPU streams that run in parallel
+    (``cpu_streams``; ``streams`` overrides the count). Every call evaluates its result. With
+    ``compile=False`` (inputs of varying size, e.g. native resolution) nothing is padded or split.
     """
 
     def __init__(
@@ -138,12 +141,14 @@ class BatchRunner:
         batch_size: int,
         state: Any = None,
         compile: bool = True,
+        streams: int | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
         self.padded = compile
-        self.fn = mx.compile(fn, inputs=state) if compile else fn
+        streams = (cpu_stream_count(batch_size) if streams is None else streams) if compile else 1
+        self.batch_size = math.ceil(batch_size / streams) * streams  # equal chunks
+        self.run = StreamSplit(mx.compile(fn, inputs=state) if compile else fn, streams)
 
     def __call__(self, batch: mx.array | np.ndarray) -> Any:
         batch = batch if isinstance(batch, mx.array) else mx.array(batch)
@@ -153,8 +158,7 @@ class BatchRunner:
         if self.padded and n < self.batch_size:
             pad = mx.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)
             batch = mx.concatenate([batch, pad])
-        out = self.fn(batch)
-        mx.eval(out)
+        out = self.run(batch)
         return tree_map(lambda a: a[:n], out)
 
 
