@@ -348,6 +348,8 @@ def _metrics(raw: dict, batch: int, flops: float | None, peaks: dict) -> dict[st
         )
     if "loss_at_init" in raw:
         out["loss_at_init"] = raw["loss_at_init"]
+    if "cpu_streams" in raw:
+        out["cpu_streams"] = raw["cpu_streams"]
     return out
 
 
@@ -679,6 +681,14 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"| {_fmt(r.get('mlx_bytes_per_image'), '.2e')} | {versus} |"
             )
     lines += ["", _agreement_line(result)]
+    split = [
+        f"{task} {label}: {r['cpu_streams']}"
+        for task, per_impl in result["results"].items()
+        for label, r in per_impl.items()
+        if r.get("cpu_streams", 1) > 1
+    ]
+    if split:
+        lines += ["", f"Batches split over CPU streams ({', '.join(split)}); see cpu_streams.py."]
     source = result.get("source", {})
     if source.get("start") != source.get("end"):
         lines += ["", f"Warning: mlx_aim's sources changed during this run ({source})."]

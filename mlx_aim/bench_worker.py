@@ -232,6 +232,7 @@ def mlx_embed(spec: dict, result: dict) -> None:
         from mlx_aim.features import BatchRunner
 
         forward = BatchRunner(model.encode, images.shape[0], model.state)
+        result["cpu_streams"] = max(1, len(forward.run.streams))
     else:
         forward = model
     mx.eval(model.parameters(), images)

@@ -7,6 +7,9 @@ is 1.3-1.8x faster for inference than one stream with a 2-thread BLAS. Each chun
 get ``cores // streams`` threads. Rows are computed independently, so the results equal one
 stream's up to float rounding (a matmul may round differently for a different number of rows).
 
+Inference uses it (``features.BatchRunner``: embeddings, probe features); the training step does
+not, as its backward pass measured no faster split this way.
+
 ``MLX_AIM_CPU_STREAMS`` sets the number of streams (1: no splitting); the default is the number of
 usable cores, at most 8. GPU backends (Metal, CUDA) always use one stream.
 """
@@ -52,6 +55,16 @@ def cpu_stream_count(batch_size: int) -> int:
     return max(1, min(wanted, batch_size))
 
 
+def new_cpu_streams(count: int) -> list[mx.Stream]:
+    """``count`` new CPU streams, or none for ``count <= 1`` (work stays on the default stream)."""
+    return [mx.new_stream(mx.cpu) for _ in range(count)] if count > 1 else []
+
+
+def blas_threads_per_stream(count: int) -> int:
+    """BLAS threads for each of ``count`` streams running at once: the cores shared out."""
+    return max(1, usable_cores() // max(1, count))
+
+
 class StreamSplit:
     """Apply ``fn`` to a batch as ``streams`` equal chunks, each on a CPU stream of its own.
 
@@ -61,8 +74,7 @@ class StreamSplit:
 
     def __init__(self, fn: Callable[[mx.array], Any], streams: int):
         self.fn = fn
-        self.streams = [mx.new_stream(mx.cpu) for _ in range(streams)] if streams > 1 else []
-        self.blas_threads = max(1, usable_cores() // max(1, streams))
+        self.streams = new_cpu_streams(streams)
 
     def __call__(self, batch: mx.array) -> Any:
         if not self.streams:
@@ -73,7 +85,7 @@ class StreamSplit:
         if size * len(self.streams) != batch.shape[0]:
             raise ValueError(f"batch of {batch.shape[0]} does not split into {len(self.streams)}")
         outs = []
-        with blas_threads(self.blas_threads):
+        with blas_threads(blas_threads_per_stream(len(self.streams))):
             for i, stream in enumerate(self.streams):
                 with mx.stream(stream):
                     outs.append(self.fn(batch[i * size : (i + 1) * size]))

@@ -95,6 +95,14 @@ def test_activation_checkpointing_gives_the_same_updates():
         assert mx.allclose(value, results[1][key], atol=1e-6).item(), key
 
 
+def test_paired_and_independent_prefixes_both_train():
+    x = fixed_batch()
+    for paired in (True, False):
+        model, step = setup(paired_prefixes=paired)
+        losses = [step([x])[0].item() for _ in range(40)]
+        assert losses[-1] < 0.7 * losses[0], (paired, losses[0], losses[-1])
+
+
 def test_bfloat16_computes_in_bf16_but_keeps_float32_masters():
     x = fixed_batch()
     model32, step32 = setup()
