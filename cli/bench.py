@@ -55,7 +55,7 @@ def bench_command(
     threads: int | None = typer.Option(
         None,
         "--threads",
-        help="Threads for every backend (OMP/OpenBLAS/MKL/BLIS variables); default: libraries' own.",
+        help="Threads for every backend (OMP/OpenBLAS/MKL/BLIS variables and MLX_AIM_CPU_STREAMS); default: libraries' own.",
     ),
     timeout: float = typer.Option(1800, "--timeout", help="Seconds allowed per worker process."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the full result as JSON."),
