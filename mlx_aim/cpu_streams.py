@@ -55,9 +55,17 @@ def cpu_stream_count(batch_size: int) -> int:
     return max(1, min(wanted, batch_size))
 
 
-def new_cpu_streams(count: int) -> list[mx.Stream]:
-    """``count`` new CPU streams, or none for ``count <= 1`` (work stays on the default stream)."""
-    return [mx.new_stream(mx.cpu) for _ in range(count)] if count > 1 else []
+_POOL: list[mx.Stream] = []  # shared by every runner: MLX gives each stream a thread for good
+
+
+def pooled_cpu_streams(count: int) -> list[mx.Stream]:
+    """``count`` CPU streams of this process's pool, or none for ``count <= 1`` (work stays on the
+    default stream)."""
+    if count <= 1:
+        return []
+    while len(_POOL) < count:
+        _POOL.append(mx.new_stream(mx.cpu))
+    return _POOL[:count]
 
 
 def blas_threads_per_stream(count: int) -> int:
@@ -74,7 +82,7 @@ class StreamSplit:
 
     def __init__(self, fn: Callable[[mx.array], Any], streams: int):
         self.fn = fn
-        self.streams = new_cpu_streams(streams)
+        self.streams = pooled_cpu_streams(streams)
 
     def __call__(self, batch: mx.array) -> Any:
         if not self.streams:
