@@ -162,6 +162,7 @@ def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tup
     from mlx.utils import tree_flatten
 
     from .models import build_model
+    from .objective import sample_paired_prefix_lengths
 
     mx.random.seed(seed)
     model = build_model(config)
@@ -171,12 +172,9 @@ def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tup
     size, k = enc["image_size"], (enc["image_size"] // enc["patch_size"]) ** 2
     rng = np.random.default_rng(seed)
     images = rng.standard_normal((batch, size, size, enc.get("num_channels", 3)), np.float32)
-    half = rng.integers(1, k, (batch + 1) // 2)
-    prefix = np.stack([half, k - half], axis=1).reshape(-1)[:batch].astype(np.int32)  # pairs
+    prefix = sample_paired_prefix_lengths(batch, k, key=mx.random.key(seed))
     inputs = folder / "inputs.safetensors"
-    mx.save_safetensors(
-        str(inputs), {"images": mx.array(images), "prefix_lengths": mx.array(prefix)}
-    )
+    mx.save_safetensors(str(inputs), {"images": mx.array(images), "prefix_lengths": prefix})
     return weights, inputs
 
 
