@@ -66,8 +66,8 @@ class TrainConfig:
     )
     grad_checkpoint: bool = _opt(
         False,
-        "Recompute each trunk and pixel-head block in the backward pass (less memory, ~15% "
-        "slower).",
+        "Recompute each trunk and pixel-head block in the backward pass (less memory; 1.0-1.5x "
+        "the step time on a CPU).",
         "Model",
     )
     paired_prefixes: bool = _opt(
