@@ -1,4 +1,10 @@
-"""One-line error reporting shared by the sub-commands."""
+"""The one output, error and exit-code path of every ``mlx-aim`` command.
+
+Each command body runs inside :func:`reported_errors`: a :class:`~mlx_aim.errors.MlxAimError`
+(and the few standard errors that mean bad input or output) becomes one ``error: ...`` line on
+stderr and the exit code of the shared table in :mod:`mlx_aim.errors`. Anything else is a bug and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,42 +14,47 @@ from collections.abc import Iterator
 import typer
 from rich.console import Console
 
-from mlx_aim.hub import HubError
-from mlx_aim.models.base import ConfigError
-from mlx_aim.weights import WeightsError
+from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError
+from mlx_aim.io import output_error
 
 err_console = Console(stderr=True)
 
-# Exit codes shared by every command.
-EXIT_OK = 0
-EXIT_BAD_INPUT = 1
+__all__ = ["EXIT_CODES_HELP", "ExitCode", "err_console", "fail", "reported_errors", "warn"]
 
-USER_ERRORS = (
-    ConfigError,
-    WeightsError,
-    HubError,
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    KeyError,
-    ImportError,
-)
+# Standard errors that still reach a command from libraries; they mean bad input.
+_INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError, ImportError)
 
 
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+def warn(message: str) -> None:
+    """Print ``warning: message`` on stderr (one line, shown even with --quiet)."""
+    err_console.print(
+        f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
+    )
+
+
+def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
     err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+    return typer.Exit(int(code))
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn expected user errors (bad files, configs, names) into one line and exit code 1.
-
-    Anything else is a bug and keeps its traceback.
-    """
+def reported_errors() -> Iterator[None]:
+    """Turn user errors into one ``error:`` line and the shared exit code."""
     try:
         yield
-    except USER_ERRORS as e:
+    except MlxAimError as e:
+        raise fail(str(e), e.exit_code) from None
+    except _INPUT_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise fail(str(message)) from None
+    except OSError as e:  # an output that cannot be written (exists, read-only, full)
+        message = str(output_error(e.filename, e)) if e.filename else str(e)
+        raise fail(message, ExitCode.OUTPUT) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", ExitCode.INTERRUPTED) from None
+
+
+# Transitional names for commands not yet moved to reported_errors (removed once all are).
+user_errors = reported_errors
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT

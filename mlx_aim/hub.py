@@ -7,8 +7,10 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from .errors import InputError
 
-class HubError(RuntimeError):
+
+class HubError(InputError):
     """A checkpoint that is neither in the local cache nor downloadable now."""
 
 

@@ -20,6 +20,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .errors import InputError
 from .models import build_model, build_model_args
 from .models.base import ConfigError
 from .registry import Preprocessing
@@ -36,7 +37,7 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """Weights that do not fit a model or a file that is not valid; the message names the cause."""
 
 

@@ -259,8 +259,10 @@ def test_cli_converts_and_reports_errors_in_one_line(tmp_path):
     assert model.args.probe_layers == list(V1_BEST_LAYERS)
     assert model.trunk.blocks[0].attn.qkv.weight.dtype == mx.float16
 
+    code, output = _cli(files["merged"], out)
+    assert code == 3 and output == f"error: {out} already exists (use --force to replace it)\n"
+
     for args, message in [
-        ((files["merged"], out), "already exists (use --force to replace it)"),
         ((tmp_path / "missing.pth", tmp_path / "o2"), "no such file, directory or model name"),
         ((files["last"], tmp_path / "o3"), "not an AIM vision checkpoint"),
         ((files["merged"], tmp_path / "o4", "--arch", "nope"), "unknown model 'nope'"),

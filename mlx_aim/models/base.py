@@ -7,8 +7,10 @@ import types
 import typing
 from typing import Any
 
+from ..errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A model configuration that cannot describe a valid model; the message names the field."""
 
 
