@@ -9,6 +9,8 @@ keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 from collections.abc import Iterator
 
 import typer
@@ -19,7 +21,15 @@ from mlx_aim.io import output_error
 
 err_console = Console(stderr=True)
 
-__all__ = ["EXIT_CODES_HELP", "ExitCode", "err_console", "fail", "reported_errors", "warn"]
+__all__ = [
+    "EXIT_CODES_HELP",
+    "ExitCode",
+    "err_console",
+    "fail",
+    "reported_errors",
+    "warn",
+    "warn_if_slow_blas",
+]
 
 # Standard errors that still reach a command from libraries; they mean bad input.
 _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError, ImportError)
@@ -30,6 +40,24 @@ def warn(message: str) -> None:
     err_console.print(
         f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
     )
+
+
+@functools.cache
+def warn_if_slow_blas() -> None:
+    """Warn (once) when MLX's CPU matmuls run on the reference BLAS of its Linux wheel (~8x slower).
+
+    Call it at the start of a command that computes on the CPU, after ``mlx_aim`` is imported.
+    """
+    import mlx.core as mx
+
+    from mlx_aim.blas import blas_info
+
+    on_linux_cpu = sys.platform.startswith("linux") and mx.default_device().type == mx.cpu
+    if on_linux_cpu and blas_info() is None:
+        warn(
+            "MLX runs its CPU matmuls on the slow reference BLAS of its wheel (about 8x slower); "
+            "fix: sudo apt-get install libopenblas0-pthread (or pip install 'mlx-aim[fast-cpu]')"
+        )
 
 
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
