@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Iterator
 
@@ -73,6 +74,9 @@ def reported_errors() -> Iterator[None]:
         yield
     except MlxAimError as e:
         raise fail(str(e), e.exit_code) from None
+    except BrokenPipeError:  # the reader went away (``mlx-aim models | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(int(ExitCode.OUTPUT)) from None
     except _INPUT_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise fail(str(message)) from None

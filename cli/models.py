@@ -6,7 +6,7 @@ import typer
 
 from .errors import EXIT_CODES_HELP, reported_errors
 
-HEADER = ("name", "aim", "width", "depth", "heads", "patch", "size", "weights")
+HEADER = ("name", "aim", "dim", "depth", "heads", "patch", "px", "weights")
 
 
 def register(app: typer.Typer) -> None:
@@ -50,9 +50,9 @@ def columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 def models_command() -> None:
     """List the named architectures and released checkpoints.
 
-    aim: v1 (AIM) or v2 (AIMv2); width, depth, heads: the trunk; patch and size in pixels;
-    weights: hub (released; --model NAME downloads them from the Hugging Face repo printed at the
-    end) or train (an architecture for mlx-aim train).
+    aim: v1 (AIM) or v2 (AIMv2); dim, depth, heads: the trunk's width, blocks and attention heads;
+    patch and px: patch and image size in pixels; weights: hub (released: --model NAME reads them
+    from the Hugging Face repo named at the end) or train (an architecture for mlx-aim train).
 
     Example: [bold]mlx-aim models[/bold]
     """
