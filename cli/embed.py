@@ -156,7 +156,7 @@ def _embed(
             files, on_error=report, progress=bar("embedding", len(files)), num_workers=workers
         )
     if not result.paths:
-        raise InputError(f"no image could be read ({plural(len(files), 'file')} tried)")
+        raise InputError("none of the files could be read as an image")
     return result
 
 
