@@ -16,9 +16,10 @@ from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError
-from mlx_aim.io import output_error
+from mlx_aim.io import os_reason, output_error
 
 err_console = Console(stderr=True)
 
@@ -39,7 +40,7 @@ _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyEr
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr (one line, shown even with --quiet)."""
     err_console.print(
-        f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
+        f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False, soft_wrap=True
     )
 
 
@@ -63,7 +64,9 @@ def warn_if_slow_blas() -> None:
 
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(
+        f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(int(code))
 
 
@@ -81,7 +84,7 @@ def reported_errors() -> Iterator[None]:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise fail(str(message)) from None
     except OSError as e:  # an output that cannot be written (exists, read-only, full)
-        message = str(output_error(e.filename, e)) if e.filename else str(e)
+        message = str(output_error(e.filename, e)) if e.filename else os_reason(e)
         raise fail(message, ExitCode.OUTPUT) from None
     except KeyboardInterrupt:
         raise fail("interrupted", ExitCode.INTERRUPTED) from None
