@@ -64,14 +64,17 @@ def convert_command(
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
         check_destination(destination, overwrite=force, directory=True)
         with working(f"converting {source}", enabled=not quiet):
-            path = convert(
-                source,
-                destination,
-                head=head,
-                arch=arch,
-                probe_layers=probe_layers,
-                revision=revision,
-                dtype=getattr(mx, dtype) if dtype else None,
-                force=force,
-            )
+            try:
+                path = convert(
+                    source,
+                    destination,
+                    head=head,
+                    arch=arch,
+                    probe_layers=probe_layers,
+                    revision=revision,
+                    dtype=getattr(mx, dtype) if dtype else None,
+                    force=force,
+                )
+            except ValueError as e:  # unreadable metadata in the source (e.g. invalid JSON)
+                raise InputError(f"{source}: {e}") from None
     typer.echo(f"wrote {path}")

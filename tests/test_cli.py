@@ -210,3 +210,13 @@ def test_a_cached_file_is_read_without_a_reachability_check(tmp_path, monkeypatc
     monkeypatch.setattr(hub, "get_hf_file_metadata", lambda *a, **k: pytest.fail("asked"))
     monkeypatch.setattr(hub, "hf_hub_download", lambda *a, **k: cached)
     assert hub.fetch("apple/AIM", "w.pth") == Path(cached)
+
+
+def test_convert_of_a_broken_model_folder_is_one_line(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes((model_dir / "model.safetensors").read_bytes())
+    result = invoke("convert", broken, tmp_path / "out")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {broken}") and result.output.count("\n") == 1
