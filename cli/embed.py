@@ -58,7 +58,15 @@ def _pooling(pool: str, tokens: bool, layers: str | None) -> str:
     return "layers" if layers is not None and pool == "auto" else pool
 
 
-def _check_numbers(dtype: str, quantize: int | None, batch_size: int, workers: int) -> None:
+def _check_options(
+    pool: str, layers: str | None, dtype: str, quantize: int | None, batch_size: int, workers: int
+) -> None:
+    from mlx_aim.embed import POOLS
+
+    if pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
+    if layers is not None and pool != "layers":
+        raise InputError(f"--layers only applies to --pool layers, not --pool {pool}")
     if dtype not in DTYPES:
         raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize is not None and quantize not in (4, 8):
@@ -261,7 +269,7 @@ def embed_command(
 
     with reported_errors():
         pool = _pooling(pool, tokens, layers)
-        _check_numbers(dtype, quantize, batch_size, workers)
+        _check_options(pool, layers, dtype, quantize, batch_size, workers)
         if output is not None:
             _check_output(output, model, force)
         files = _find_files(paths, output, report)

@@ -3,16 +3,19 @@
 import ast
 import errno
 import importlib
+import io
 import os
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
 import typer
+from rich.console import Console
 from typer.testing import CliRunner
 
 import mlx_aim.hub as hub
 from cli import errors as cli_errors
+from cli import progress
 from cli.main import COMMANDS, app
 from cli.models import HEADER
 from cli.progress import plural
@@ -62,6 +65,24 @@ def test_the_readme_documents_the_same_exit_codes():
     section = readme.split("## Exit codes", 1)[1].split("\n## ", 1)[0]
     for code in ("0", "1", "2", "3", "4", "5", "129", "130", "143"):
         assert f"| {code} " in section or f"{code} /" in section or f"/ {code}" in section, code
+
+
+def test_progress_shows_on_a_terminal_only(monkeypatch):
+    terminal = Console(file=io.StringIO(), force_terminal=True, width=80)
+    monkeypatch.setattr(progress, "err_console", terminal)
+    with progress.working("converting x"):
+        pass
+    with progress.progress_bars() as bar:
+        advance = bar("embedding", 2)
+        advance(2)
+    shown = terminal.file.getvalue()
+    assert "converting x" in shown and "embedding" in shown
+
+    pipe = Console(file=io.StringIO())
+    monkeypatch.setattr(progress, "err_console", pipe)
+    with progress.working("converting x"):
+        pass
+    assert pipe.file.getvalue() == ""
 
 
 def test_plural_counts_nouns():
