@@ -90,6 +90,5 @@ def reported_errors() -> Iterator[None]:
         raise fail("interrupted", ExitCode.INTERRUPTED) from None
 
 
-# Transitional names for commands not yet moved to reported_errors (removed once all are).
+# Transitional name for cli/probe.py until it runs in reported_errors (then removed).
 user_errors = reported_errors
-EXIT_BAD_INPUT = ExitCode.BAD_INPUT
