@@ -99,10 +99,10 @@ def bench_command(
         verbose=not quiet,
     )
     with reported_errors():
-        if timeout <= 0 or growth_depth < 1:
-            raise InputError(
-                f"need --timeout > 0 and --growth-depth >= 1, not {timeout} and {growth_depth}"
-            )
+        if timeout <= 0:
+            raise InputError(f"--timeout must be > 0 seconds, not {timeout}")
+        if growth_depth < 1:
+            raise InputError(f"--growth-depth must be >= 1, not {growth_depth}")
         for out in (json_out, markdown_out):
             if out is not None:
                 check_destination(out, overwrite=force)

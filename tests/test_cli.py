@@ -175,7 +175,8 @@ def test_convert_quiet_prints_only_what_it_wrote(model_dir, tmp_path):
     "args, message",
     [
         (["--steps", "0"], "--steps >= 1"),
-        (["--timeout", "0"], "--timeout > 0"),
+        (["--timeout", "0"], "--timeout must be > 0 seconds, not 0.0"),
+        (["--growth-depth", "0"], "--growth-depth must be >= 1, not 0"),
         (["--threads", "0"], "--threads must be >= 1"),
         (["--impls", "numpy"], "unknown implementation"),
     ],
