@@ -13,8 +13,7 @@ from typer.core import TyperCommand
 from mlx_aim.train.config import TrainConfig, config_fields, read_config_file
 from mlx_aim.train.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, TrainError
 
-from .errors import err_console, fail
-from .main import app
+from .errors import EXIT_CODES_HELP, err_console, fail
 
 _SHORT = {"data": "-d", "model": "-m", "output": "-o", "steps": "-n", "batch_size": "-b"}
 
@@ -114,4 +113,8 @@ def train_command(ctx: typer.Context, config_file: Path | None = None, **flags: 
 
 
 train_command.__signature__ = inspect.Signature(_parameters())
-app.command("train", cls=_TrainCommand)(train_command)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``mlx-aim train`` to ``app``."""
+    app.command("train", cls=_TrainCommand, epilog=EXIT_CODES_HELP)(train_command)
