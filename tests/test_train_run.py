@@ -14,15 +14,9 @@ from PIL import Image
 from train_helpers import TINY_PRETRAIN
 
 import mlx_aim
-from mlx_aim.train import (
-    EXIT_NON_FINITE,
-    EXIT_OUTPUT,
-    BadInputError,
-    NonFiniteError,
-    TrainConfig,
-    train,
-)
-from mlx_aim.train.checkpoint import OutputLock
+from mlx_aim.errors import ExitCode, InputError, NonFiniteError
+from mlx_aim.train import TrainConfig, train
+from mlx_aim.train.output import OutputLock
 
 TINY = TINY_PRETRAIN
 
@@ -136,7 +130,7 @@ def test_a_learning_rate_far_too_high_stops_with_the_step_and_keeps_the_checkpoi
     cfg.checkpoint_every = 1
     with pytest.raises(NonFiniteError) as e:
         train(cfg)
-    assert e.value.exit_code == EXIT_NON_FINITE and e.value.step >= 2
+    assert e.value.exit_code == ExitCode.NON_FINITE and e.value.step >= 2
     message = str(e.value)
     assert f"at step {e.value.step}" in message and "--lr" in message
     last = tmp_path / "checkpoints" / f"step-{e.value.step - 1:08d}"
@@ -159,7 +153,7 @@ def test_a_damaged_latest_checkpoint_is_skipped_when_resuming(tmp_path, tiny_mod
 
 def test_resuming_refuses_settings_that_change_the_data_order(tmp_path, tiny_model, images):
     train(config(tmp_path, tiny_model, images, steps=2, preview_every=0))
-    with pytest.raises(BadInputError, match="--batch-size 4, this command has 8"):
+    with pytest.raises(InputError, match="--batch-size 4, this command has 8"):
         train(config(tmp_path, tiny_model, images, steps=4, batch_size=8))
 
 
@@ -169,7 +163,7 @@ def test_a_second_run_on_a_locked_output_exits_3_and_a_stale_lock_is_recovered(
     args = ["-m", tiny_model, "-d", images, "-o", str(tmp_path), "-n", "1", "-b", "4", "--quiet"]
     with OutputLock(tmp_path):
         refused = run_cli(*args)
-    assert refused.returncode == EXIT_OUTPUT
+    assert refused.returncode == ExitCode.OUTPUT
     assert "in use by another training run (pid" in refused.stderr
     assert "Traceback" not in refused.stderr and not (tmp_path / "checkpoints").exists()
 
@@ -185,6 +179,6 @@ def test_a_second_run_on_a_locked_output_exits_3_and_a_stale_lock_is_recovered(
 def test_an_unwritable_output_exits_3_before_training(tmp_path, tiny_model, images):
     (tmp_path / "file").write_text("x")
     result = run_cli("-m", tiny_model, "-d", images, "-o", str(tmp_path / "file" / "run"))
-    assert result.returncode == EXIT_OUTPUT
+    assert result.returncode == ExitCode.OUTPUT
     assert result.stderr.strip().startswith("error: cannot create the output directory")
     assert len(result.stderr.strip().splitlines()) == 1
