@@ -170,7 +170,9 @@ def test_a_failed_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mx, "save_safetensors", disk_full)
-    with pytest.raises(OutputError, match="step-00000002: no space left on the device; the earlier"):
+    with pytest.raises(
+        OutputError, match="step-00000002: no space left on the device; the earlier"
+    ):
         save(tmp_path, 2)
     assert os.listdir(tmp_path / "checkpoints") == ["step-00000001"]
     assert ckpt.CheckpointStore(tmp_path, 3, print).load_latest().step == 1

@@ -41,6 +41,7 @@ class Validation:
         workers: int,
         on_error: Callable[[ImageError], None],
     ):
+        self.subset = subset
         self.num_patches = num_patches
         self.batch = batch
         self.world = world

@@ -144,53 +144,22 @@ def _train(
 
     encoder = model.encoder.args
     loader = _training_loader(config, world, images, preprocessing, encoder, loader_starts, skipped)
-    evaluation = _evaluation_preprocess(preprocessing, encoder)
-    val_subset = fixed_subset(images.val, config.val_images, config.seed)
-    validation = Validation(
-        val_subset,
-        evaluation,
-        encoder.num_patches,
-        config.batch_size // world.size,
-        seed=config.seed,
-        world=world,
-        workers=config.workers,
-        on_error=skipped,
-    )
+    validation, previews = _evaluators(config, world, images, preprocessing, encoder, skipped)
     metrics = MetricsLog(output)
     if world.is_main:
         if start_step:
             metrics.truncate_after(start_step)
         _write_run_file(config, model_config, preprocessing, images, start_step, world)
-        _log_header(config, world, model, images, len(val_subset), start_step, reporter)
+        _log_header(config, world, model, images, len(validation.subset), start_step, reporter)
 
     if mx.metal.is_available():  # keep the model resident on Apple silicon (as mlx-lm does)
         mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
-    train_step = make_train_step(
-        model,
-        optimizer,
-        global_batch=config.batch_size,
-        rank=world.rank,
-        world_size=world.size,
-        grad_clip=config.grad_clip,
-        compute_dtype=mx.bfloat16 if config.dtype == "bfloat16" else mx.float32,
-        paired_prefixes=config.paired_prefixes,
-    )
-    previews = None
-    if world.is_main and config.preview_every:
-        previews = Previews(
-            val_subset or images.train,
-            evaluation,
-            encoder,
-            config.preview_images,
-            output / PREVIEWS,
-            config.model_name,
-        )
     loop = _Loop(
         config,
         world,
         model,
         optimizer,
-        train_step,
+        _compiled_step(config, world, model, optimizer),
         loader,
         start_step,
         validation=validation,
@@ -346,6 +315,54 @@ def _evaluation_preprocess(preprocessing: Preprocessing, encoder) -> Preprocess:
         return Preprocess(size, size, preprocessing.mean, preprocessing.std)
     return Preprocess(
         preprocessing.resize, preprocessing.crop, preprocessing.mean, preprocessing.std
+    )
+
+
+def _evaluators(
+    config: TrainConfig,
+    world: World,
+    images: Images,
+    preprocessing: Preprocessing,
+    encoder,
+    skipped: SkippedFiles,
+) -> tuple[Validation, Previews | None]:
+    """The validation loss on a fixed subset and the previews (rank 0, when asked for)."""
+    evaluation = _evaluation_preprocess(preprocessing, encoder)
+    val_subset = fixed_subset(images.val, config.val_images, config.seed)
+    validation = Validation(
+        val_subset,
+        evaluation,
+        encoder.num_patches,
+        config.batch_size // world.size,
+        seed=config.seed,
+        world=world,
+        workers=config.workers,
+        on_error=skipped,
+    )
+    previews = None
+    if world.is_main and config.preview_every:
+        previews = Previews(
+            val_subset or images.train,
+            evaluation,
+            encoder,
+            config.preview_images,
+            config.output_dir / PREVIEWS,
+            config.model_name,
+        )
+    return validation, previews
+
+
+def _compiled_step(config: TrainConfig, world: World, model: nn.Module, optimizer):
+    """The compiled optimizer step of this rank (``step.make_train_step``)."""
+    return make_train_step(
+        model,
+        optimizer,
+        global_batch=config.batch_size,
+        rank=world.rank,
+        world_size=world.size,
+        grad_clip=config.grad_clip,
+        compute_dtype=mx.bfloat16 if config.dtype == "bfloat16" else mx.float32,
+        paired_prefixes=config.paired_prefixes,
     )
 
 

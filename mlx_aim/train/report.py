@@ -286,6 +286,8 @@ def loss_curve_image(
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
     x1 = max(x1, x0 + 1)
     ticks = log_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    if len(ticks) == 1:  # one loss value: an axis around it
+        ticks = log_ticks(ticks[0] / 2, ticks[0] * 2)
     y0, y1 = math.log(ticks[0]), math.log(ticks[-1])
 
     def xy(step: float, value: float) -> tuple[float, float]:
