@@ -306,7 +306,7 @@ def loss_curve_image(
         draw.line((x, height - bottom, x, height - bottom + 4), fill=_GREY)
         draw.text((x - 12, height - bottom + 6), f"{step:.0f}", fill=_TEXT, font=font)
     draw.text((width // 2 - 12, height - 16), "step", fill=_TEXT, font=font)
-    draw.text((4, top - 14), "loss (log)", fill=_TEXT, font=font)
+    draw.text((4, height - 16), "loss: log scale", fill=_TEXT, font=font)
     for series, colour, label, dy in (
         (train, (31, 119, 180), "train", 0),
         (val, (255, 127, 14), "val", 14),
