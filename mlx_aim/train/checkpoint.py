@@ -309,6 +309,11 @@ def _check_state(state: dict[str, Any]) -> None:
         _ints(p, 2) and min(p) >= 0 for p in positions
     ):
         raise ValueError(f"{STATE_FILE}: 'loaders' must hold an [epoch, cursor] per process")
+    if not isinstance(state.get("loop", {}), dict):
+        raise ValueError(f"{STATE_FILE}: 'loop' must be a JSON object")
+    skipped = state.get("skipped_files", [])
+    if not (isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)):
+        raise ValueError(f"{STATE_FILE}: 'skipped_files' must be a list of paths")
     key = state["random_state"]
     if not (_ints(key, 2) and 0 <= min(key) and max(key) < 2**32):
         raise ValueError(f"{STATE_FILE}: 'random_state' must be two unsigned integers")

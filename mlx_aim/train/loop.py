@@ -175,7 +175,7 @@ def _train(
     elif validation.enabled:
         loop.validate()
     _run_loop(loop, stop, store)
-    return _finish(loop, config, preprocessing, reporter, stop, start_step, started)
+    return _finish(loop, config, preprocessing, reporter, start_step, started)
 
 
 def _on_every_rank(fn: Callable[[], T], world: World) -> T:
@@ -548,7 +548,7 @@ class _Loop:
         self.initial_loss = state.get("initial_loss")
         self.initial_val_loss = state.get("initial_val_loss")
         self.final_loss = state.get("final_loss")
-        self.last_val, self.last_val_step = state.get("last_val", [None, None])
+        self.last_val, self.last_val_step = state.get("last_val") or (None, None)
 
     def validate(self) -> None:
         """The validation loss of the current step, recorded on rank 0."""
@@ -640,7 +640,6 @@ def _finish(
     config: TrainConfig,
     preprocessing: Preprocessing,
     reporter: Reporter,
-    stop: StopSignals,
     start_step: int,
     started: float,
 ) -> TrainResult:

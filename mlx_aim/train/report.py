@@ -140,15 +140,23 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records with a step and a loss (a line cut by a crash or edited away is left out)."""
         if not self.path.exists():
             return []
         records = []
         for line in io.read_text(self.path, max_bytes=2**30).splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
-                continue  # a line cut by a crash
+                continue
+            if isinstance(record, dict) and _is_number(record.get("step")):
+                if _is_number(record.get("loss")):
+                    records.append(record)
         return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---- pictures ---------------------------------------------------------------------------------
