@@ -28,6 +28,7 @@ import mlx.core as mx
 
 from .. import io
 from ..errors import InputError, OutputError
+from .output import remove_leftovers
 
 CHECKPOINTS = "checkpoints"
 INTEGRITY_FILE = "checkpoint.json"
@@ -44,8 +45,9 @@ _STATE_FIELDS = {
     "loaders": list,
 }
 # Test-only fault injection: "kill-in-checkpoint:STEP" sends SIGKILL to this process after the
-# first file of the checkpoint of STEP is written (before the rename); "SIGNAL-after-checkpoint:STEP"
-# (kill, sigint, sigterm, sighup) sends that signal once the checkpoint is complete.
+# first file of the checkpoint of STEP is written (before the rename);
+# "SIGNAL-after-checkpoint:STEP" (kill, sigint, sigterm, sighup) sends that signal once the
+# checkpoint is complete.
 FAULT_ENV = "MLX_AIM_TRAIN_FAULT"
 _FAULT_SIGNALS = {
     "kill": signal.SIGKILL,
@@ -85,28 +87,13 @@ def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
 
 
 def checkpoint_bytes(output: Path) -> int:
-    """Bytes held by the checkpoint folders of ``output`` (a resumed run replaces or prunes them)."""
+    """Bytes held by the checkpoint folders of ``output`` (a resumed run replaces them)."""
     return sum(
         f.stat().st_size
         for _, path in list_checkpoints(output)
         for f in path.iterdir()
         if f.is_file()
     )
-
-
-def remove_leftovers(folder: Path) -> None:
-    """Delete the temporary files and folders of writes cut off by a crash (``io.is_temporary``)."""
-    if folder.is_dir():
-        for path in folder.iterdir():
-            if io.is_temporary(path.name):
-                _remove(path)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _sha256(path: Path) -> str:
@@ -161,7 +148,7 @@ class CheckpointStore:
                     _write_checkpoint(staging, step, arrays, documents)
                     io.replace_directory(staging, final)  # a step written again is replaced
                 finally:
-                    _remove(staging)
+                    shutil.rmtree(staging, ignore_errors=True)
                 _fsync(final.parent)
         except OutputError as e:
             raise OutputError(f"{e}; the earlier checkpoints are intact") from None
@@ -171,7 +158,7 @@ class CheckpointStore:
         return final
 
     def load_latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies; damaged ones are named, removed and skipped.
+        """The newest checkpoint that verifies; damaged ones are named and skipped.
 
         Returns None when there is no checkpoint; raises ``InputError`` when every one is damaged.
         """
@@ -196,7 +183,7 @@ class CheckpointStore:
         return None
 
     def prune(self) -> None:
-        """Keep the newest ``keep`` intact checkpoints; delete older and damaged ones and leftovers."""
+        """Keep the newest ``keep`` intact checkpoints; delete the others and write leftovers."""
         kept = 0
         for _, path in list_checkpoints(self.output):
             if kept < self.keep:

@@ -220,7 +220,7 @@ def _check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _coerce(value: Any, annotation: Any, what: str) -> Any:
-    """``value`` checked against the field's type (``models.base.matches_type``); ints become floats."""
+    """``value`` checked against the field's type (``matches_type``); ints become floats."""
     if isinstance(value, Path):
         value = str(value)
     if not matches_type(value, annotation):

@@ -41,14 +41,13 @@ from .checkpoint import (
     Checkpoint,
     CheckpointStore,
     checkpoint_bytes,
-    remove_leftovers,
 )
 from .config import TrainConfig
 from .distributed import World, agree, broadcast, broadcast_ints, gather_ints, init_world
 from .evaluation import PREVIEWS, Previews, Validation
 from .inputs import Images, SkippedFiles, find_training_images, fixed_subset, resolve_model
 from .optim import build_optimizer, warmup_cosine
-from .output import LOCK_FILE, OutputLock, preflight
+from .output import LOCK_FILE, OutputLock, preflight, remove_leftovers
 from .report import LOG_FILE, METRICS_FILE, MetricsLog, Reporter, loss_curve_image, save_png
 from .resume import DATA_FILE, check_resumable, data_listing, restore, set_random_key
 from .step import make_train_step

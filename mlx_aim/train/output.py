@@ -77,6 +77,21 @@ class OutputLock:
         self.release()
 
 
+def remove_leftovers(folder: Path) -> None:
+    """Delete the temporary files and folders of writes cut off by a crash (``io.is_temporary``).
+
+    Only while holding the lock: a running run's temporary files look the same.
+    """
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if not io.is_temporary(path.name):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
 def _read_holder(path: Path) -> str:
     try:
         info = json.loads(io.read_text(path, max_bytes=4096) or "null")

@@ -251,9 +251,10 @@ def preview_image(
 
 
 def log_ticks(low: float, high: float) -> list[float]:
-    """Round values (1, 2, 5 x 10^k, finer for a narrow range) from at most ``low`` to at least ``high``.
+    """Round tick values of a log-scale axis showing ``[low, high]`` (both > 0).
 
-    The first and last are the limits of a log-scale axis showing ``[low, high]`` (both > 0).
+    1, 2 and 5 x 10^k (every digit for a narrow range, decades for a wide one), from the largest
+    at most ``low`` to the smallest at least ``high``: the first and last are the axis limits.
     """
 
     def ladder(mantissas: Sequence[int]) -> list[float]:

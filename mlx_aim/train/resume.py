@@ -120,7 +120,7 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: optim.Optimizer
 
 
 def set_random_key(key: list[int]) -> None:
-    """Set MLX's global random key (two uint32): ``seed(s)`` makes the key ``(s >> 32, s % 2**32)``."""
+    """Set MLX's global random key (two uint32); ``seed(s)`` makes it ``(s >> 32, s % 2**32)``."""
     mx.random.seed((int(key[0]) << 32) | int(key[1]))
     if np.array(mx.random.state[0]).tolist() != [int(k) for k in key]:
         raise ValueError("this MLX version seeds differently; cannot restore the random state")
