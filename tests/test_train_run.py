@@ -1,5 +1,6 @@
 """End-to-end runs of ``mlx_aim.train.train`` and ``mlx-aim train`` with a tiny model."""
 
+import dataclasses
 import json
 import math
 import os
@@ -241,7 +242,9 @@ def test_a_finished_run_run_again_reports_its_last_losses_and_no_speed(
     line = summary(again)
     assert line.startswith("done: step 6, train loss") and "images/s" not in line
     assert f"validation loss {first.initial_val_loss:.4f} -> {first.val_loss:.4f}" in line
-    assert "1 steps" not in summary(first) and "(6 steps in" in summary(first)
+    assert "(6 steps in" in summary(first)
+    one_step = summary(dataclasses.replace(first, step=1, skipped_files=["a.png"]))
+    assert "(1 step in" in one_step and "1 unreadable file skipped" in one_step
 
 
 def test_resuming_refuses_settings_that_change_the_data_order(tmp_path, tiny_model, images):
