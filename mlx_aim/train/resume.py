@@ -48,7 +48,10 @@ def data_listing(paths: Sequence[Path]) -> dict[str, Any]:
 
 def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """What changed between two listings ("3 added, 1 removed, 2 modified"), or ""."""
-    before = {f[0]: tuple(f[1:]) for f in saved.get("files", []) if _is_entry(f)}
+    entries = saved.get("files")
+    before = (
+        {f[0]: tuple(f[1:]) for f in entries if _is_entry(f)} if isinstance(entries, list) else {}
+    )
     after = {f[0]: tuple(f[1:]) for f in current["files"]}
     counts = (
         (len(after.keys() - before.keys()), "added"),
