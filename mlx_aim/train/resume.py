@@ -35,24 +35,23 @@ _NOT_SETTINGS = ("resume", "output", "allow_data_change", "quiet")
 
 
 def data_listing(paths: Sequence[Path]) -> dict[str, Any]:
-    """The fingerprint of the training files: ``[path, size, mtime_ns]`` of each, sorted."""
+    """The fingerprint of the training files: ``"SIZE MTIME_NS PATH"`` for each, sorted by path.
+
+    One short line per file, so that the copy in every checkpoint stays small.
+    """
     files = []
     for path in sorted(set(map(str, paths))):
         try:
             info = os.stat(path)
-            files.append([path, info.st_size, info.st_mtime_ns])
+            files.append(f"{info.st_size} {info.st_mtime_ns} {path}")
         except OSError:
-            files.append([path, -1, -1])  # gone since it was listed: it changes the fingerprint
+            files.append(f"-1 -1 {path}")  # gone since it was listed: it changes the fingerprint
     return {"files": files}
 
 
 def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
     """What changed between two listings ("3 added, 1 removed, 2 modified"), or ""."""
-    entries = saved.get("files")
-    before = (
-        {f[0]: tuple(f[1:]) for f in entries if _is_entry(f)} if isinstance(entries, list) else {}
-    )
-    after = {f[0]: tuple(f[1:]) for f in current["files"]}
+    before, after = _by_path(saved), _by_path(current)
     counts = (
         (len(after.keys() - before.keys()), "added"),
         (len(before.keys() - after.keys()), "removed"),
@@ -61,8 +60,13 @@ def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
     return ", ".join(f"{n} {what}" for n, what in counts if n)
 
 
-def _is_entry(entry: Any) -> bool:
-    return isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+def _by_path(listing: dict[str, Any]) -> dict[str, str]:
+    """``{path: "SIZE MTIME_NS"}`` of a listing (entries of another shape are left out)."""
+    files = listing.get("files")
+    entries = (
+        [e.split(" ", 2) for e in files if isinstance(e, str)] if isinstance(files, list) else []
+    )
+    return {e[2]: f"{e[0]} {e[1]}" for e in entries if len(e) == 3}
 
 
 def check_resumable(
