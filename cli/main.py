@@ -26,11 +26,11 @@ def models_command() -> None:
 
     table = Table("name", "type", "width", "depth", "heads", "patch", "size", "weights")
     for name, entry in REGISTRY.items():
-        c = entry.config
+        c = entry.config.get("vision", entry.config)  # LiT: its image tower
         weights = entry.checkpoint.repo if entry.checkpoint else "train it yourself"
         table.add_row(
             name,
-            c["model_type"],
+            entry.config["model_type"],
             str(c["embed_dim"]),
             str(c["num_blocks"]),
             str(c["num_heads"]),
