@@ -26,9 +26,7 @@ BPE_FILES = ("vocab.json", "merges.txt")
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 # CLIP's pre-tokenization: special tokens, English contractions, letter runs, single digits and
 # runs of everything else that is not a space.
-CLIP_PATTERN = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
-)
+CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 
 
 def _tokenizers():

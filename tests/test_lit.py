@@ -56,7 +56,9 @@ def ml_aim_state_dict(hf_state: dict) -> dict:
         if key in TOP_KEYS:
             new = TOP_KEYS[key]
             value = value[None] if new.endswith("pos_embed") else value
-        elif key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")) and "head" not in key:
+        elif (
+            key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")) and "head" not in key
+        ):
             if not key.endswith("q_proj.weight"):
                 continue
             stem = key.removesuffix("q_proj.weight")
