@@ -38,10 +38,68 @@ def _summary(path: str, vector) -> str:
     return f"{path}  shape {tuple(values.shape)}  {norm_name} {norm:.4f}  [{shown}, ...]"
 
 
+def _texts(texts: list[str], text_file: Path | None) -> list[str]:
+    """``--text`` values, then the non-empty lines of ``--text-file``."""
+    texts = list(texts)
+    if text_file is not None:
+        try:
+            lines = text_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise fail(f"{text_file}: cannot read the texts ({e})") from None
+        texts += [line for line in lines if line.strip()]
+    if not texts:
+        raise fail("no text to embed")
+    return texts
+
+
+def _embed_texts(
+    texts: list[str],
+    model: str,
+    output: Path | None,
+    normalize: bool,
+    dtype: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """``mlx-aim embed --text``: text embeddings of a LiT model, written as image embeddings are."""
+    import mlx.core as mx
+
+    import mlx_aim
+    from mlx_aim.embed import embed_texts, output_format, save_embeddings
+
+    if dtype not in DTYPES:
+        raise fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    with user_errors():
+        if output is not None:
+            try:
+                output_format(output)
+            except ValueError as e:
+                raise fail(str(e)) from None
+        net = mlx_aim.load(model, dtype=getattr(mx, dtype))
+        try:
+            vectors = embed_texts(net, texts, normalize=normalize)
+        except ValueError as e:
+            raise fail(str(e)) from None
+    for text, vector in zip(texts, vectors, strict=True):
+        if as_json:
+            typer.echo(json.dumps({"text": text, "embedding": vector.tolist()}))
+        elif output is None:
+            typer.echo(_summary(text, vector))
+    if output is not None:
+        with user_errors():
+            written = save_embeddings(output, vectors, texts)
+        if not quiet:
+            err_console.print(
+                f"wrote {len(texts)} text embeddings to {written[-1]}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
 @app.command("embed")
 def embed_command(
-    paths: list[str] = typer.Argument(
-        ...,
+    paths: list[str] | None = typer.Argument(
+        None,
         help="Image files, folders (recursive), glob patterns, .txt path lists, or - to read "
         "paths from standard input.",
         show_default=False,
@@ -82,8 +140,18 @@ def embed_command(
     ),
     workers: int = typer.Option(2, "--workers", help="Image decoding threads."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    text: list[str] | None = typer.Option(
+        None,
+        "--text",
+        help="Embed this text instead of images (repeatable; LiT models). The texts take the "
+        "place of the paths in the output.",
+    ),
+    text_file: Path | None = typer.Option(
+        None, "--text-file", help="Embed each line of this file as a text (LiT models)."
+    ),
 ) -> None:
-    """Embed images and print or save the vectors (in input order, with their paths).
+    """Embed images (or texts, with a LiT model) and print or save the vectors (in input order,
+    with their paths).
 
     Examples:
 
@@ -94,6 +162,8 @@ def embed_command(
       find . -name '*.png' | mlx-aim embed - --model runs/aim-nano -o emb.safetensors
 
       mlx-aim embed 'shots/*.jpg' --model aimv2-large-patch14-native --json > emb.jsonl
+
+      mlx-aim embed --text 'a photo of a cat' --model aimv2-large-patch14-224-lit --normalize
 
     A file that cannot be read is named on stderr with its reason; every other file is embedded.
 
@@ -108,6 +178,14 @@ def embed_command(
     from mlx_aim.images import find_images
     from mlx_aim.probe import resolve_layers
 
+    if text or text_file is not None:
+        if paths:
+            raise fail("give images or --text / --text-file, not both")
+        texts = _texts(text or [], text_file)
+        _embed_texts(texts, model, output, normalize, dtype, as_json, quiet)
+        return
+    if not paths:
+        raise fail("give image paths, or --text / --text-file")
     if tokens:
         pool = "tokens"
     if layers is not None and pool == "auto":

@@ -68,3 +68,7 @@ def main(
 # Sub-commands live in their own modules and register themselves on ``app``.
 for _module in ("convert", "probe", "embed", "bench", "train"):
     __import__(f"cli.{_module}")
+
+from cli import zero_shot as _zero_shot  # noqa: E402
+
+_zero_shot.register(app)

@@ -150,4 +150,20 @@ def load_tokenizer(directory: str | Path, context_length: int = CONTEXT_LENGTH) 
         raise FileNotFoundError(
             f"{directory}: no tokenizer files ({FULL_FILE}, or {' + '.join(BPE_FILES)})"
         )
-    return Tokenizer(backend, context_length, _pad_token(directory))
+    try:
+        return Tokenizer(backend, context_length, _pad_token(directory))
+    except ValueError as e:
+        raise ValueError(f"{directory}: {e}") from None
+
+
+def model_tokenizer(model) -> Tokenizer:
+    """``model.tokenizer``, or an error saying what is missing: the package or the files."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        _tokenizers()  # names the optional package when it is the missing piece
+        raise FileNotFoundError(
+            f"the model has no tokenizer: its folder lacks {FULL_FILE} (or "
+            f"{' + '.join(BPE_FILES)}); load the released LiT model by name, or copy those files "
+            "from its Hugging Face repo beside the weights"
+        )
+    return tokenizer
