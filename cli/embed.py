@@ -38,9 +38,13 @@ def _summary(path: str, vector) -> str:
     return f"{path}  shape {tuple(values.shape)}  {norm_name} {norm:.4f}  [{shown}, ...]"
 
 
-def _texts(texts: list[str], text_file: Path | None) -> list[str]:
+def _texts(paths: list[str] | None, texts: list[str] | None, text_file: Path | None) -> list[str]:
     """``--text`` values, then the non-empty lines of ``--text-file``."""
-    texts = list(texts)
+    if paths:
+        raise fail("give images or --text / --text-file, not both")
+    if not texts and text_file is None:
+        raise fail("give image paths, or --text / --text-file")
+    texts = list(texts or [])
     if text_file is not None:
         try:
             lines = text_file.read_text(encoding="utf-8").splitlines()
@@ -53,7 +57,9 @@ def _texts(texts: list[str], text_file: Path | None) -> list[str]:
 
 
 def _embed_texts(
-    texts: list[str],
+    paths: list[str] | None,
+    text: list[str] | None,
+    text_file: Path | None,
     model: str,
     output: Path | None,
     normalize: bool,
@@ -67,24 +73,25 @@ def _embed_texts(
     import mlx_aim
     from mlx_aim.embed import embed_texts, output_format, save_embeddings
 
+    texts = _texts(paths, text, text_file)
     if dtype not in DTYPES:
         raise fail(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    with user_errors():
+    try:
         if output is not None:
-            try:
-                output_format(output)
-            except ValueError as e:
-                raise fail(str(e)) from None
+            output_format(output)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    with user_errors():
         net = mlx_aim.load(model, dtype=getattr(mx, dtype))
         try:
             vectors = embed_texts(net, texts, normalize=normalize)
         except ValueError as e:
             raise fail(str(e)) from None
-    for text, vector in zip(texts, vectors, strict=True):
+    for string, vector in zip(texts, vectors, strict=True):
         if as_json:
-            typer.echo(json.dumps({"text": text, "embedding": vector.tolist()}))
+            typer.echo(json.dumps({"text": string, "embedding": vector.tolist()}))
         elif output is None:
-            typer.echo(_summary(text, vector))
+            typer.echo(_summary(string, vector))
     if output is not None:
         with user_errors():
             written = save_embeddings(output, vectors, texts)
@@ -178,14 +185,8 @@ def embed_command(
     from mlx_aim.images import find_images
     from mlx_aim.probe import resolve_layers
 
-    if text or text_file is not None:
-        if paths:
-            raise fail("give images or --text / --text-file, not both")
-        texts = _texts(text or [], text_file)
-        _embed_texts(texts, model, output, normalize, dtype, as_json, quiet)
-        return
-    if not paths:
-        raise fail("give image paths, or --text / --text-file")
+    if text or text_file is not None or not paths:
+        return _embed_texts(paths, text, text_file, model, output, normalize, dtype, as_json, quiet)
     if tokens:
         pool = "tokens"
     if layers is not None and pool == "auto":

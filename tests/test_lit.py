@@ -6,10 +6,14 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from clip_vocab import write_clip_vocab
 from parity import assert_parity
+from release_files import replace_registry_entry
 
 import mlx_aim
+import mlx_aim.convert
 from mlx_aim.convert import convert
+from mlx_aim.registry import LIT_NAME, LIT_REVISION
 from mlx_aim.weights import WeightsError
 
 torch = pytest.importorskip("torch")
@@ -222,3 +226,30 @@ def test_registry_entry_is_the_released_architecture():
     assert args.vision_args.embed_dim == 1024 and args.vision_args.num_blocks == 24
     assert model.image_encoder.head.linear.bias.shape == (1024,)
     assert math.isclose(float(model.logit_scale), 1 / 0.07, rel_tol=1e-5)
+
+
+def test_registry_name_reads_the_pinned_release_and_its_tokenizer(tmp_path, monkeypatch):
+    reference = random_hf_lit(tmp_path / "hf")
+    release = write_clip_vocab(tmp_path / "release")
+    state = ml_aim_state_dict(reference.state_dict())
+    safetensors_torch.save_file(state, release / "mlx_model.safetensors")
+    config = mlx_aim.load(tmp_path / "hf").args.to_dict()
+    replace_registry_entry(monkeypatch, LIT_NAME, config)
+    requested = []
+
+    def fetch(repo, filename, revision=None):
+        requested.append((repo, filename, revision))
+        return release / filename
+
+    monkeypatch.setattr(mlx_aim.convert, "fetch", fetch)
+    model = mlx_aim.load(LIT_NAME)
+    assert_matches_reference(model, reference, seed=2)
+    assert model.tokenizer is not None and model.tokenizer.encode("a cat")[0][-1] == (
+        model.tokenizer.eos_id
+    )
+    assert {r[1] for r in requested} == {"mlx_model.safetensors", "vocab.json", "merges.txt"}
+    assert {(r[0], r[2]) for r in requested} == {(f"apple/{LIT_NAME}", LIT_REVISION)}
+
+    convert(LIT_NAME, tmp_path / "out")
+    assert (tmp_path / "out" / "vocab.json").read_bytes() == (release / "vocab.json").read_bytes()
+    assert mlx_aim.load(tmp_path / "out").tokenizer is not None
