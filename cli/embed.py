@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -25,6 +27,25 @@ def _sources(paths: list[str]) -> list[str]:
         else:
             sources.append(source)
     return sources
+
+
+def input_images(paths: list[str]) -> tuple[list[str], list, Callable[[Any], None]]:
+    """The image files of the command-line sources, the skipped ones so far, and the function
+    that names a skipped file on stderr and records it (for the files that fail to decode)."""
+    from mlx_aim.images import find_images
+
+    errors = []
+
+    def report(error) -> None:
+        errors.append(error)
+        err_console.print(f"skipped {error}", highlight=False, soft_wrap=True, markup=False)
+
+    files, find_errors = find_images(_sources(paths))
+    for error in find_errors:
+        report(error)
+    if not files:
+        raise fail("no image files found in the given paths")
+    return files, errors, report
 
 
 def _summary(path: str, vector) -> str:
@@ -182,7 +203,6 @@ def embed_command(
     from mlx_aim.embed import Embedder, output_format, paths_file, save_embeddings
     from mlx_aim.embed import quantize as quantize_model
     from mlx_aim.features import vision_model
-    from mlx_aim.images import find_images
     from mlx_aim.probe import resolve_layers
 
     if text or text_file is not None or not paths:
@@ -203,17 +223,7 @@ def embed_command(
     except ValueError as e:
         raise fail(str(e)) from None
 
-    errors = []
-
-    def report(error) -> None:
-        errors.append(error)
-        err_console.print(f"skipped {error}", highlight=False, soft_wrap=True, markup=False)
-
-    files, find_errors = find_images(_sources(paths))
-    for error in find_errors:
-        report(error)
-    if not files:
-        raise fail("no image files found in the given paths")
+    files, errors, report = input_images(paths)
 
     with user_errors():
         net = mlx_aim.load(model, dtype=getattr(mx, dtype))

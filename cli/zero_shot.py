@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .embed import DTYPES, EXIT_SOME_FAILED, _sources
+from .embed import DTYPES, EXIT_SOME_FAILED, input_images
 from .errors import EXIT_BAD_INPUT, err_console, fail, user_errors
 from .progress import progress_bars
 
@@ -101,7 +101,6 @@ def zero_shot_command(
     import mlx.core as mx
 
     import mlx_aim
-    from mlx_aim.images import find_images
     from mlx_aim.zero_shot import ZeroShotClassifier, prediction_format, save_predictions
 
     if dtype not in DTYPES:
@@ -115,17 +114,7 @@ def zero_shot_command(
         raise fail(str(e)) from None
     label_names, prompts = _labels(labels, labels_file), _templates(template, templates)
 
-    errors = []
-
-    def report(error) -> None:
-        errors.append(error)
-        err_console.print(f"skipped {error}", highlight=False, soft_wrap=True, markup=False)
-
-    files, find_errors = find_images(_sources(paths))
-    for error in find_errors:
-        report(error)
-    if not files:
-        raise fail("no image files found in the given paths")
+    files, errors, report = input_images(paths)
 
     with user_errors():
         net = mlx_aim.load(model, dtype=getattr(mx, dtype))
