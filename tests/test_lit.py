@@ -9,9 +9,11 @@ import pytest
 from clip_vocab import write_clip_vocab
 from parity import assert_parity
 from release_files import replace_registry_entry
+from typer.testing import CliRunner
 
 import mlx_aim
 import mlx_aim.convert
+from cli.main import app
 from mlx_aim.convert import convert
 from mlx_aim.registry import LIT_NAME, LIT_REVISION
 from mlx_aim.weights import WeightsError
@@ -193,7 +195,8 @@ def test_too_many_tokens_is_a_clear_error(tmp_path):
 def test_converted_directory_round_trips(tmp_path):
     random_hf_lit(tmp_path / "hf")
     direct = mlx_aim.load(tmp_path / "hf")
-    convert(tmp_path / "hf", tmp_path / "ours")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "ours")])
+    assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "ours" / "config.json").read_text())["model_type"] == (
         "aim_v2_lit"
     )
