@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from clip_vocab import write_clip_vocab
+from mlx.utils import tree_flatten
 from parity import assert_parity
 from release_files import replace_registry_entry
 from typer.testing import CliRunner
@@ -216,6 +217,20 @@ def test_import_is_strict(tmp_path):
     )
     with pytest.raises(WeightsError, match="text_projector.weight"):
         mlx_aim.load(tmp_path / "hf")
+
+
+def test_registry_architecture_has_the_released_layout():
+    config = transformers.Aimv2Config(
+        vision_config=dict(use_head=True), text_config=dict(), projection_dim=768
+    )
+    with torch.device("meta"):  # shapes only, no weight memory
+        released = ml_aim_state_dict(transformers.Aimv2Model(config).state_dict())
+    expected = {k: tuple(v.shape) for k, v in released.items()}
+    proj = "image_encoder.preprocessor.patchifier.proj.weight"
+    d, c, p, _ = expected[proj]
+    expected[proj] = (d, p, p, c)  # MLX's conv layout
+    model = mlx_aim.build_model(mlx_aim.REGISTRY[LIT_NAME].config)
+    assert {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())} == expected
 
 
 def test_registry_entry_is_the_released_architecture():
