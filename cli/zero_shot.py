@@ -57,7 +57,9 @@ def zero_shot_command(
         None, "--labels-file", help="A text file with one label a line (added to --labels)."
     ),
     template: str | None = typer.Option(
-        None, "--template", help="Prompt with {} for the label [default: 'a photo of a {}.']."
+        None,
+        "--template",
+        help="Prompt with {} standing for the label (default: 'a photo of a {}.').",
     ),
     templates: str | None = typer.Option(
         None,
