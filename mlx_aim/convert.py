@@ -379,7 +379,8 @@ def _hub_files(name: str, revision: str | None, head: str | None) -> tuple[list[
 def _hub_tokenizer(entry: Entry, revision: str | None) -> Path:
     """The folder of a released LiT checkpoint's tokenizer files (cached or downloaded)."""
     ckpt = entry.checkpoint
-    return [fetch(ckpt.repo, f, revision or ckpt.revision) for f in BPE_FILES][0].parent
+    paths = [fetch(ckpt.repo, name, revision or ckpt.revision) for name in BPE_FILES]
+    return paths[0].parent  # every file of one revision lands in its snapshot folder
 
 
 def import_checkpoint(
