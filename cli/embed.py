@@ -150,8 +150,8 @@ def embed_command(
         "auto",
         "--pool",
         help="mean (of final tokens; AIMv2 default), head (the model's attention pool), layers "
-        "(token mean of averaged block outputs; AIMv1 default), tokens (all patch tokens) or "
-        "auto.",
+        "(token mean of averaged block outputs; AIMv1 default), tokens (all patch tokens), "
+        "projection (LiT: the image embedding in the text space; its default) or auto.",
     ),
     tokens: bool = typer.Option(False, "--tokens", help="Shorthand for --pool tokens."),
     layers: str | None = typer.Option(
