@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -238,3 +239,11 @@ def test_lit_image_embeddings_default_to_the_shared_space(lit_dir, images):
     model = mlx_aim.load(lit_dir)
     expected = np.array(model.encode_image(preprocess(model, images)))
     np.testing.assert_allclose(embed_images(model, images), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_missing_tokenizers_package_is_one_line(lit_dir, images, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` fails
+    assert mlx_aim.load(lit_dir).tokenizer is None
+    result = run(["zero-shot", images[0], "-m", lit_dir, "-l", "cat"])
+    assert result.exit_code == 1 and "pip install 'mlx-aim[text]'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
