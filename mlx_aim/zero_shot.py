@@ -8,7 +8,7 @@ Example::
     model = mlx_aim.load("aimv2-large-patch14-224-lit")
     classifier = ZeroShotClassifier(model, ["cat", "dog", "car"])
     probs = classifier(["cat.jpg", "dog.png"])          # (2, 3), rows sum to 1
-    classifier.top_k(probs, k=2)                        # [[("cat", 0.97), ("dog", 0.02)], ...]
+    classifier.top_k(probs, k=2)                        # [[(label, probability), ...], ...]
 
 Each label is embedded through prompt templates (``"a photo of a {}."`` by default, or the 80 CLIP
 ImageNet templates): the unit text embeddings of its prompts are averaged and renormalized, as in
