@@ -40,6 +40,72 @@ def _sources(paths: list[str]) -> list[str]:
     return sources
 
 
+def skip_reporter() -> tuple[list[ImageError], Callable[[ImageError], None]]:
+    """A list of skipped files and the function that names one on stderr and records it."""
+    skipped: list[ImageError] = []
+
+    def report(error: ImageError) -> None:
+        skipped.append(error)
+        err_console.print(f"skipped {error}", highlight=False, soft_wrap=True, markup=False)
+
+    return skipped, report
+
+
+def end_partial(skipped: list[ImageError], quiet: bool) -> None:
+    """Exit 4 (partial) after the outputs are written, when some input files were skipped."""
+    if skipped:
+        if not quiet:
+            err_console.print(f"{plural(len(skipped), 'unreadable file')} skipped", highlight=False)
+        raise typer.Exit(ExitCode.PARTIAL)
+
+
+def _texts(paths: list[str] | None, texts: list[str] | None, text_file: Path | None) -> list[str]:
+    """``--text`` values, then the non-empty lines of ``--text-file``."""
+    from mlx_aim.io import read_text
+
+    if paths:
+        raise InputError("give image paths or --text / --text-file, not both")
+    lines = read_text(text_file).splitlines() if text_file is not None else []
+    texts = [*(texts or []), *(line for line in lines if line.strip())]
+    if not texts:
+        raise InputError("no text to embed (--text or --text-file)")
+    return texts
+
+
+def _embed_texts(
+    texts: list[str],
+    model: str,
+    output: Path | None,
+    normalize: bool,
+    dtype: str,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """``mlx-aim embed --text``: text embeddings of a LiT model, written as image embeddings are."""
+    import mlx.core as mx
+
+    import mlx_aim
+    from mlx_aim.embed import embed_texts, save_embeddings
+
+    with working(f"loading {model}", enabled=not quiet):
+        net = mlx_aim.load(model, dtype=getattr(mx, dtype))
+    vectors = embed_texts(net, texts, normalize=normalize)
+    for string, vector in zip(texts, vectors, strict=True):
+        if as_json:
+            typer.echo(json.dumps({"text": string, "embedding": vector.tolist()}))
+        elif output is None:
+            typer.echo(_summary(string, vector))
+    if output is not None:
+        written = save_embeddings(output, vectors, texts)
+        if not quiet:
+            names = " and ".join(str(f) for f in reversed(written))
+            err_console.print(
+                f"wrote {plural(len(texts), 'text embedding')} to {names}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+
 def _summary(path: str, vector) -> str:
     import numpy as np
 
@@ -96,7 +162,7 @@ def _check_output(output: Path, model: str, force: bool) -> None:
         check_destination(file, overwrite=force)
 
 
-def _find_files(
+def find_files(
     paths: list[str], output: Path | None, report: Callable[[ImageError], None]
 ) -> list[Path]:
     """The image files named by ``paths``; refuses names that ``output`` cannot record."""
@@ -197,8 +263,8 @@ def _print(result: EmbedResult, as_json: bool) -> None:
 
 
 def embed_command(
-    paths: list[str] = typer.Argument(
-        ...,
+    paths: list[str] | None = typer.Argument(
+        None,
         help="Image files, folders (recursive), glob patterns, .txt path lists, or - to read "
         "paths from standard input.",
         show_default=False,
@@ -221,8 +287,8 @@ def embed_command(
         "auto",
         "--pool",
         help="mean (of final tokens; AIMv2 default), head (the model's attention pool), layers "
-        "(token mean of averaged block outputs; AIMv1 default), tokens (all patch tokens) or "
-        "auto.",
+        "(token mean of averaged block outputs; AIMv1 default), tokens (all patch tokens), "
+        "projection (LiT: the image embedding in the text space; its default) or auto.",
     ),
     tokens: bool = typer.Option(False, "--tokens", help="Shorthand for --pool tokens."),
     layers: str | None = typer.Option(
@@ -245,8 +311,18 @@ def embed_command(
     workers: int = typer.Option(2, "--workers", help="Image decoding threads (0: none)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+    text: list[str] | None = typer.Option(
+        None,
+        "--text",
+        help="Embed this text instead of images (repeatable; LiT models). The texts take the "
+        "place of the paths in the output.",
+    ),
+    text_file: Path | None = typer.Option(
+        None, "--text-file", help="Embed each line of this file as a text (LiT models)."
+    ),
 ) -> None:
-    """Embed images and print or save the vectors (in input order, with their paths).
+    """Embed images (or texts, with a LiT model) and print or save the vectors (in input order,
+    with their paths).
 
     Examples:
 
@@ -261,18 +337,21 @@ def embed_command(
     A file that cannot be read is named on stderr with its reason and skipped (exit code 4);
     every other file is embedded and written.
     """
-    skipped: list[ImageError] = []
-
-    def report(error: ImageError) -> None:
-        skipped.append(error)
-        err_console.print(f"skipped {error}", highlight=False, soft_wrap=True, markup=False)
-
+    skipped, report = skip_reporter()
     with reported_errors():
+        if text or text_file is not None:
+            _check_options("auto", None, dtype, None, batch_size, workers)
+            texts = _texts(paths, text, text_file)
+            if output is not None:
+                _check_output(output, model, force)
+            return _embed_texts(texts, model, output, normalize, dtype, as_json, quiet)
+        if not paths:
+            raise InputError("give image paths (or --text / --text-file with a LiT model)")
         pool = _pooling(pool, tokens, layers)
         _check_options(pool, layers, dtype, quantize, batch_size, workers)
         if output is not None:
             _check_output(output, model, force)
-        files = _find_files(paths, output, report)
+        files = find_files(paths, output, report)
         _warn_if_slow(dtype, quantize)
         with working(f"loading {model}", enabled=not quiet):
             embedder = _load_embedder(
@@ -290,7 +369,4 @@ def embed_command(
             _print(result, as_json)
         if output is not None:
             _write(output, result, embedder.pool, quiet)
-    if skipped:
-        if not quiet:
-            err_console.print(f"{plural(len(skipped), 'unreadable file')} skipped", highlight=False)
-        raise typer.Exit(ExitCode.PARTIAL)
+    end_partial(skipped, quiet)

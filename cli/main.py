@@ -23,6 +23,7 @@ COMMANDS = (
     "train",
     "probe",
     "embed",
+    "zero_shot",
     "bench",
 )
 

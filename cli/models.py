@@ -20,7 +20,7 @@ def model_rows() -> list[tuple[str, ...]]:
 
     rows = []
     for name, entry in REGISTRY.items():
-        c = entry.config
+        c = entry.config.get("vision", entry.config)  # LiT: its image tower
         numbers = (
             c["embed_dim"],
             c["num_blocks"],
@@ -28,7 +28,7 @@ def model_rows() -> list[tuple[str, ...]]:
             c["patch_size"],
             c["image_size"],
         )
-        family = c["model_type"].removeprefix("aim_")
+        family = entry.config["model_type"].removeprefix("aim_")
         rows.append((name, family, *map(str, numbers), "hub" if entry.checkpoint else "train"))
     return rows
 

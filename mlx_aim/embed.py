@@ -14,7 +14,11 @@ native-resolution AIMv2 keeps each image's aspect ratio and pads it to whole pat
 Poolings: ``mean`` (mean of the final-norm tokens, the AIMv2 default), ``head`` (the attention
 pool of the model's classifier head), ``layers`` (token mean of the average of chosen raw block
 outputs, the AIMv1 convention, default for AIMv1 trunks), ``tokens`` (all final-norm patch tokens,
-(N, D) per image). ``auto`` picks ``head`` when the model has one, else the family default.
+(N, D) per image), ``projection`` (a LiT model's image embedding, in the space of its text
+embeddings; its default). ``auto`` picks ``projection`` for LiT, ``head`` when the model has one,
+else the family default.
+
+``embed_texts`` embeds strings with a LiT model's text tower and tokenizer.
 """
 
 from __future__ import annotations
@@ -43,8 +47,10 @@ from .features import (
 )
 from .images import ImageError
 from .io import atomic_paths
+from .models.aim_v2_lit import l2_normalize
+from .tokenizer import model_tokenizer
 
-POOLS = ("auto", "mean", "head", "layers", "tokens")
+POOLS = ("auto", "mean", "head", "layers", "tokens", "projection")
 FORMATS = (".npy", ".safetensors", ".jsonl")
 PATHS_SUFFIX = ".paths.txt"
 
@@ -52,7 +58,10 @@ Embeddings = np.ndarray | list[np.ndarray]
 
 
 def default_pool(model: nn.Module) -> str:
-    """``head`` for a model with a classifier head, ``mean`` for AIMv2, ``layers`` for AIMv1."""
+    """``projection`` for LiT, ``head`` for a model with a classifier head, ``mean`` for AIMv2,
+    ``layers`` for AIMv1."""
+    if model.args.model_type == "aim_v2_lit":
+        return "projection"
     trunk = vision_model(model)
     if "head" in trunk:
         return "head"
@@ -69,6 +78,10 @@ def pooling(
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if layers is not None and pool != "layers":
         raise ValueError("layers only apply to the 'layers' pooling")
+    if pool == "projection":
+        if model.args.model_type != "aim_v2_lit":
+            raise ValueError("only LiT models (with a text tower) have the 'projection' pooling")
+        return model.encode_image
     if pool == "head":
         if "head" not in trunk:
             raise ValueError("this model has no classifier head to pool with; use mean or layers")
@@ -239,6 +252,26 @@ def embed_images(
     """Embeddings (B, D) float32 of paths, PIL images, pixel arrays or a preprocessed batch."""
     embedder = Embedder(model, pool=pool, layers=layers, normalize=normalize, batch_size=batch_size)
     return embedder(images)
+
+
+def embed_texts(
+    model: nn.Module, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 64
+) -> np.ndarray:
+    """Text embeddings (N, projection_dim) float32 of strings, from a LiT model's text tower.
+
+    The strings are tokenized with ``model.tokenizer`` (the checkpoint's own tokenizer).
+    """
+    if model.args.model_type != "aim_v2_lit":
+        raise ValueError(
+            f"model type {model.args.model_type!r} has no text tower; use a LiT model "
+            "(aimv2-large-patch14-224-lit)"
+        )
+    tokenizer = model_tokenizer(model)
+    out = [np.zeros((0, model.args.projection_dim), np.float32)]
+    for i in range(0, len(texts), batch_size):
+        vectors = model.encode_text(tokenizer(texts[i : i + batch_size])).astype(mx.float32)
+        out.append(np.asarray(l2_normalize(vectors) if normalize else vectors))
+    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------------------------
