@@ -36,6 +36,7 @@ from typer.testing import CliRunner
 import mlx_aim
 from cli.main import app
 from mlx_aim.convert import convert
+from mlx_aim.errors import OutputError
 from mlx_aim.hub import HubError
 from mlx_aim.models.base import ConfigError
 from mlx_aim.weights import WeightsError, read_safetensors
@@ -107,7 +108,7 @@ def test_convert_refuses_an_existing_destination_unless_forced(tmp_path):
     destination = tmp_path / "out"
     destination.mkdir()
     (destination / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"out already exists \(use --force"):
+    with pytest.raises(OutputError, match=r"out already exists \(use --force"):
         convert(source, destination)
     assert (destination / "keep.txt").read_text() == "mine"
     convert(source, destination, force=True)

@@ -22,7 +22,7 @@ from mlx_aim.data import (
 )
 from mlx_aim.datasets import builtin_dataset
 from mlx_aim.images import find_images
-from mlx_aim.transforms import Preprocess
+from mlx_aim.transforms import Preprocessing
 
 
 def make_images(folder, n: int, bad=()) -> list:
@@ -117,7 +117,7 @@ def test_find_labeled_images_rejects_empty_layouts(tmp_path):
 def test_batches_have_images_labels_paths(tmp_path):
     paths = make_images(tmp_path, 10)
     items = [(p, i % 3) for i, p in enumerate(paths)]
-    loader = ImageLoader(items, Preprocess(8, 8), 4, shuffle=False, epochs=1)
+    loader = ImageLoader(items, Preprocessing(8, 8), 4, shuffle=False, epochs=1)
     batches = list(loader)
     assert len(batches) == len(loader) == 2  # drop_last
     b = batches[0]
@@ -183,7 +183,7 @@ def test_corpus_through_find_images_and_loader(tmp_path):
     paths, errors = find_images(tmp_path)
     reported = []
     options = dict(shuffle=False, drop_last=False, epochs=2, on_error=reported.append)
-    loader = ImageLoader(paths, Preprocess(16, 16), 4, **options)
+    loader = ImageLoader(paths, Preprocessing(16, 16), 4, **options)
     seen = [p for batch in loader for p in batch["paths"]]
     assert seen == [p for p in paths if p in corpus["good"]] * 2
     bad = [e.path for e in errors] + [e.path for e in reported]
@@ -271,7 +271,7 @@ def test_image_modules_do_not_import_mlx():
 
 
 def test_measure_throughput(tmp_path):
-    loader = ImageLoader(make_images(tmp_path, 8), Preprocess(8, 8), 4)
+    loader = ImageLoader(make_images(tmp_path, 8), Preprocessing(8, 8), 4)
     assert measure_throughput(loader, n_batches=3) > 0
 
 

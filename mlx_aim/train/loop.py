@@ -30,8 +30,7 @@ from ..blas import blas_info
 from ..data import ImageLoader
 from ..images import ImageError
 from ..models import build_model
-from ..registry import Preprocessing
-from ..transforms import Preprocess, TrainTransform
+from ..transforms import Preprocessing, TrainTransform
 from ..weights import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -229,11 +228,11 @@ def _train(run: _Run, stop: _StopFlag) -> TrainResult:
         scale=(config.min_crop_scale, 1.0),
         hflip=config.hflip,
     )
-    evaluation = Preprocess(
+    evaluation = Preprocessing(
         preprocessing.resize, preprocessing.crop, preprocessing.mean, preprocessing.std
     )
     if preprocessing.crop != encoder.image_size or preprocessing.native:
-        evaluation = Preprocess(
+        evaluation = Preprocessing(
             encoder.image_size, encoder.image_size, preprocessing.mean, preprocessing.std
         )
     try:
