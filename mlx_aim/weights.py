@@ -21,7 +21,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import InputError
-from .io import FileRefused, atomic_directory, open_regular, read_json, write_json
+from .io import atomic_directory, open_regular, read_json, write_json
 from .io import replace_directory as replace_directory  # re-exported for train.checkpoint
 from .models import build_model, build_model_args
 from .models.base import ConfigError
@@ -113,7 +113,7 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, mx.array], dict[str, s
     """Tensors and metadata of a validated safetensors file."""
     check_safetensors(path)
     try:
-        return mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # mx.load raises plain RuntimeError/ValueError on bad data
         raise WeightsError(f"{path}: cannot read safetensors ({e})") from None
 
@@ -145,11 +145,15 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
             )
         elif floating[key] and not mx.issubdtype(weights[key].dtype, mx.floating):
             problems.append(
-                f"{key}: {weights[key].dtype} values for a floating-point parameter (quantized "
+                f"{key}: {_dtype_name(weights[key].dtype)} values for a floating-point parameter (quantized "
                 "or integer weights are not supported; convert from the float checkpoint)"
             )
     if problems:
         raise WeightsError("weights do not match the model: " + "; ".join(problems[:5]))
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def apply_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype | None = None):
@@ -293,10 +297,9 @@ def read_preprocessing(path: str | Path, config: dict[str, Any]) -> Preprocessin
     file = Path(path) / PREPROCESS_FILE
     if not file.exists() and not file.is_symlink():
         return None
+    spec = read_json(file)
     try:
-        return Preprocessing.from_dict(read_json(file), default_preprocessing(config))
-    except FileRefused:
-        raise
+        return Preprocessing.from_dict(spec, default_preprocessing(config))
     except InputError as e:
         raise InputError(f"{file}: {e}") from None
 

@@ -46,6 +46,7 @@ _REPEATED = (("num_blocks",), ("head_blocks",), ("encoder", "num_blocks"))
 # at about 9 KiB; it matters for configs with very many tiny blocks.
 TENSOR_OVERHEAD_BYTES = 10 * 2**10
 MIN_BYTES_PER_PARAMETER = 2  # bfloat16 / float16, the least any supported dtype needs
+MAX_DIMENSION = 2**31 - 1  # MLX array dimensions are 32-bit
 
 
 def _count(config: dict[str, Any]) -> tuple[int, int]:
@@ -95,11 +96,13 @@ def physical_memory() -> int:
 def check_model_size(config: dict[str, Any]) -> None:
     """Refuse a valid config whose model cannot fit in this machine's memory (ConfigError naming
     the largest field), before anything is allocated."""
+    key, value = max(_int_fields(config), key=lambda item: item[1])
+    if value > MAX_DIMENSION:
+        raise ConfigError(f"field {key!r} = {value} is above the largest size MLX supports")
     params, tensors = estimate_size(config)
     needed = params * MIN_BYTES_PER_PARAMETER + tensors * TENSOR_OVERHEAD_BYTES
     memory = physical_memory()
     if needed > memory:
-        key, value = max(_int_fields(config), key=lambda item: item[1])
         raise ConfigError(
             f"the model has {params:.3g} parameters in {tensors:.3g} tensors, at least "
             f"{needed / 2**30:.3g} GiB: more than this machine's {memory / 2**30:.3g} GiB of "
