@@ -3,6 +3,7 @@
 import ast
 import gc
 import json
+import os
 import random
 import threading
 import time
@@ -176,6 +177,30 @@ def test_bad_files_are_skipped_reported_once_and_batches_filled(tmp_path):
     assert "not an image" in errors[0].reason
     good = ImageLoader(make_images(tmp_path / "good", 8), probe, 3, shuffle=False, epochs=1)
     assert [ids(b) for b in good] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_non_regular_and_huge_files_are_named_once_and_skipped(tmp_path):
+    paths = make_images(tmp_path, 4)
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(40 * 2**30)  # sparse: costs no disk
+    items = [
+        paths[0],
+        tmp_path / "fifo.png",
+        paths[1],
+        tmp_path / "zero.png",
+        tmp_path / "huge.png",
+    ]
+    errors = []
+    loader = ImageLoader([*items, *paths[2:]], probe, 2, shuffle=False, on_error=errors.append)
+    batches = take(loader, 3)  # the second epoch reads each bad file again: reported once
+    assert [ids(b) for b in batches] == [[0, 1], [2, 3], [0, 1]]
+    assert [(e.path.name, e.reason) for e in errors] == [
+        ("fifo.png", "not a regular file (a FIFO)"),
+        ("zero.png", "not a regular file (a character device)"),
+        ("huge.png", "too large: 40960 MiB, above the 1024 MiB limit"),
+    ]
 
 
 def test_corpus_through_find_images_and_loader(tmp_path):
