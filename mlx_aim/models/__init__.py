@@ -22,7 +22,14 @@ def _module(model_type: Any):
 
 
 def build_model_args(config: dict[str, Any]) -> BaseModelArgs:
-    """Validated ``ModelArgs`` of the config's ``model_type``."""
+    """Validated ``ModelArgs`` of the config's ``model_type``; a model that cannot fit in this
+    machine's memory is refused too (see :func:`check_model_size`)."""
+    args = _parse(config)
+    check_model_size(config)
+    return args
+
+
+def _parse(config: dict[str, Any]) -> BaseModelArgs:
     if not isinstance(config, dict):
         raise ConfigError(f"config must be a JSON object, got {type(config).__name__}")
     return _module(config.get("model_type")).ModelArgs.from_dict(config)
@@ -36,7 +43,6 @@ def get_model_class(model_type: str):
 def build_model(config: dict[str, Any]):
     """A randomly initialised model for a config dict (refused if it cannot fit in memory)."""
     args = build_model_args(config)
-    check_model_size(config)
     return get_model_class(args.model_type)(args)
 
 
@@ -51,7 +57,7 @@ MAX_DIMENSION = 2**31 - 1  # MLX array dimensions are 32-bit
 
 def _count(config: dict[str, Any]) -> tuple[int, int]:
     """(parameters, tensors) of a model built lazily: no parameter memory is allocated."""
-    args = build_model_args(config)
+    args = _parse(config)
     params = tree_flatten(get_model_class(args.model_type)(args).parameters())
     return sum(v.size for _, v in params), len(params)
 
