@@ -320,3 +320,15 @@ def test_a_truncated_safetensors_header_is_refused(tmp_path):
     path.write_bytes(struct.pack("<Q", 10**6) + b"{}")
     with pytest.raises(WeightsError, match="not a safetensors file"):
         mlx_aim.load(path)
+
+
+def test_an_invalid_source_config_is_one_line(tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{'hidden_size': 16}")
+    mx.save_safetensors(
+        str(folder / "model.safetensors"), {"embeddings.rms_norm.weight": mx.ones(4)}
+    )
+    with pytest.raises(InputError) as error:
+        convert(folder, tmp_path / "out")
+    assert one_line(error).startswith(f"{folder / 'config.json'}: invalid JSON (Expecting property")
