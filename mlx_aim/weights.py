@@ -144,16 +144,13 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
                 f"{key}: checkpoint shape {tuple(weights[key].shape)} != model shape {expected[key]}"
             )
         elif floating[key] and not mx.issubdtype(weights[key].dtype, mx.floating):
+            dtype = str(weights[key].dtype).removeprefix("mlx.core.")
             problems.append(
-                f"{key}: {_dtype_name(weights[key].dtype)} values for a floating-point parameter (quantized "
-                "or integer weights are not supported; convert from the float checkpoint)"
+                f"{key}: {dtype} values for a floating-point parameter (quantized or integer "
+                "weights are not supported; convert from the float checkpoint)"
             )
     if problems:
         raise WeightsError("weights do not match the model: " + "; ".join(problems[:5]))
-
-
-def _dtype_name(dtype: mx.Dtype) -> str:
-    return str(dtype).removeprefix("mlx.core.")
 
 
 def apply_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtype | None = None):
