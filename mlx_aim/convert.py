@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .errors import InputError
 from .hub import fetch
 from .io import check_destination, check_regular_file, read_json
 from .models import build_model
@@ -344,7 +345,7 @@ def import_checkpoint(
             )
         raise WeightsError(f"{name}: unknown hub repo; download it and pass the directory")
     if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file, directory or model name")
+        raise InputError(f"{source}: no such file, directory or model name")
     hf_config = None
     if path.is_dir():
         if (path / CONFIG_FILE).exists():
