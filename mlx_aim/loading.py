@@ -104,6 +104,19 @@ def _run_preprocessing(run: Path, encoder: dict[str, Any]) -> Preprocessing:
         raise InputError(f"{run / RUN_FILE}: {e}") from None
 
 
+def _refuse_unexported_run(path: Path) -> None:
+    """A training run whose trunk is not exported yet (still running, or stopped): name the
+    checkpoint to load instead."""
+    from .train.checkpoint import list_checkpoints
+
+    found = list_checkpoints(path)
+    if found and not (path / CONFIG_FILE).exists():
+        raise InputError(
+            f"{path}: a training run with no exported model yet (it is written when the run "
+            f"ends); load one of its checkpoints instead, e.g. {found[0][1]}"
+        )
+
+
 def load(
     path_or_name: str | Path,
     *,
@@ -126,6 +139,8 @@ def load(
     Weights are read, checked (shapes, dtypes, finite values) and evaluated.
     """
     source = Path(path_or_name).expanduser()
+    if source.is_dir():
+        _refuse_unexported_run(source)
     if source.is_dir() and _is_training_checkpoint(source):
         model = load_training_checkpoint(source, dtype)
     elif source.is_dir() and _is_mlx_aim_dir(source):

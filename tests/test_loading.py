@@ -257,6 +257,14 @@ def test_a_training_checkpoint_loads_as_its_trunk(tmp_path):
     np.testing.assert_array_equal(model(x), pretrain.encoder(x))
 
 
+def test_a_run_without_its_exported_model_names_its_latest_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _training_checkpoint(run, step=10)
+    latest, _ = _training_checkpoint(run, step=20)
+    with pytest.raises(InputError, match=f"no exported model yet .* e.g. {latest}$"):
+        mlx_aim.load(run)
+
+
 def test_a_damaged_training_checkpoint_is_refused(tmp_path):
     path, _ = _training_checkpoint(tmp_path / "run")
     weights = path / "model.safetensors"
