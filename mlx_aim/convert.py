@@ -55,6 +55,9 @@ TRANSFORMERS_RENAMES = [
     (r"^encoder\.layers\.(\d+)\.rms_norm1\.", r"trunk.blocks.\1.norm_1."),
     (r"^encoder\.layers\.(\d+)\.rms_norm2\.", r"trunk.blocks.\1.norm_2."),
     (r"^rms_norm\.", "trunk.post_trunk_norm."),
+    (r"^head\.cls_token$", "pooling_head.cls_token"),
+    (r"^head\.([kv])_proj\.", r"pooling_head.\1."),
+    (r"^head\.output_proj\.", "pooling_head.linear."),
 ]
 
 
@@ -105,14 +108,8 @@ def read_pth(path: str | Path) -> dict[str, mx.array]:
 
 
 def from_transformers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Map transformers ``Aimv2VisionModel`` keys to ml-aim keys (q/k/v fused into qkv)."""
-    head = sorted(k for k in weights if k.startswith("head."))
-    if head:
-        raise WeightsError(
-            f"has the attention-pooling head of Aimv2VisionModel(use_head=True) ({', '.join(head)}), "
-            "which mlx-aim does not implement; save the encoder alone and convert that: "
-            "Aimv2VisionModel.from_pretrained(SRC, use_head=False).save_pretrained(DST)"
-        )
+    """Map transformers ``Aimv2VisionModel`` keys to ml-aim keys (q/k/v fused into qkv; the
+    attention-pooling head of ``use_head=True`` becomes ``pooling_head``)."""
     out: dict[str, mx.array] = {}
     qkv: dict[str, dict[str, mx.array]] = {}
     for key, value in weights.items():
@@ -271,6 +268,8 @@ def _interpret(
             dict(get_entry(arch).config) if arch is not None else _transformers_config(hf_config)
         )
         weights = from_transformers(weights)
+        if any(k.startswith("pooling_head.") for k in weights):
+            config["pooling_head"] = True
     else:
         config = infer_config(weights, arch)
     if probe_layers is None and any("head_best_layers" in f.name for f in files):

@@ -305,24 +305,6 @@ def test_torch_user_warnings_do_not_reach_the_user(tmp_path, monkeypatch):
     assert caught == []
 
 
-def test_transformers_pooling_head_is_refused_with_what_to_do(tmp_path):
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    hf_config = {"model_type": "aimv2_vision_model", "hidden_size": 16, "num_hidden_layers": 1,
-                 "num_attention_heads": 2, "intermediate_size": 24, "image_size": 28,
-                 "patch_size": 14}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(hf_config))
-    tensors = {
-        "embeddings.patch_embed.weight": mx.zeros((16, 3, 14, 14)),
-        "head.cls_token": mx.zeros((1, 1, 16)),
-        "head.k_proj.weight": mx.zeros((16, 16)),
-    }
-    mx.save_safetensors(str(folder / "model.safetensors"), tensors)
-    with pytest.raises(WeightsError, match=r"use_head=False\).save_pretrained") as error:
-        convert(folder, tmp_path / "out")
-    assert "head.cls_token, head.k_proj.weight" in one_line(error)
-
-
 def test_a_truncated_safetensors_header_is_refused(tmp_path):
     path = tmp_path / "w.safetensors"
     path.write_bytes(struct.pack("<Q", 10**6) + b"{}")
