@@ -72,7 +72,7 @@ def load_training_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) ->
     try:
         model = build_model(encoder)
     except ConfigError as e:
-        raise ConfigError(f"{path / 'state.json'}: encoder: {e}") from None
+        raise ConfigError(f"{path / STATE_FILE}: encoder: {e}") from None
     tensors = read_safetensors(path / WEIGHTS_FILE)[0]
     trunk = {
         k[len(ENCODER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(ENCODER_PREFIX)
