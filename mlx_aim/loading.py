@@ -43,11 +43,11 @@ def _is_mlx_aim_dir(path: Path) -> bool:
 
 def _is_training_checkpoint(path: Path) -> bool:
     """A checkpoint folder written by ``mlx-aim train`` (``checkpoints/step-N``)."""
+    if (path / CONFIG_FILE).exists():
+        return False
     from .train.checkpoint import INTEGRITY_FILE, STATE_FILE
 
-    return not (path / CONFIG_FILE).exists() and all(
-        (path / name).exists() for name in (INTEGRITY_FILE, STATE_FILE, WEIGHTS_FILE)
-    )
+    return all((path / name).exists() for name in (INTEGRITY_FILE, STATE_FILE, WEIGHTS_FILE))
 
 
 def load_training_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) -> nn.Module:
@@ -107,10 +107,12 @@ def _run_preprocessing(run: Path, encoder: dict[str, Any]) -> Preprocessing:
 def _refuse_unexported_run(path: Path) -> None:
     """A training run whose trunk is not exported yet (still running, or stopped): name the
     checkpoint to load instead."""
+    if (path / CONFIG_FILE).exists():
+        return
     from .train.checkpoint import list_checkpoints
 
     found = list_checkpoints(path)
-    if found and not (path / CONFIG_FILE).exists():
+    if found:
         raise InputError(
             f"{path}: a training run with no exported model yet (it is written when the run "
             f"ends); load one of its checkpoints instead, e.g. {found[0][1]}"
