@@ -10,8 +10,9 @@ enable_fast_blas()  # must run before anything imports mlx.core (see blas.py)
 
 from .loading import load  # noqa: E402
 from .models import build_model  # noqa: E402
-from .registry import REGISTRY, Preprocessing  # noqa: E402
+from .registry import REGISTRY  # noqa: E402
 from .tokenizer import load_tokenizer  # noqa: E402
+from .transforms import Preprocessing  # noqa: E402
 from .weights import save_model  # noqa: E402
 
 __version__ = "0.1.0"

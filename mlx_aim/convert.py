@@ -17,9 +17,9 @@ filled with the right shape (checked by ``weights.check_weights`` when the model
 
 from __future__ import annotations
 
-import json
 import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,27 +28,32 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .errors import InputError
 from .hub import fetch
+from .io import check_destination, check_regular_file, read_json
 from .models import build_model
 from .models.base import ConfigError
 from .registry import (
     LIT_NAME,
     REGISTRY,
     Entry,
-    Preprocessing,
     aim_v2_preprocessing,
     default_preprocessing,
     get_entry,
 )
 from .tokenizer import BPE_FILES, copy_tokenizer_files, has_tokenizer
+from .transforms import Preprocessing
 from .weights import (
     CONFIG_FILE,
     INDEX_FILE,
     WEIGHTS_FILE,
     WeightsError,
     apply_weights,
+    check_finite,
+    is_safetensors,
     read_safetensors,
     save_model,
+    weight_files,
 )
 
 TRANSFORMERS_RENAMES = [
@@ -61,6 +66,9 @@ TRANSFORMERS_RENAMES = [
     (r"^encoder\.layers\.(\d+)\.rms_norm1\.", r"trunk.blocks.\1.norm_1."),
     (r"^encoder\.layers\.(\d+)\.rms_norm2\.", r"trunk.blocks.\1.norm_2."),
     (r"^rms_norm\.", "trunk.post_trunk_norm."),
+    (r"^head\.cls_token$", "pooling_head.cls_token"),
+    (r"^head\.([kv])_proj\.", r"pooling_head.\1."),
+    (r"^head\.output_proj\.", "pooling_head.linear."),
 ]
 
 # transformers ``Aimv2Model`` keys outside the two trunks -> ml-aim ``AIMv2LiT`` keys.
@@ -103,8 +111,11 @@ def read_pth(path: str | Path) -> dict[str, mx.array]:
             f"{path}: reading .pth files needs PyTorch (pip install 'mlx-aim[torch]'); "
             "safetensors sources need no torch"
         ) from None
+    check_regular_file(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's UserWarnings on load are not for our users
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused an object, a callable or an opcode
         found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(e))
         raise WeightsError(
@@ -122,11 +133,15 @@ def read_pth(path: str | Path) -> dict[str, mx.array]:
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: not a state dict of tensors")
-    return {k: mx.array(v.detach().to(torch.float32).numpy()) for k, v in state.items()}
+    return {
+        k: mx.array((v.detach().float() if v.is_floating_point() else v.detach()).numpy())
+        for k, v in state.items()
+    }
 
 
 def from_transformers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-    """Map transformers ``Aimv2VisionModel`` keys to ml-aim keys (q/k/v fused into qkv)."""
+    """Map transformers ``Aimv2VisionModel`` keys to ml-aim keys (q/k/v fused into qkv; the
+    attention-pooling head of ``use_head=True`` becomes ``pooling_head``)."""
     out: dict[str, mx.array] = {}
     qkv: dict[str, dict[str, mx.array]] = {}
     for key, value in weights.items():
@@ -294,11 +309,13 @@ def _entry_for(config: dict[str, Any]) -> Entry | None:
 
 
 def _read_weight_files(files: list[Path]) -> dict[str, mx.array]:
+    """Tensors of safetensors and PyTorch files, told apart by their content, not their name."""
     weights: dict[str, mx.array] = {}
     for file in files:
-        tensors = read_pth(file) if file.suffix in (".pth", ".pt", ".bin") else None
-        if tensors is None:
+        if is_safetensors(file) or file.suffix not in (".pth", ".pt", ".bin"):
             tensors = read_safetensors(file)[0]
+        else:
+            tensors = read_pth(file)
         overlap = set(weights) & set(tensors)
         if overlap:
             raise WeightsError(
@@ -340,6 +357,8 @@ def _interpret(
             dict(get_entry(arch).config) if arch is not None else _transformers_config(hf_config)
         )
         weights = from_transformers(weights)
+        if any(k.startswith("pooling_head.") for k in weights):
+            config["pooling_head"] = True
     else:
         config = infer_config(weights, arch)
     if probe_layers is None and any("head_best_layers" in f.name for f in files):
@@ -423,14 +442,13 @@ def import_checkpoint(
             )
         raise WeightsError(f"{name}: unknown hub repo; download it and pass the directory")
     if not path.exists():
-        raise FileNotFoundError(f"{source}: no such file, directory or model name")
+        raise InputError(f"{source}: no such file, directory or model name")
     hf_config = None
     if path.is_dir():
         if (path / CONFIG_FILE).exists():
-            hf_config = json.loads((path / CONFIG_FILE).read_text())
+            hf_config = _read_config(path / CONFIG_FILE)
         if (path / INDEX_FILE).exists():
-            index = json.loads((path / INDEX_FILE).read_text())
-            files = [path / f for f in sorted(set(index["weight_map"].values()))]
+            files = sorted(set(weight_files(path).values()))
         else:
             candidates = [WEIGHTS_FILE, "mlx_model.safetensors", "pytorch_model.bin"]
             found = [path / c for c in candidates if (path / c).exists()]
@@ -440,7 +458,7 @@ def import_checkpoint(
     else:
         files = [path]
         if (path.parent / CONFIG_FILE).exists() and path.suffix == ".safetensors":
-            hf_config = json.loads((path.parent / CONFIG_FILE).read_text())
+            hf_config = _read_config(path.parent / CONFIG_FILE)
     if head is not None:
         files.append(Path(head).expanduser())
     if hf_config is not None and hf_config.get("model_type") in ("aim_v1", "aim_v2"):
@@ -452,15 +470,24 @@ def import_checkpoint(
     return imported
 
 
+def _read_config(file: Path) -> dict[str, Any]:
+    config = read_json(file)
+    if not isinstance(config, dict):
+        raise ConfigError(f"{file}: a model config must be a JSON object")
+    return config
+
+
 def build_imported(
     imported: ImportedCheckpoint, source: str | Path, dtype: mx.Dtype | None = None
 ) -> nn.Module:
-    """The model of an imported checkpoint with its weights in place; errors name ``source``."""
+    """The model of an imported checkpoint with its weights in place, checked to be finite and
+    evaluated; errors name ``source``."""
     model = build_model(imported.config)
     try:
         apply_weights(model, imported.weights, dtype)
     except WeightsError as e:
         raise WeightsError(f"{source}: {e}") from None
+    check_finite(model, lambda key: source)
     return model
 
 
@@ -477,9 +504,7 @@ def convert(
 ) -> Path:
     """Import ``source`` and write it to ``destination`` in mlx-aim's format (refuses to overwrite
     unless ``force``)."""
-    destination = Path(destination)
-    if destination.exists() and not force:
-        raise FileExistsError(f"{destination} already exists (use --force to replace it)")
+    destination = check_destination(destination, overwrite=force, directory=True)
     imported = import_checkpoint(
         source, head=head, arch=arch, probe_layers=probe_layers, revision=revision
     )

@@ -130,7 +130,7 @@ class ImageLoader:
     Each batch is ``{"images": float32 (B, H, W, C), "paths": [Path], "indices": int64 (B,)}``
     plus ``"labels": int32 (B,)`` when items are ``(path, label)`` pairs or ``labels`` is given.
     ``transform(img, rng)`` receives an RGB ``PIL.Image`` and a ``numpy.random.Generator``
-    (``Preprocess`` and the other deterministic transforms ignore ``rng``).
+    (``Preprocessing`` and the other deterministic transforms ignore ``rng``).
 
     ``epochs`` is the total number of epochs (counted from 0, also when resuming); ``None``
     iterates forever (training). For evaluation use ``shuffle=False, drop_last=False,

@@ -12,16 +12,15 @@ per-patch-normalised pixel targets are not trivially flat.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .errors import InputError
 from .images import PathLike
+from .io import atomic_directory, read_json, write_json
 
 DATASETS = ("digits",)
 DIGITS_SIZE = 32
@@ -40,37 +39,24 @@ def builtin_dataset(name: str = "digits", root: PathLike | None = None) -> Path:
 
     The folder is ``<root or cache_dir()>/<name>`` with ``train/<class>/*.png`` and
     ``val/<class>/*.png`` (readable by ``find_labeled_images``) and a ``dataset.json``
-    description. It is built in a temporary folder and renamed into place, so an interrupted
+    description. It is built in a hidden staging folder and swapped in whole, so an interrupted
     run never leaves a partial dataset.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown built-in dataset {name!r}; available: {', '.join(DATASETS)}")
-    parent = Path(root).expanduser() if root is not None else cache_dir()
-    target = parent / name
-    if _is_complete(target):
-        return target
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    try:
-        _write_digits(tmp)
-        if target.exists() and not _is_complete(target):  # an older format: replace it
-            shutil.rmtree(target)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_complete(target):  # not another process finishing first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    target = (Path(root).expanduser() if root is not None else cache_dir()) / name
+    if not _is_complete(target):  # absent, or an older format: (re)build it
+        with atomic_directory(target, overwrite=True) as staging:
+            _write_digits(staging)
     return target
 
 
 def _is_complete(folder: Path) -> bool:
     try:
-        info = json.loads((folder / "dataset.json").read_text())
-    except (OSError, ValueError):
+        info = read_json(folder / "dataset.json")
+    except InputError:
         return False
-    return info.get("format_version") == _FORMAT_VERSION
+    return isinstance(info, dict) and info.get("format_version") == _FORMAT_VERSION
 
 
 def _write_digits(folder: Path) -> None:
@@ -98,4 +84,4 @@ def _write_digits(folder: Path) -> None:
             "UCI Machine Learning Repository, 1998 (scikit-learn load_digits)"
         ),
     }
-    (folder / "dataset.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_json(folder / "dataset.json", info)

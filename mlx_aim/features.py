@@ -29,8 +29,8 @@ from PIL import Image
 
 from .cpu_streams import StreamSplit, cpu_stream_count
 from .images import ImageError, open_image, to_rgb
-from .registry import Preprocessing, default_preprocessing
-from .transforms import NativeResolution, Preprocess
+from .registry import default_preprocessing
+from .transforms import NativeResolution, Preprocessing
 
 # AIMv2-native accepts 112 to 4096 patches; larger images are downscaled to fit.
 NATIVE_MAX_PATCHES = 4096
@@ -64,11 +64,11 @@ def image_transform(model: nn.Module) -> Callable[..., np.ndarray]:
     return crop_transform(prep, args.model_type)
 
 
-def crop_transform(prep: Preprocessing, model_type: str) -> Preprocess:
+def crop_transform(prep: Preprocessing, model_type: str) -> Preprocessing:
     """Resize + centre-crop + normalize with the crop rounding of the family's reference pipeline
     (torchvision's for AIMv1, Hugging Face's for AIMv2)."""
     offsets = "floor" if model_type == "aim_v2" else "round"
-    return Preprocess(prep.resize, prep.crop, prep.mean, prep.std, prep.interpolation, offsets)
+    return Preprocessing(prep.resize, prep.crop, prep.mean, prep.std, prep.interpolation, offsets)
 
 
 def as_pil(image: ImageLike) -> Image.Image:

@@ -27,8 +27,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import InputError
+from .io import FileRefused, check_regular_file, open_regular, read_text
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MIN_SIDE = 1  # 1x1 images are accepted: the transforms handle them (a flat colour patch).
+# No image under Pillow's decompression-bomb limit is larger: 89.5 Mpx at 8 bytes a pixel
+# (16-bit RGBA, uncompressed) is 716 MB. Larger files are refused before a byte is read.
+MAX_IMAGE_BYTES = 2**30
+MAX_LIST_BYTES = 256 * 2**20  # a .txt path list (a million long paths)
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as browsers show them
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 _GLOB_CHARS = frozenset("*?[")
@@ -130,19 +137,18 @@ def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """The bytes of a regular file of at most ``MAX_IMAGE_BYTES`` (checked before reading)."""
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(path, _missing_reason(path)) from None
-    except PermissionError:
-        raise ImageError(path, "permission denied") from None
-    except IsADirectoryError:
-        raise ImageError(path, "is a directory, not an image file") from None
+        with open_regular(path, MAX_IMAGE_BYTES) as f:
+            data = f.read()
+    except FileRefused as e:
+        raise ImageError(
+            path, e.reason if os.path.exists(path) else _missing_reason(path)
+        ) from None
     except OSError as e:
-        reason = (
-            _missing_reason(path) if e.errno == errno.ELOOP else f"cannot read file ({_short(e)})"
-        )
-        raise ImageError(path, reason) from None
+        raise ImageError(path, f"cannot read file ({_short(e)})") from None
+    except MemoryError:
+        raise ImageError(path, "not enough memory to read this file") from None
     if not data:
         raise ImageError(path, "empty file (0 bytes)")
     return data
@@ -243,9 +249,10 @@ class _Finder:
             return
         self._seen_lists.add(key)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            self.errors.append(ImageError(path, f"cannot read path list ({_short(e)})"))
+            lines = read_text(path, MAX_LIST_BYTES).splitlines()
+        except InputError as e:
+            reason = e.reason if isinstance(e, FileRefused) else str(e).removeprefix(f"{path}: ")
+            self.errors.append(ImageError(path, f"cannot read path list ({reason})"))
             return
         for line in lines:
             entry = line.strip()
@@ -261,7 +268,10 @@ class _Finder:
             if path.is_dir():
                 self._walk(path)
             elif is_image_file(path) and not path.name.startswith("."):
-                self._keep(path)
+                if path.is_file():
+                    self._keep(path)
+                else:
+                    self.errors.append(ImageError(path, _missing_reason(path)))
 
     def _walk(self, folder: Path) -> None:
         real = os.path.realpath(folder)
@@ -304,6 +314,12 @@ def _is_file(entry: os.DirEntry) -> bool:
 
 
 def _missing_reason(path: Path) -> str:
+    """Why ``path`` is not a readable regular file (a FIFO, a device, a broken link, ...)."""
+    try:
+        check_regular_file(path)
+    except FileRefused as e:
+        if os.path.exists(path):
+            return e.reason
     if path.is_symlink():
         try:
             os.stat(path)
@@ -311,9 +327,6 @@ def _missing_reason(path: Path) -> str:
             if e.errno == errno.ELOOP:
                 return "symbolic link loop"
             return f"broken symbolic link (target {os.readlink(path)!r} not found)"
-        return "not a regular file"
-    if path.exists():
-        return "not a regular file"
     return "file not found"
 
 

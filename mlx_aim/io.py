@@ -254,22 +254,39 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[P
         _remove(staging)
 
 
+class FileRefused(InputError):
+    """A file that is not read: missing, not a regular file or too large; ``reason`` says why."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+def _check_info(path: str | Path, info: os.stat_result, max_bytes: int | None) -> int:
+    if not stat.S_ISREG(info.st_mode):
+        raise FileRefused(path, f"not a regular file ({_file_kind(info.st_mode)})")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise FileRefused(
+            path, f"too large: {_mib(info.st_size)}, above the {_mib(max_bytes)} limit"
+        )
+    return info.st_size
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n} bytes"
+
+
 def check_regular_file(path: str | Path, max_bytes: int | None = None) -> int:
-    """The size of ``path`` if it is a regular file of at most ``max_bytes``; else InputError.
+    """The size of ``path`` if it is a regular file of at most ``max_bytes``; else FileRefused.
 
     Follows links, so a link to a FIFO, a device or ``/dev/zero`` is refused without opening it.
     """
     try:
         info = os.stat(path)
     except OSError as e:
-        raise InputError(f"{path}: {os_reason(e)}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"{path}: not a regular file ({_file_kind(info.st_mode)})")
-    if max_bytes is not None and info.st_size > max_bytes:
-        raise InputError(
-            f"{path}: {info.st_size / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit"
-        )
-    return info.st_size
+        raise FileRefused(path, os_reason(e)) from None
+    return _check_info(path, info, max_bytes)
 
 
 def _file_kind(mode: int) -> str:
@@ -282,19 +299,17 @@ def _file_kind(mode: int) -> str:
 
 
 def open_regular(path: str | Path, max_bytes: int | None = None) -> IO[bytes]:
-    """Open a regular file for binary reading; refuses anything else without blocking on it."""
+    """Open a regular file for binary reading; refuses anything else without blocking on it.
+
+    The checks run on the opened descriptor, so a file swapped for a FIFO after a check is
+    still refused.
+    """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
-        raise InputError(f"{path}: {os_reason(e)}") from None
+        raise FileRefused(path, os_reason(e)) from None
     try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise InputError(f"{path}: not a regular file ({_file_kind(info.st_mode)})")
-        if max_bytes is not None and info.st_size > max_bytes:
-            raise InputError(
-                f"{path}: {info.st_size / 2**20:.0f} MiB, above the {max_bytes / 2**20:.0f} MiB limit"
-            )
+        _check_info(path, os.fstat(fd), max_bytes)
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
         return os.fdopen(fd, "rb")

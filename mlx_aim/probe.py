@@ -49,8 +49,8 @@ from .features import (
 from .images import ImageError
 from .models import build_model, build_model_args
 from .models.layers import build_classifier
-from .registry import REGISTRY, Preprocessing, default_preprocessing
-from .transforms import Preprocess, TrainTransform
+from .registry import REGISTRY, default_preprocessing
+from .transforms import Preprocessing, TrainTransform
 from .weights import apply_weights, read_config, read_preprocessing, save_model, write_json
 
 CLASSES_FILE = "classes.json"
@@ -185,7 +185,8 @@ def random_model(source: str, seed: int = 0) -> nn.Module:
     if source in REGISTRY:
         config, prep = dict(REGISTRY[source].config), REGISTRY[source].preprocessing
     else:
-        config, prep = read_config(source), read_preprocessing(source)
+        config = read_config(source)
+        prep = read_preprocessing(source, config)
     if config["model_type"] == "aim_pretrain":
         config = config["encoder"]
     config = {
@@ -209,7 +210,7 @@ def probe_preprocessing(model: nn.Module) -> Preprocessing:
     return prep
 
 
-def _eval_transform(model: nn.Module) -> Preprocess:
+def _eval_transform(model: nn.Module) -> Preprocessing:
     return crop_transform(probe_preprocessing(model), vision_model(model).args.model_type)
 
 

@@ -10,43 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .transforms import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How images are prepared for a model: resize the shortest edge, centre-crop, normalize.
-
-    ``native`` models keep the aspect ratio and pad to whole patches instead of resizing/cropping.
-    """
-
-    resize: int
-    crop: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
-    native: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "resize": self.resize,
-            "crop": self.crop,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "interpolation": self.interpolation,
-            "native": self.native,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(
-            resize=int(d["resize"]),
-            crop=int(d["crop"]),
-            mean=tuple(d["mean"]),
-            std=tuple(d["std"]),
-            interpolation=d.get("interpolation", "bicubic"),
-            native=bool(d.get("native", False)),
-        )
+from .transforms import CLIP_MEAN, CLIP_STD, Preprocessing
 
 
 def aim_v1_preprocessing(size: int) -> Preprocessing:
@@ -55,8 +19,9 @@ def aim_v1_preprocessing(size: int) -> Preprocessing:
 
 
 def aim_v2_preprocessing(size: int, native: bool = False) -> Preprocessing:
-    """The AIMv2 hub preprocessor: bicubic shortest edge to ``size``, centre-crop, CLIP stats."""
-    return Preprocessing(resize=size, crop=size, mean=CLIP_MEAN, std=CLIP_STD, native=native)
+    """The AIMv2 hub preprocessor: bicubic shortest edge to ``size``, centre-crop (offsets
+    floored, as Hugging Face's CLIPImageProcessor), CLIP stats."""
+    return Preprocessing(size, size, CLIP_MEAN, CLIP_STD, crop_offsets="floor", native=native)
 
 
 @dataclass(frozen=True)

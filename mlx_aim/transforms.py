@@ -1,7 +1,7 @@
 """Image preprocessing and augmentation: PIL in, normalized float32 (H, W, 3) numpy arrays out.
 
 Every transform is called as ``transform(img, rng)`` with a ``numpy.random.Generator``; the
-deterministic ones (``Preprocess``, ``NativeResolution``) ignore ``rng`` so that the data loader
+deterministic ones (``Preprocessing``, ``NativeResolution``) ignore ``rng`` so that the data loader
 drives all of them the same way. Geometry follows the reference pipelines on PIL images:
 shortest-edge resize with ``int()`` truncation of the long side, centre-crop offsets rounded
 (torchvision, AIMv1) or floored (Hugging Face, AIMv2), and torchvision's RandomResizedCrop
@@ -11,11 +11,13 @@ sampling (with numpy's generator instead of torch's).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from .errors import InputError
 from .images import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -25,7 +27,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Triple = tuple[float, float, float]
 
-_MAX_ASPECT = 16  # Preprocess crops before resizing images more elongated than this
+_MAX_ASPECT = 16  # Preprocessing crops before resizing images more elongated than this
+MAX_SIZE = 4096  # the largest resize / crop a Preprocessing accepts (a 4096^2 input is 200 MB)
 
 _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
@@ -105,14 +108,27 @@ def center_crop(img: Image.Image, size: int, offsets: str = "round") -> Image.Im
     return img.crop(center_crop_box(*img.size, size, offsets))
 
 
-@dataclass(frozen=True)
-class Preprocess:
-    """Evaluation preprocessing: resize the shortest edge, centre-crop, normalize.
+def _is_triple(value: Any) -> bool:
+    return (
+        isinstance(value, tuple)
+        and len(value) == 3
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        and all(math.isfinite(v) for v in value)
+    )
 
-    ``__call__(img, rng=None)`` returns float32 (crop, crop, 3); ``rng`` is ignored.
-    ``crop_offsets`` is ``"round"`` (torchvision, AIMv1) or ``"floor"`` (Hugging Face's
-    CLIPImageProcessor, AIMv2); see ``center_crop_box``. Images more elongated than 16:1 are
-    cropped before resizing, so a 2x3000 banner does not become a 256x384000 intermediate.
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images are prepared for a model (``preprocess.json``), and the transform applying it.
+
+    Resize the shortest edge to ``resize``, centre-crop ``crop``, normalize with ``mean`` and
+    ``std``. ``crop_offsets`` is ``"round"`` (torchvision, AIMv1) or ``"floor"`` (Hugging Face's
+    CLIPImageProcessor, AIMv2); see ``center_crop_box``. ``native`` models keep the aspect ratio
+    and pad to whole patches instead (``NativeResolution``, which needs the model's patch size).
+
+    ``__call__(img, rng=None)`` returns float32 (crop, crop, 3); ``rng`` is ignored. Images more
+    elongated than 16:1 are cropped before resizing, so a 2x3000 banner does not become a
+    256x384000 intermediate. Invalid values raise ``InputError`` naming the field.
     """
 
     resize: int
@@ -121,25 +137,58 @@ class Preprocess:
     std: Triple = IMAGENET_STD
     interpolation: str = "bicubic"
     crop_offsets: str = "round"
+    native: bool = False
 
     def __post_init__(self):
-        if not 0 < self.crop <= self.resize:
-            raise ValueError(f"need 0 < crop <= resize, got crop={self.crop} resize={self.resize}")
-        resampling(self.interpolation)
+        for name in ("mean", "std"):
+            if isinstance(getattr(self, name), list):  # as read from JSON
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool)):
+                raise InputError(f"preprocessing '{name}' must be an integer, got {value!r}")
+            if not 0 < value <= MAX_SIZE:
+                raise InputError(f"preprocessing '{name}' must be in 1..{MAX_SIZE}, got {value}")
+        if self.crop > self.resize:
+            raise InputError(f"preprocessing needs crop <= resize, got {self.crop} > {self.resize}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not _is_triple(value) or (name == "std" and min(value) <= 0):
+                kind = "finite positive numbers" if name == "std" else "finite numbers"
+                raise InputError(f"preprocessing '{name}' must be 3 {kind}, got {value!r}")
+        if self.interpolation not in _RESAMPLING:
+            raise InputError(
+                f"preprocessing 'interpolation' must be one of {sorted(_RESAMPLING)}, "
+                f"got {self.interpolation!r}"
+            )
         if self.crop_offsets not in ("round", "floor"):
-            raise ValueError(f"crop_offsets must be 'round' or 'floor', got {self.crop_offsets!r}")
+            raise InputError(
+                f"preprocessing 'crop_offsets' must be 'round' or 'floor', got {self.crop_offsets!r}"
+            )
+        if not isinstance(self.native, bool):
+            raise InputError(f"preprocessing 'native' must be true or false, got {self.native!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``preprocess.json`` content."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
-    def aimv1(cls, size: int = 224) -> Preprocess:
-        """AIMv1 evaluation: resize ``ceil(size / 0.875)``, crop ``size``, ImageNet mean/std."""
-        return cls(math.ceil(size / 0.875), size, IMAGENET_MEAN, IMAGENET_STD)
-
-    @classmethod
-    def aimv2(cls, size: int = 224) -> Preprocess:
-        """AIMv2 (Hugging Face processor): resize ``size``, crop ``size``, CLIP mean/std."""
-        return cls(size, size, CLIP_MEAN, CLIP_STD, crop_offsets="floor")
+    def from_dict(cls, d: Any, defaults: Preprocessing | None = None) -> Preprocessing:
+        """Read ``preprocess.json`` content; absent optional fields come from ``defaults``."""
+        if not isinstance(d, dict):
+            raise InputError(f"preprocessing must be a JSON object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InputError(f"unknown preprocessing field(s) {unknown}")
+        missing = sorted({"resize", "crop", "mean", "std"} - set(d))
+        if missing:
+            raise InputError(f"preprocessing lacks field(s) {missing}")
+        return cls(**{**(asdict(defaults) if defaults else {}), **d})
 
     def __call__(self, img: Image.Image, rng: np.random.Generator | None = None) -> np.ndarray:
+        if self.native:
+            raise ValueError("native preprocessing needs the patch size: use NativeResolution")
         w, h = img.size
         if max(w, h) > _MAX_ASPECT * min(w, h):
             return normalize(self._crop_then_resize(img), self.mean, self.std)

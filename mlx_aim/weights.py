@@ -10,26 +10,30 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import struct
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from .errors import InputError
+from .io import atomic_directory, open_regular, read_json, write_json
+from .io import replace_directory as replace_directory  # re-exported for train.checkpoint
 from .models import build_model, build_model_args
 from .models.base import ConfigError
-from .registry import Preprocessing
+from .registry import default_preprocessing
+from .transforms import Preprocessing
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PREPROCESS_FILE = "preprocess.json"
 MAX_SHARD_BYTES = 5 * 2**30
+MAX_HEADER_BYTES = 100 * 2**20
 
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
@@ -44,18 +48,15 @@ class WeightsError(InputError):
 def check_safetensors(path: str | Path) -> dict[str, Any]:
     """Validate a safetensors header against the file before any tensor is read.
 
-    Refuses unknown dtypes, shapes that disagree with their byte ranges, and offsets that overlap or
-    run past the end of the file. Returns the parsed header.
+    Refuses anything but a regular file, unknown dtypes, shapes that disagree with their byte
+    ranges, and offsets that overlap or run past the end of the file. Returns the parsed header.
     """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise WeightsError(f"{path}: not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(size - 8, 100 * 2**20):
-            raise WeightsError(f"{path}: not a safetensors file (header length {header_len})")
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        header_len = _header_length(f.read(8), size)
+        if header_len is None:
+            raise WeightsError(f"{path}: not a safetensors file ({size} bytes, no valid header)")
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -93,11 +94,26 @@ def check_safetensors(path: str | Path) -> dict[str, Any]:
     return header
 
 
+def _header_length(prefix: bytes, size: int) -> int | None:
+    """The header length a safetensors file starts with, or None if ``prefix`` is not one."""
+    if len(prefix) < 8:
+        return None
+    (header_len,) = struct.unpack("<Q", prefix)
+    return header_len if 2 <= header_len <= min(size - 8, MAX_HEADER_BYTES) else None
+
+
+def is_safetensors(path: str | Path) -> bool:
+    """Whether ``path`` starts like a safetensors file (whatever its name), read-only sniffing."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        return _header_length(f.read(8), size) is not None and f.read(1) == b"{"
+
+
 def read_safetensors(path: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Tensors and metadata of a validated safetensors file."""
     check_safetensors(path)
     try:
-        return mx.load(str(path), return_metadata=True)
+        return mx.load(str(path), format="safetensors", return_metadata=True)
     except Exception as e:  # mx.load raises plain RuntimeError/ValueError on bad data
         raise WeightsError(f"{path}: cannot read safetensors ({e})") from None
 
@@ -109,8 +125,11 @@ def _listing(keys: list[str], shapes: dict[str, tuple]) -> str:
 
 
 def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
-    """Strict check: every parameter is given with its shape and no extra tensor is left over."""
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    """Strict check: every parameter is given with its shape (floats for float parameters) and no
+    extra tensor is left over."""
+    params = tree_flatten(model.parameters())
+    expected = {k: tuple(v.shape) for k, v in params}
+    floating = {k: mx.issubdtype(v.dtype, mx.floating) for k, v in params}
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     problems = []
@@ -123,6 +142,12 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
         if tuple(weights[key].shape) != expected[key]:
             problems.append(
                 f"{key}: checkpoint shape {tuple(weights[key].shape)} != model shape {expected[key]}"
+            )
+        elif floating[key] and not mx.issubdtype(weights[key].dtype, mx.floating):
+            dtype = str(weights[key].dtype).removeprefix("mlx.core.")
+            problems.append(
+                f"{key}: {dtype} values for a floating-point parameter (quantized or integer "
+                "weights are not supported; convert from the float checkpoint)"
             )
     if problems:
         raise WeightsError("weights do not match the model: " + "; ".join(problems[:5]))
@@ -142,27 +167,6 @@ def apply_weights(model: nn.Module, weights: dict[str, mx.array], dtype: mx.Dtyp
     return model
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual file mode
-    os.replace(tmp, path)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    _atomic_write_text(Path(path), json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
 def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.array]]:
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
@@ -176,16 +180,23 @@ def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict[str, mx.a
     return shards
 
 
-def replace_directory(new: Path, target: Path) -> None:
-    """Move the complete directory ``new`` to ``target``, replacing an existing ``target``."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+def check_finite(model: nn.Module, files: Callable[[str], Path | str]) -> None:
+    """Refuse NaN or infinite parameters, naming the tensor and ``files(key)``, its file.
+
+    Evaluates the parameters (one pass over the weights).
+    """
+    params = [
+        (k, v) for k, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)
+    ]
+    flags = mx.array([mx.all(mx.isfinite(v)) for _, v in params]) if params else mx.array([True])
+    mx.eval(model.parameters(), flags)
+    bad = [params[i][0] for i in np.flatnonzero(~np.array(flags))]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise WeightsError(
+            f"{files(bad[0])}: tensor {bad[0]!r} holds NaN or infinite values{more}; the weights "
+            "are damaged"
+        )
 
 
 def save_model(
@@ -196,16 +207,12 @@ def save_model(
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
-    """Write ``model`` in mlx-aim's format; the directory appears complete or not at all."""
+    """Write ``model`` in mlx-aim's format; the directory appears complete or not at all.
+
+    An existing ``path`` is replaced only with ``overwrite`` (else OutputError).
+    """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists (pass overwrite=True / --force to replace it)"
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700
-    try:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         weights = dict(tree_flatten(model.parameters()))
         shards = _shards(weights, max_shard_bytes)
         if len(shards) == 1:
@@ -227,21 +234,15 @@ def save_model(
         if preprocessing is not None:
             write_json(tmp / PREPROCESS_FILE, preprocessing.to_dict())
         write_json(tmp / CONFIG_FILE, model.args.to_dict())
-        replace_directory(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The parsed ``config.json`` of a model directory, with a clear error when unreadable."""
+    """The validated ``config.json`` of a model directory; one-line errors name the file."""
     file = Path(path) / CONFIG_FILE
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"{file}: not found (is {path} an mlx-aim model directory?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{file}: invalid JSON ({e})") from None
+    if not file.exists() and not file.is_symlink():
+        raise WeightsError(f"{file}: not found (is {path} an mlx-aim model directory?)")
+    config = read_json(file)
     try:
         build_model_args(config)
     except ConfigError as e:
@@ -249,38 +250,70 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+def read_index(path: str | Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor -> shard file name) of a sharded model directory.
+
+    Shard names must be plain file names: an index never points outside its folder.
+    """
+    file = Path(path) / INDEX_FILE
+    index = read_json(file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise WeightsError(f"{file}: needs a 'weight_map' object of tensor name -> file name")
+    for name in sorted(set(weight_map.values())):
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise WeightsError(
+                f"{file}: shard {name!r} is not a file name inside {path}; refusing to read it"
+            )
+    return weight_map
+
+
+def weight_files(path: str | Path) -> dict[str, Path]:
+    """Tensor name -> file for a sharded directory; ``{"": model.safetensors}`` otherwise."""
+    path = Path(path)
+    if (path / INDEX_FILE).exists() or (path / INDEX_FILE).is_symlink():
+        return {k: path / v for k, v in read_index(path).items()}
+    return {"": path / WEIGHTS_FILE}
+
+
 def read_model_weights(path: str | Path) -> dict[str, mx.array]:
     """All tensors of a model directory (single file or shards)."""
-    path = Path(path)
-    index = path / INDEX_FILE
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        files = [WEIGHTS_FILE]
     weights: dict[str, mx.array] = {}
-    for name in files:
-        if not (path / name).exists():
-            raise WeightsError(f"{path / name}: weight file is missing")
-        weights.update(read_safetensors(path / name)[0])
+    for file in sorted(set(weight_files(path).values())):
+        if not file.exists() and not file.is_symlink():
+            raise WeightsError(f"{file}: weight file is missing")
+        weights.update(read_safetensors(file)[0])
     return weights
 
 
-def read_preprocessing(path: str | Path) -> Preprocessing | None:
+def read_preprocessing(path: str | Path, config: dict[str, Any]) -> Preprocessing | None:
+    """The validated ``preprocess.json`` of a model directory (None when absent); fields it
+    lacks take the defaults of the model's family."""
     file = Path(path) / PREPROCESS_FILE
-    return Preprocessing.from_dict(json.loads(file.read_text())) if file.exists() else None
+    if not file.exists() and not file.is_symlink():
+        return None
+    spec = read_json(file)
+    try:
+        return Preprocessing.from_dict(spec, default_preprocessing(config))
+    except InputError as e:
+        raise InputError(f"{file}: {e}") from None
 
 
-def load_model(path: str | Path, *, dtype: mx.Dtype | None = None, lazy: bool = False) -> nn.Module:
-    """Load a model directory written by :func:`save_model`; set to eval mode."""
+def load_model(path: str | Path, *, dtype: mx.Dtype | None = None) -> nn.Module:
+    """Load a model directory written by :func:`save_model`, in eval mode, with its
+    ``preprocessing`` (None without ``preprocess.json``). Parameters are evaluated and checked
+    to be finite."""
     config = read_config(path)
+    preprocessing = read_preprocessing(path, config)
     model = build_model(config)
     try:
         apply_weights(model, read_model_weights(path), dtype)
     except WeightsError as e:
         raise WeightsError(f"{path}: {e}") from None
+    files = weight_files(path)
+    check_finite(model, lambda key: files.get(key, files.get("", path)))
     model.eval()
-    model.preprocessing = read_preprocessing(path)
-    if not lazy:
-        mx.eval(model.parameters())
+    model.preprocessing = preprocessing
     return model

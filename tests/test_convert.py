@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hf_constants
-from parity import PARITY_REL, relative_error
+from parity import PARITY_REL, assert_parity, relative_error
 from release_files import (
     V1_BEST_LAYERS,
     V1_CONFIG,
@@ -36,6 +36,7 @@ from typer.testing import CliRunner
 import mlx_aim
 from cli.main import app
 from mlx_aim.convert import convert
+from mlx_aim.errors import OutputError
 from mlx_aim.hub import HubError
 from mlx_aim.models.base import ConfigError
 from mlx_aim.weights import WeightsError, read_safetensors
@@ -100,12 +101,38 @@ def test_converted_directory_gives_the_outputs_of_the_source(tmp_path, kind):
     assert relative_error(converted(nhwc(x)), reference(x)) <= PARITY_REL
 
 
+@torch.no_grad()
+def test_transformers_pooling_head_gives_the_pooler_output(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Aimv2VisionConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=14,
+        use_head=True,
+    )
+    torch.manual_seed(0)
+    reference = transformers.Aimv2VisionModel(config).eval()
+    for param in reference.parameters():  # every tensor random: cls token, norms, biases
+        param.copy_(torch.randn_like(param) * 0.2 + (1.0 if param.ndim == 1 else 0.0))
+    reference.save_pretrained(tmp_path / "hf")
+    model = mlx_aim.load(convert(tmp_path / "hf", tmp_path / "out"))
+    assert model.args.pooling_head and model.args.num_classes == 0
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 28, 28)).astype(np.float32)
+    expected = reference(pixel_values=torch.from_numpy(pixels))
+    x = mx.array(pixels.transpose(0, 2, 3, 1))
+    assert_parity(model.pooled(x), expected.pooler_output, name="pooler_output")
+    assert_parity(model(x), expected.last_hidden_state, name="last_hidden_state")
+
+
 def test_convert_refuses_an_existing_destination_unless_forced(tmp_path):
     _, source, _, _ = _v1_pth(tmp_path / "src", "merged")
     destination = tmp_path / "out"
     destination.mkdir()
     (destination / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=r"out already exists \(use --force"):
+    with pytest.raises(OutputError, match=r"out already exists \(use --force"):
         convert(source, destination)
     assert (destination / "keep.txt").read_text() == "mine"
     convert(source, destination, force=True)

@@ -3,6 +3,7 @@
 import ast
 import gc
 import json
+import os
 import random
 import threading
 import time
@@ -22,7 +23,7 @@ from mlx_aim.data import (
 )
 from mlx_aim.datasets import builtin_dataset
 from mlx_aim.images import find_images
-from mlx_aim.transforms import Preprocess
+from mlx_aim.transforms import Preprocessing
 
 
 def make_images(folder, n: int, bad=()) -> list:
@@ -117,7 +118,7 @@ def test_find_labeled_images_rejects_empty_layouts(tmp_path):
 def test_batches_have_images_labels_paths(tmp_path):
     paths = make_images(tmp_path, 10)
     items = [(p, i % 3) for i, p in enumerate(paths)]
-    loader = ImageLoader(items, Preprocess(8, 8), 4, shuffle=False, epochs=1)
+    loader = ImageLoader(items, Preprocessing(8, 8), 4, shuffle=False, epochs=1)
     batches = list(loader)
     assert len(batches) == len(loader) == 2  # drop_last
     b = batches[0]
@@ -178,12 +179,36 @@ def test_bad_files_are_skipped_reported_once_and_batches_filled(tmp_path):
     assert [ids(b) for b in good] == [[0, 1, 2], [3, 4, 5]]
 
 
+def test_non_regular_and_huge_files_are_named_once_and_skipped(tmp_path):
+    paths = make_images(tmp_path, 4)
+    os.mkfifo(tmp_path / "fifo.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(40 * 2**30)  # sparse: costs no disk
+    items = [
+        paths[0],
+        tmp_path / "fifo.png",
+        paths[1],
+        tmp_path / "zero.png",
+        tmp_path / "huge.png",
+    ]
+    errors = []
+    loader = ImageLoader([*items, *paths[2:]], probe, 2, shuffle=False, on_error=errors.append)
+    batches = take(loader, 3)  # the second epoch reads each bad file again: reported once
+    assert [ids(b) for b in batches] == [[0, 1], [2, 3], [0, 1]]
+    assert [(e.path.name, e.reason) for e in errors] == [
+        ("fifo.png", "not a regular file (a FIFO)"),
+        ("zero.png", "not a regular file (a character device)"),
+        ("huge.png", "too large: 40960 MiB, above the 1024 MiB limit"),
+    ]
+
+
 def test_corpus_through_find_images_and_loader(tmp_path):
     corpus = make_corpus(tmp_path)
     paths, errors = find_images(tmp_path)
     reported = []
     options = dict(shuffle=False, drop_last=False, epochs=2, on_error=reported.append)
-    loader = ImageLoader(paths, Preprocess(16, 16), 4, **options)
+    loader = ImageLoader(paths, Preprocessing(16, 16), 4, **options)
     seen = [p for batch in loader for p in batch["paths"]]
     assert seen == [p for p in paths if p in corpus["good"]] * 2
     bad = [e.path for e in errors] + [e.path for e in reported]
@@ -271,7 +296,7 @@ def test_image_modules_do_not_import_mlx():
 
 
 def test_measure_throughput(tmp_path):
-    loader = ImageLoader(make_images(tmp_path, 8), Preprocess(8, 8), 4)
+    loader = ImageLoader(make_images(tmp_path, 8), Preprocessing(8, 8), 4)
     assert measure_throughput(loader, n_batches=3) > 0
 
 

@@ -107,7 +107,7 @@ def test_decompression_bomb_limit_is_pillows_default(corpus):
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(ImageError, match="file not found"):
         open_image(tmp_path / "nope.jpg")
-    with pytest.raises(ImageError, match="is a directory"):
+    with pytest.raises(ImageError, match=r"not a regular file \(a directory\)"):
         open_image(tmp_path)
 
 
@@ -247,6 +247,36 @@ def test_path_list_file_resolves_relative_entries(tmp_path):
     paths, errors = find_images(tmp_path / "lists" / "sel.txt")
     assert [p.name for p in paths] == ["c.png", "a.png"]  # the list's order
     assert len(errors) == 1 and errors[0].path.name == "gone.png"
+
+
+def test_non_regular_files_are_named_once_and_skipped_on_every_discovery_path(tmp_path):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    Image.new("RGB", (4, 4)).save(folder / "ok.png")
+    os.mkfifo(folder / "f.jpg")
+    (folder / "zero.png").symlink_to("/dev/zero")
+    (tmp_path / "list.txt").write_text("d/f.jpg\nd/ok.png\nd/zero.png\n")
+    os.mkfifo(tmp_path / "fifo.txt")
+    expected = {
+        folder / "f.jpg": "not a regular file (a FIFO)",
+        folder / "zero.png": "not a regular file (a character device)",
+    }
+    explicit = [folder / "f.jpg", folder / "ok.png", folder / "zero.png"]  # as from stdin
+    for sources in (folder, str(folder / "*"), tmp_path / "list.txt", explicit):
+        paths, errors = find_images(sources)
+        assert paths == [folder / "ok.png"]
+        assert {e.path: e.reason for e in errors} == expected
+    paths, errors = find_images(tmp_path / "fifo.txt")
+    assert paths == [] and [str(e) for e in errors] == [
+        f"{tmp_path / 'fifo.txt'}: not a regular file (a FIFO)"
+    ]
+
+
+def test_files_too_large_to_be_an_image_are_refused_before_reading(tmp_path):
+    with open(tmp_path / "huge.png", "wb") as f:
+        f.truncate(40 * 2**30)  # sparse: costs no disk
+    with pytest.raises(ImageError, match="too large: 40960 MiB, above the 1024 MiB limit"):
+        open_image(tmp_path / "huge.png")
 
 
 def test_symlinked_folders_are_followed_once(tmp_path):

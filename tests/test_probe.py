@@ -26,7 +26,7 @@ from mlx_aim.probe import (
 )
 from mlx_aim.reference.torch_aim import AIMv1Torch, init_random_
 from mlx_aim.registry import aim_v1_preprocessing, default_preprocessing
-from mlx_aim.transforms import Preprocess
+from mlx_aim.transforms import Preprocessing
 from mlx_aim.weights import apply_weights, save_model
 
 TINY = {
@@ -178,7 +178,7 @@ def test_eval_only_reproduces_the_torch_reference_predictions(tmp_path):
     ]
     assert len(rows) == 18
 
-    prep = Preprocess(32, 28)
+    prep = Preprocessing(32, 28)
     with torch.no_grad():
         batch = np.stack([prep(Image.open(r["path"]).convert("RGB")) for r in rows])
         logits = torch_model(torch.from_numpy(batch).permute(0, 3, 1, 2)).numpy()

@@ -1,5 +1,6 @@
 """Preprocessing and augmentation: shapes, geometry conventions, normalization, determinism."""
 
+import json
 import math
 
 import numpy as np
@@ -8,13 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from mlx_aim.errors import InputError
+from mlx_aim.registry import aim_v1_preprocessing, aim_v2_preprocessing
 from mlx_aim.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     NativeResolution,
-    Preprocess,
+    Preprocessing,
     RandomResizedCrop,
     TrainTransform,
     center_crop,
@@ -47,15 +50,16 @@ def test_constants():
 
 
 def test_model_presets():
-    assert Preprocess.aimv1(224) == Preprocess(256, 224, IMAGENET_MEAN, IMAGENET_STD, "bicubic")
-    assert Preprocess.aimv1(448).resize == 512
-    v2 = Preprocess.aimv2(336)
+    assert aim_v1_preprocessing(224) == Preprocessing(256, 224, IMAGENET_MEAN, IMAGENET_STD)
+    assert aim_v1_preprocessing(448).resize == 512
+    v2 = aim_v2_preprocessing(336)
     assert (v2.resize, v2.crop, v2.mean, v2.std) == (336, 336, CLIP_MEAN, CLIP_STD)
+    assert (v2.crop_offsets, v2.native) == ("floor", False)
 
 
 @pytest.mark.parametrize("size", [(640, 480), (480, 640), (257, 300), (1, 1), (2, 3000), (5000, 1)])
 def test_preprocess_shape_dtype_and_normalization(size):
-    x = Preprocess.aimv1(224)(random_image(*size))
+    x = aim_v1_preprocessing(224)(random_image(*size))
     assert x.shape == (224, 224, 3) and x.dtype == np.float32
     lo = (0 - np.array(IMAGENET_MEAN)) / IMAGENET_STD
     hi = (1 - np.array(IMAGENET_MEAN)) / IMAGENET_STD
@@ -86,14 +90,38 @@ def test_aimv2_preset_matches_hugging_face_clip_processor():
     for size in [(300, 257), (259, 300), (225, 1000), (100, 77)]:
         img = random_image(*size)
         ref = processor(images=img, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
-        np.testing.assert_allclose(Preprocess.aimv2(224)(img), ref, atol=1e-5)
+        np.testing.assert_allclose(aim_v2_preprocessing(224)(img), ref, atol=1e-5)
 
 
-def test_preprocess_validates_its_arguments():
-    with pytest.raises(ValueError, match="crop <= resize"):
-        Preprocess(224, 256)
-    with pytest.raises(ValueError, match="unknown interpolation"):
-        Preprocess(256, 224, interpolation="cubic")
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"resize": 224, "crop": 256}, "crop <= resize"),
+        ({"interpolation": "cubic"}, "'interpolation' must be one of"),
+        ({"std": (0, 0, 0)}, "'std' must be 3 finite positive numbers"),
+        ({"std": (0.2, float("nan"), 0.2)}, "'std' must be 3 finite positive numbers"),
+        ({"mean": "abc"}, "'mean' must be 3 finite numbers"),
+        ({"mean": (0.5, 0.5)}, "'mean' must be 3 finite numbers"),
+        ({"resize": 10**9}, "'resize' must be in 1..4096"),
+        ({"crop": 0}, "'crop' must be in 1..4096"),
+        ({"crop": 22.5}, "'crop' must be an integer"),
+        ({"crop_offsets": "ceil"}, "'crop_offsets' must be 'round' or 'floor'"),
+    ],
+)
+def test_invalid_preprocessing_is_refused_naming_the_field(fields, message):
+    with pytest.raises(InputError, match=message):
+        Preprocessing(**{"resize": 256, "crop": 224, **fields})
+
+
+def test_preprocessing_reads_back_what_it_writes_and_fills_absent_fields():
+    spec = aim_v2_preprocessing(224, native=True)
+    assert Preprocessing.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    old_file = {"resize": 224, "crop": 224, "mean": list(CLIP_MEAN), "std": list(CLIP_STD)}
+    assert Preprocessing.from_dict(old_file, defaults=spec) == spec
+    with pytest.raises(InputError, match=r"lacks field\(s\) \['std'\]"):
+        Preprocessing.from_dict({"resize": 8, "crop": 8, "mean": [0, 0, 0]})
+    with pytest.raises(InputError, match=r"unknown preprocessing field\(s\) \['size'\]"):
+        Preprocessing.from_dict({**old_file, "size": 3})
 
 
 def test_normalize_then_denormalize_round_trips():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import mlx_aim
+from mlx_aim.errors import InputError, OutputError
 from mlx_aim.models import build_model
 from mlx_aim.models.base import ConfigError
 from mlx_aim.weights import (
@@ -60,7 +61,7 @@ def _flat(model):
 def test_save_refuses_to_overwrite_without_permission(tmp_path):
     model = build_model(TINY)
     save_model(model, tmp_path / "m")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(OutputError, match="already exists.*--force"):
         save_model(model, tmp_path / "m")
     save_model(model, tmp_path / "m", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
@@ -173,5 +174,5 @@ def test_missing_field_is_named():
 
 
 def test_unknown_source_says_what_it_accepts(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a known model name"):
+    with pytest.raises(InputError, match="not a known model name"):
         mlx_aim.load(tmp_path / "nothing-here")

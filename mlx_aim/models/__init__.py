@@ -24,7 +24,17 @@ def _module(model_type: Any):
 
 
 def build_model_args(config: dict[str, Any]) -> BaseModelArgs:
-    """Validated ``ModelArgs`` of the config's ``model_type``."""
+    """Validated ``ModelArgs`` of the config's ``model_type``; a model that cannot fit in this
+    machine's memory is refused too (see :func:`~mlx_aim.models.size.check_model_size`)."""
+    from .size import check_model_size  # size builds small models through this module
+
+    args = parse_model_args(config)
+    check_model_size(config)
+    return args
+
+
+def parse_model_args(config: dict[str, Any]) -> BaseModelArgs:
+    """``ModelArgs`` of a config, each field checked (but not the model's size)."""
     if not isinstance(config, dict):
         raise ConfigError(f"config must be a JSON object, got {type(config).__name__}")
     return _module(config.get("model_type")).ModelArgs.from_dict(config)
@@ -36,6 +46,6 @@ def get_model_class(model_type: str):
 
 
 def build_model(config: dict[str, Any]):
-    """A randomly initialised model for a config dict."""
+    """A randomly initialised model for a config dict (refused if it cannot fit in memory)."""
     args = build_model_args(config)
     return get_model_class(args.model_type)(args)

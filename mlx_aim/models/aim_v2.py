@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from .base import BaseModelArgs, ConfigError
 from .layers import (
+    AttentionPoolingClassifier,
     Block,
     ClassifierMixin,
     Mask,
@@ -36,6 +37,7 @@ class ModelArgs(BaseModelArgs):
     num_classes: int = 0
     probe_layers: list[int] | None = None
     classifier: str = "attentive"
+    pooling_head: bool = False  # transformers' Aimv2VisionModel(use_head=True) attention pooling
 
     def validate(self) -> None:
         super().validate()
@@ -99,10 +101,21 @@ class Model(ClassifierMixin, nn.Module):
         self.trunk = Transformer(blocks, rms_norm(dim))
         if args.num_classes:
             self.head = build_classifier(args)
+        if args.pooling_head:
+            self.pooling_head = AttentionPoolingClassifier(
+                dim, dim, args.num_heads, use_batch_norm=False, linear_bias=True
+            )
 
     def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
         """Final-norm tokens (B, N, D)."""
         return self.trunk(self.preprocessor(images), mask)
+
+    def pooled(self, images: mx.array) -> mx.array:
+        """The pooling head's embedding (B, D) of the final-norm tokens (``pooling_head`` models:
+        transformers' ``pooler_output``)."""
+        if "pooling_head" not in self:
+            raise ValueError("this model has no pooling head (config field 'pooling_head')")
+        return self.pooling_head(self.encode(images))
 
     def extract_features(
         self, images: mx.array, mask: Mask = None, max_block_id: int = -1

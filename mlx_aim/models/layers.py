@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from .ops import attention, gelu
+
+if TYPE_CHECKING:
+    from ..transforms import Preprocessing
 
 Mask = mx.array | str | None
 NormFactory = Callable[[int], nn.Module]
@@ -253,6 +257,8 @@ def build_classifier(args) -> nn.Module:
 
 class ClassifierMixin:
     """``__call__`` and ``probe_features`` for trunks that may carry a probe classifier."""
+
+    preprocessing: Preprocessing | None = None  # how images are prepared (set by mlx_aim.load)
 
     def probe_features(self, images: mx.array) -> mx.array:
         """Mean of the probe layers' raw block outputs (B, N, D); runs no later block."""

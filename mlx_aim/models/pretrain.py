@@ -15,7 +15,7 @@ Paper defaults: 12 blocks of width 2048.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +23,9 @@ import mlx.nn as nn
 from . import build_model_args, get_model_class
 from .base import BaseModelArgs, ConfigError
 from .layers import MLP, layer_norm, prefix_causal_mask, sincos_pos_embed
+
+if TYPE_CHECKING:
+    from ..transforms import Preprocessing
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Model(nn.Module):
     ``predictions[:, k]`` predicts patch k + 1 in raster order; trunk attention is prefix-causal with
     the per-image prefix lengths.
     """
+
+    preprocessing: Preprocessing | None = None  # how images are prepared (set by mlx_aim.load)
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -32,8 +32,7 @@ from ..blas import blas_info
 from ..data import ImageLoader
 from ..errors import InputError, Interrupted, MlxAimError, NonFiniteError
 from ..models import build_model
-from ..registry import Preprocessing
-from ..transforms import Preprocess, TrainTransform
+from ..transforms import Preprocessing, TrainTransform
 from ..weights import CONFIG_FILE, INDEX_FILE, PREPROCESS_FILE, WEIGHTS_FILE, save_model
 from .checkpoint import (
     CHECKPOINTS,
@@ -307,12 +306,12 @@ def _training_loader(
         raise InputError(f"--data {images.description}: {e}") from None
 
 
-def _evaluation_preprocess(preprocessing: Preprocessing, encoder) -> Preprocess:
+def _evaluation_preprocess(preprocessing: Preprocessing, encoder) -> Preprocessing:
     """The model's evaluation preprocessing, at the size the pre-training model takes."""
     if preprocessing.crop != encoder.image_size or preprocessing.native:
         size = encoder.image_size
-        return Preprocess(size, size, preprocessing.mean, preprocessing.std)
-    return Preprocess(
+        return Preprocessing(size, size, preprocessing.mean, preprocessing.std)
+    return Preprocessing(
         preprocessing.resize, preprocessing.crop, preprocessing.mean, preprocessing.std
     )
 
