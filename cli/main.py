@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -65,6 +67,8 @@ def main(
     """AIM and AIMv2 image models in MLX."""
 
 
-# Sub-commands live in their own modules and register themselves on ``app``.
+# Sub-commands live in their own modules: ``register(app)`` adds them (older ones add themselves).
 for _module in ("convert", "probe", "embed", "bench", "train"):
-    __import__(f"cli.{_module}")
+    _command = importlib.import_module(f"cli.{_module}")
+    if hasattr(_command, "register"):
+        _command.register(app)
