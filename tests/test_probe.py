@@ -296,9 +296,84 @@ def test_cli_probes_the_good_images_of_a_messy_folder_and_names_each_bad_one(tmp
     args = ["probe", "--model", str(trunk_dir), "--data", str(data), "--epochs", "1",
             "-b", "8", "-o", str(tmp_path / "out")]  # fmt: skip
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 4, result.output  # partial: written, some images left out
     assert "Traceback" not in result.output
     for bad in corpus["bad"]:
         assert result.stderr.count(str(bad)) == 1, bad
     report = json.loads((tmp_path / "out" / "probe_report.json").read_text())
-    assert report["final"]["top1"] >= 0
+    assert report["final"]["top1"] >= 0 and len(report["unreadable"]) == len(corpus["bad"])
+    assert f"{len(corpus['bad'])} unreadable images left out" in result.stderr
+
+
+def test_cli_refuses_a_single_class_naming_the_layouts(tmp_path):
+    (tmp_path / "data" / "cats").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (30, 30), (i, 0, 0)).save(tmp_path / "data" / f"loose{i}.png")
+        Image.new("RGB", (30, 30), (0, i, 0)).save(tmp_path / "data" / "cats" / f"{i}.png")
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = [
+        "probe",
+        "-m",
+        str(trunk_dir),
+        "-d",
+        str(tmp_path / "data"),
+        "-o",
+        str(tmp_path / "out"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "one class folder (cats), a probe needs two or more" in result.stderr
+    assert "train/<class>/<images>" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_random_init_is_reported_and_has_its_own_default_output(
+    colour_data, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = ["probe", "--model", str(trunk_dir), "--data", str(colour_data), "--epochs", "1"]
+    trained = CliRunner().invoke(app, args)
+    random = CliRunner().invoke(app, [*args, "--random-init"])
+    assert trained.exit_code == 0 and random.exit_code == 0, random.output
+    assert "(random initialisation)" in random.stdout and "initialisation" not in trained.stdout
+    for name, expected in (("trunk-probe", False), ("trunk-probe-random", True)):
+        report = json.loads((tmp_path / "runs" / name / "probe_report.json").read_text())
+        assert report["random_init"] is expected
+
+
+def test_cli_checks_the_destination_before_any_work(colour_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "taken").mkdir()
+    for output, message in ((tmp_path / "a-file" / "out", "is not a directory"),
+                            (tmp_path / "taken", "already exists (use --force")):  # fmt: skip
+        args = ["probe", "-m", str(trunk_dir), "-d", str(colour_data), "-o", str(output)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 3 and message in result.stderr, result.output
+        assert "epoch" not in result.stderr and not (tmp_path / "cache").exists()
+
+
+def test_cli_flags_come_from_probe_config_and_quiet_prints_only_the_summary(
+    colour_data, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = ["probe", "-m", str(trunk_dir), "-d", str(colour_data), "-e", "2", "-q",
+            "--min-lr", "0", "--grad-clip", "0.5", "--workers", "0", "-o", str(tmp_path / "out")]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and len(result.stdout.strip().splitlines()) == 2
+    config = json.loads((tmp_path / "out" / "probe_report.json").read_text())["config"]
+    assert (config["min_lr"], config["grad_clip"], config["workers"]) == (0.0, 0.5, 0)
+
+
+def test_cli_eval_only_refuses_to_overwrite_results_without_force(tmp_path, colour_data):
+    classifier = save_model(build_model(TINY | {"num_classes": 3}), tmp_path / "clf")
+    args = ["probe", "--eval-only", "-m", str(classifier), "-d", str(colour_data), "-q",
+            "-o", str(tmp_path / "eval")]  # fmt: skip
+    assert CliRunner().invoke(app, args).exit_code == 0
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 3 and "already exists (use --force" in again.stderr
+    assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
