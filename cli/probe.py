@@ -232,7 +232,7 @@ def _evaluate(
         )
     split = "val" if dataset.val else "all"
     typer.echo(
-        f"{model} on {data_dir} ({split}, {result['count']} images): "
+        f"{model} on {data_dir} ({split}, {count(result['count'], 'image')}): "
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
     )
     if output is not None:
