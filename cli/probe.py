@@ -7,9 +7,11 @@ The settings flags (--epochs, --lr, ...) are generated from ``ProbeConfig``'s fi
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import mlx.nn
 import typer
 
 import mlx_aim
@@ -129,7 +131,6 @@ def probe_command(
 
 def _check_cache(config: ProbeConfig) -> None:
     """Refuse an unwritable feature cache before any work (``--no-cache`` avoids it)."""
-
     if config.cache:
         try:
             check_destination(FeatureCache(config.cache_dir).root, overwrite=True, directory=True)
@@ -137,10 +138,11 @@ def _check_cache(config: ProbeConfig) -> None:
             raise OutputError(f"{e} (choose another --cache-dir, or --no-cache)") from None
 
 
-def _load_trunk(model: str, *, random_init: bool, seed: int, head: str | None = None) -> Any:
+def _load_trunk(
+    model: str, *, random_init: bool, seed: int, head: str | None = None
+) -> mlx.nn.Module:
     """The trunk to probe: random (--random-init), or what mlx_aim.load returns (``head``: a
     released AIMv1 classifier head to attach)."""
-
     if random_init:
         return random_model(model, seed)
     if model in LAPTOP_ARCHITECTURES:
@@ -151,8 +153,7 @@ def _load_trunk(model: str, *, random_init: bool, seed: int, head: str | None = 
     return mlx_aim.load(model, head=head)
 
 
-def _hooks(bar: Any, quiet: bool) -> Any:
-
+def _hooks(bar: Callable[[str, int], Callable[[int], None]], quiet: bool) -> Hooks:
     def log(line: str) -> None:
         if not quiet:
             err_console.print(line, highlight=False, soft_wrap=True, markup=False)
@@ -171,7 +172,6 @@ def _train(
     quiet: bool,
 ) -> None:
     """Check the destinations, train the probe, write OUTPUT and print the summary."""
-
     check_destination(output, overwrite=force, directory=True)
     _check_cache(config)
     dataset = load_dataset(data_dir, config.val_fraction, config.seed)
@@ -211,7 +211,6 @@ def _evaluate(
     quiet: bool,
 ) -> None:
     """Score a classifier on ``data_dir`` (val/ when it has one); write the results with -o."""
-
     for file in eval_files(output) if output is not None else []:
         check_destination(file, overwrite=force)
     dataset = load_dataset(data_dir, 0.0, config.seed)  # val/ when there is one, else every image
@@ -243,7 +242,6 @@ def _evaluate(
 
 def _exit_if_skipped(unreadable: int) -> None:
     """Exit code 4 (partial) when unreadable images were left out (each was named above)."""
-
     if unreadable:
         warn(f"{count(unreadable, 'unreadable image')} left out (named above)")
         raise typer.Exit(int(ExitCode.PARTIAL))

@@ -4,8 +4,9 @@ The attentive probe is the head of the released AIMv1 checkpoints: BatchNorm wit
 mean of the chosen raw block outputs, one learned query with bias-free k/v projections (heads =
 trunk heads) and a bias-free linear layer. ``head="linear"`` trains BatchNorm + linear on the
 token-mean of the same features, as a baseline. Both train with AdamW, linear warm-up and cosine
-decay. Without augmentation the trunk's features are computed once and cached as float16 on disk
-(``FeatureCache``), so later epochs and reruns only run the head.
+decay, and are evaluated with their BatchNorm statistics set to the exact values over the training
+features (running averages would depend on the number of steps). The trunk's features are computed
+once and cached as float16 on disk (``FeatureCache``), so later epochs and reruns only run the head.
 
 Example::
 
