@@ -23,7 +23,6 @@ from mlx_aim.probe import (
     Hooks,
     ProbeConfig,
     check_classes,
-    count,
     eval_files,
     evaluate_classifier,
     load_dataset,
@@ -35,9 +34,9 @@ from mlx_aim.probe import (
 )
 from mlx_aim.registry import LAPTOP_ARCHITECTURES
 
-from .errors import err_console, reported_errors, warn
+from .errors import err_console, reported_errors, warn, warn_if_slow_blas
 from .options import config_options
-from .progress import progress_bars
+from .progress import plural, progress_bars
 
 _SHORT = {"epochs": "-e", "batch_size": "-b"}
 
@@ -115,6 +114,7 @@ def probe_command(
 
       mlx-aim probe --data ~/imagenet --model aim-600M --layers best --eval-only
     """
+    warn_if_slow_blas()
     with reported_errors():
         config = ProbeConfig(**settings).validate()
         data_dir = data if data is not None else builtin_dataset("digits")
@@ -192,7 +192,7 @@ def _train(
     report, final = result.report, result.report["final"]
     trunk_kind = " (random initialisation)" if random_init else ""
     summary = (
-        f"{config.head} probe on {model}{trunk_kind}: {count(report['num_train'], 'train image')}"
+        f"{config.head} probe on {model}{trunk_kind}: {plural(report['num_train'], 'train image')}"
     )
     if final.get("top1") is not None:
         summary += f", val top-1 {100 * final['top1']:.2f}% top-5 {100 * final['top5']:.2f}%"
@@ -231,7 +231,7 @@ def _evaluate(
         )
     split = "val" if dataset.val else "all"
     typer.echo(
-        f"{model} on {data_dir} ({split}, {count(result['count'], 'image')}): "
+        f"{model} on {data_dir} ({split}, {plural(result['count'], 'image')}): "
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
     )
     if output is not None:
@@ -243,7 +243,7 @@ def _evaluate(
 def _exit_if_skipped(unreadable: int) -> None:
     """Exit code 4 (partial) when unreadable images were left out (each was named above)."""
     if unreadable:
-        warn(f"{count(unreadable, 'unreadable image')} left out (named above)")
+        warn(f"{plural(unreadable, 'unreadable image')} left out (named above)")
         raise typer.Exit(int(ExitCode.PARTIAL))
 
 

@@ -11,7 +11,16 @@ enable_fast_blas()  # must run before anything imports mlx.core (see blas.py)
 from .loading import load  # noqa: E402
 from .models import build_model  # noqa: E402
 from .registry import REGISTRY, Preprocessing  # noqa: E402
+from .tokenizer import load_tokenizer  # noqa: E402
 from .weights import save_model  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["REGISTRY", "Preprocessing", "build_model", "load", "save_model", "__version__"]
+__all__ = [
+    "REGISTRY",
+    "Preprocessing",
+    "build_model",
+    "load",
+    "load_tokenizer",
+    "save_model",
+    "__version__",
+]

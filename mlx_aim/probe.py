@@ -156,13 +156,6 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-def count(n: int, noun: str) -> str:
-    """``1 image``, ``2 images``, ``3 classes``."""
-    if n == 1:
-        return f"{n} {noun}"
-    return f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
-
-
 @dataclass
 class ProbeData:
     """A labelled image folder split into train and validation items."""
@@ -650,8 +643,8 @@ def class_index(
     if model_classes is None:
         if len(data_classes) > num_classes:
             raise InputError(
-                f"the data has {count(len(data_classes), 'class')} but the model only "
-                f"{count(num_classes, 'output')}"
+                f"the data's classes ({len(data_classes)}) outnumber the model's outputs "
+                f"({num_classes})"
             )
         return np.arange(len(data_classes))
     missing = [c for c in data_classes if c not in model_classes]
