@@ -88,7 +88,3 @@ def reported_errors() -> Iterator[None]:
         raise fail(message, ExitCode.OUTPUT) from None
     except KeyboardInterrupt:
         raise fail("interrupted", ExitCode.INTERRUPTED) from None
-
-
-# Transitional name for cli/probe.py until it runs in reported_errors (then removed).
-user_errors = reported_errors

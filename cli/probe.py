@@ -1,29 +1,52 @@
-"""``mlx-aim probe``: train or evaluate an attentive (or linear) probe on a frozen trunk."""
+"""``mlx-aim probe``: train an attentive (or linear) probe on a frozen trunk, or evaluate one.
+
+The settings flags (--epochs, --lr, ...) are generated from ``ProbeConfig``'s fields
+(``cli/options.py``); the trunk, data and output flags are declared here.
+"""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import mlx.nn
 import typer
 
-from .errors import EXIT_CODES_HELP, err_console, fail, user_errors
-from .progress import progress_bars
+import mlx_aim
+from mlx_aim.datasets import builtin_dataset
+from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, InputError, OutputError
+from mlx_aim.features import FeatureCache
+from mlx_aim.io import check_destination
+from mlx_aim.probe import (
+    Hooks,
+    ProbeConfig,
+    check_classes,
+    eval_files,
+    evaluate_classifier,
+    load_dataset,
+    random_model,
+    read_classes,
+    save_evaluation,
+    save_probe,
+    train_probe,
+)
+from mlx_aim.registry import LAPTOP_ARCHITECTURES
+
+from .errors import err_console, reported_errors, warn, warn_if_slow_blas
+from .options import config_options
+from .progress import plural, progress_bars
+
+_SHORT = {"epochs": "-e", "batch_size": "-b"}
 
 
-@contextlib.contextmanager
-def _bad_input() -> Iterator[None]:
-    """Known user errors and invalid data/settings (ValueError) as one line, exit code 1."""
-    with user_errors():
-        try:
-            yield
-        except ValueError as e:
-            raise fail(str(e)) from None
-
-
-def _default_output(model: str, head: str) -> Path:
-    return Path(f"{Path(model.rstrip('/')).name}-{head}-probe")
+def default_output(model: str, head: str, random_init: bool) -> Path:
+    """``runs/<model>-probe``; ``-linear-probe`` for the linear head, ``-random`` for a random trunk."""
+    source = Path(model.rstrip("/"))
+    name = source.stem if source.is_file() else source.name
+    kind = "probe" if head == "attentive" else f"{head}-probe"
+    return Path("runs") / f"{name}-{kind}{'-random' if random_init else ''}"
 
 
 def probe_command(
@@ -33,6 +56,20 @@ def probe_command(
         "-m",
         help="Trunk: a registry name, an mlx-aim model directory (convert or train output) or a "
         "checkpoint file.",
+        rich_help_panel="Model",
+    ),
+    random_init: bool = typer.Option(
+        False,
+        "--random-init",
+        help="Probe a randomly initialised trunk of the model's architecture (a baseline).",
+        rich_help_panel="Model",
+    ),
+    eval_only: bool = typer.Option(
+        False,
+        "--eval-only",
+        help="Evaluate a model that already has a classifier head, on val/ when the data has "
+        "one, else on every image.",
+        rich_help_panel="Model",
     ),
     data: Path | None = typer.Option(
         None,
@@ -40,172 +77,178 @@ def probe_command(
         "-d",
         help="Image folder: <class>/<images>, or train/<class>/ and val/<class>/. "
         "Default: the built-in digits.",
+        rich_help_panel="Data",
     ),
     output: Path | None = typer.Option(
         None,
         "--output",
         "-o",
-        help="Directory for the classifier, classes.json and probe_report.json "
-        "(default: ./<model>-<head>-probe; with --eval-only: nothing is written unless given).",
+        help="Directory for the classifier, classes.json and probe_report.json (default: "
+        "runs/<model>-probe, runs/<model>-probe-random with --random-init); with --eval-only, "
+        "the folder for eval_report.json and predictions.jsonl (nothing is written without -o).",
+        rich_help_panel="Output",
     ),
-    epochs: int = typer.Option(20, "--epochs", "-e", help="Training epochs."),
-    batch_size: int = typer.Option(128, "--batch-size", "-b", help="Batch size."),
-    head: str = typer.Option("attentive", "--head", help="attentive (paper) or linear (baseline)."),
-    layers: str = typer.Option(
-        "last",
-        "--layers",
-        help="Blocks whose outputs are averaged: last (last 6), best (released AIMv1 only) or "
-        "i,j,k (negative counts from the end).",
+    force: bool = typer.Option(
+        False, "--force", help="Replace existing outputs.", rich_help_panel="Output"
     ),
-    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (AdamW)."),
-    weight_decay: float = typer.Option(0.05, "--weight-decay", help="AdamW weight decay."),
-    warmup_epochs: float = typer.Option(1.0, "--warmup-epochs", help="Linear warm-up length."),
-    augment: bool = typer.Option(
+    quiet: bool = typer.Option(
         False,
-        "--augment",
-        help="Random resized crops and flips; runs the trunk every step (no feature cache).",
+        "--quiet",
+        "-q",
+        help="No progress bars or per-epoch lines: warnings, errors and the summary only.",
+        rich_help_panel="Output",
     ),
-    val_fraction: float = typer.Option(
-        0.2, "--val-fraction", help="Held-out fraction when the data has no val/ folder."
-    ),
-    eval_only: bool = typer.Option(
-        False,
-        "--eval-only",
-        help="Evaluate a model that already has a classifier head, on val/ when the data has "
-        "one, else on every image.",
-    ),
-    random_init: bool = typer.Option(
-        False,
-        "--random-init",
-        help="Probe a randomly initialised trunk of the model's architecture (a baseline).",
-    ),
-    cache: bool = typer.Option(
-        True, "--cache/--no-cache", help="Cache the trunk's features on disk (float16)."
-    ),
-    cache_dir: Path | None = typer.Option(
-        None,
-        "--cache-dir",
-        help="Feature cache (default: $MLX_AIM_CACHE/features or ~/.cache/mlx-aim/features).",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the head's initialisation and batches."),
-    workers: int = typer.Option(2, "--workers", help="Image decoding threads."),
-    force: bool = typer.Option(False, "--force", help="Replace OUTPUT if it exists."),
+    **settings: Any,
 ) -> None:
     """Train an attentive probe on a frozen trunk, or evaluate a classifier (--eval-only).
 
     Reports top-1 / top-5 on the validation split every epoch and writes OUTPUT, a model directory that mlx_aim.load() returns as the full classifier (trunk + head), with classes.json and probe_report.json. Without --augment the trunk's features are computed once and cached, so more epochs and reruns only cost the head.
 
-    Examples:
+    [bold]Examples[/bold]
 
-      mlx-aim probe --model runs/aim-nano   (the built-in digits)
+      mlx-aim probe --model runs/aim-nano   [dim](the built-in digits; writes runs/aim-nano-probe)[/dim]
 
-      mlx-aim probe --model aim-nano --random-init   (a random trunk as baseline)
+      mlx-aim probe --model aim-nano --random-init   [dim](a random trunk as baseline)[/dim]
 
       mlx-aim probe --data ~/flowers --model aimv2-large-patch14-224 --epochs 30 -o probes/flowers
 
       mlx-aim probe --data ~/imagenet --model aim-600M --layers best --eval-only
-
-    Exit codes: 0 done; 1 bad input (model, data, option; one line on stderr); 2 usage error.
     """
-    import mlx_aim
-    from mlx_aim.datasets import builtin_dataset
-    from mlx_aim.probe import (
-        Hooks,
-        ProbeConfig,
-        evaluate_classifier,
-        load_dataset,
-        random_model,
-        read_classes,
-        save_evaluation,
-        save_probe,
-        train_probe,
-    )
-    from mlx_aim.registry import LAPTOP_ARCHITECTURES
-
-    if eval_only and random_init:
-        raise fail("--eval-only and --random-init exclude each other")
-    if not eval_only:
-        output = output or _default_output(model, head)
-        if output.exists() and not force:
-            raise fail(f"{output} already exists (use --force to replace it)")
-
-    def skipped(error) -> None:
-        err_console.print(f"skipped {error}", highlight=False, soft_wrap=True, markup=False)
-
-    with _bad_input():
-        config = ProbeConfig(
-            head=head,
-            layers=layers,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            augment=augment,
-            val_fraction=val_fraction,
-            seed=seed,
-            cache=cache,
-            cache_dir=str(cache_dir) if cache_dir else None,
-            num_workers=workers,
-        )
-        config.validate()
+    warn_if_slow_blas()
+    with reported_errors():
+        config = ProbeConfig(**settings).validate()
         data_dir = data if data is not None else builtin_dataset("digits")
-        # --eval-only scores val/ when the data has one, else every image
-        dataset = load_dataset(data_dir, 0.0 if eval_only else val_fraction, seed)
-        for error in dataset.errors:
-            skipped(error)
-        if random_init:
-            trunk = random_model(model, seed)
-        elif model in LAPTOP_ARCHITECTURES:
-            raise fail(
-                f"{model} is an architecture without released weights: pass a `mlx-aim train` "
-                "output directory, or add --random-init for a random baseline"
-            )
+        if eval_only:
+            if random_init:
+                raise InputError("--eval-only and --random-init exclude each other")
+            _evaluate(model, data_dir, output, config, force=force, quiet=quiet)
         else:
-            head_name = layers if layers in ("last", "best") else None
-            released_v1 = model in mlx_aim.REGISTRY and mlx_aim.REGISTRY[model].checkpoint
-            trunk = mlx_aim.load(model, head=head_name if eval_only and released_v1 else None)
-
-        with progress_bars() as bar:
-            hooks = Hooks(
-                log=lambda line: err_console.print(line, highlight=False),
-                on_error=skipped,
-                progress=bar,
+            output = output or default_output(model, config.head, random_init)
+            _train(
+                model, data_dir, output, config, random_init=random_init, force=force, quiet=quiet
             )
-            if eval_only:
-                items = dataset.val or dataset.train
-                result = evaluate_classifier(
-                    trunk,
-                    items,
-                    classes=dataset.classes,
-                    model_classes=read_classes(model) if Path(model).is_dir() else None,
-                    batch_size=batch_size,
-                    num_workers=workers,
-                    hooks=hooks,
-                )
-            else:
-                result = train_probe(trunk, dataset, config, model_name=model, hooks=hooks)
 
-    if eval_only:
-        split = "val" if dataset.val else "all"
-        typer.echo(
-            f"{model} on {data_dir} ({split}, {result['count']} images): "
-            f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
+
+def _check_cache(config: ProbeConfig) -> None:
+    """Refuse an unwritable feature cache before any work (``--no-cache`` avoids it)."""
+    if config.cache:
+        try:
+            check_destination(FeatureCache(config.cache_dir).root, overwrite=True, directory=True)
+        except OutputError as e:
+            raise OutputError(f"{e} (choose another --cache-dir, or --no-cache)") from None
+
+
+def _load_trunk(
+    model: str, *, random_init: bool, seed: int, head: str | None = None
+) -> mlx.nn.Module:
+    """The trunk to probe: random (--random-init), or what mlx_aim.load returns (``head``: a
+    released AIMv1 classifier head to attach)."""
+    if random_init:
+        return random_model(model, seed)
+    if model in LAPTOP_ARCHITECTURES:
+        raise InputError(
+            f"{model} is an architecture without released weights: pass a `mlx-aim train` "
+            "output directory, or add --random-init for a random baseline"
         )
-        if output is not None:
-            with _bad_input():
-                files = save_evaluation(result, output, model=model, data=str(data_dir))
-            typer.echo(f"wrote {' and '.join(str(f) for f in files)}")
-        return
+    return mlx_aim.load(model, head=head)
 
-    with _bad_input():
-        save_probe(result, output, overwrite=force)
-    final = result.report["final"]
-    summary = f"{head} probe on {model}: {result.report['num_train']} train images"
+
+def _hooks(bar: Callable[[str, int], Callable[[int], None]], quiet: bool) -> Hooks:
+    def log(line: str) -> None:
+        if not quiet:
+            err_console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+    return Hooks(log=log, on_error=lambda error: warn(f"skipped {error}"), progress=bar)
+
+
+def _train(
+    model: str,
+    data_dir: Path,
+    output: Path,
+    config: ProbeConfig,
+    *,
+    random_init: bool,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Check the destinations, train the probe, write OUTPUT and print the summary."""
+    check_destination(output, overwrite=force, directory=True)
+    _check_cache(config)
+    dataset = load_dataset(data_dir, config.val_fraction, config.seed)
+    check_classes(dataset)
+    for error in dataset.errors:
+        warn(f"skipped {error}")
+    trunk = _load_trunk(model, random_init=random_init, seed=config.seed)
+    with progress_bars(enabled=not quiet) as bar:
+        result = train_probe(
+            trunk,
+            dataset,
+            config,
+            model_name=model,
+            random_init=random_init,
+            hooks=_hooks(bar, quiet),
+        )
+    save_probe(result, output, overwrite=force)
+    report, final = result.report, result.report["final"]
+    trunk_kind = " (random initialisation)" if random_init else ""
+    summary = (
+        f"{config.head} probe on {model}{trunk_kind}: {plural(report['num_train'], 'train image')}"
+    )
     if final.get("top1") is not None:
         summary += f", val top-1 {100 * final['top1']:.2f}% top-5 {100 * final['top5']:.2f}%"
     typer.echo(summary)
     typer.echo(f"wrote {output} (mlx_aim.load it for the classifier)")
+    _exit_if_skipped(len(report["unreadable"]))
+
+
+def _evaluate(
+    model: str,
+    data_dir: Path,
+    output: Path | None,
+    config: ProbeConfig,
+    *,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Score a classifier on ``data_dir`` (val/ when it has one); write the results with -o."""
+    for file in eval_files(output) if output is not None else []:
+        check_destination(file, overwrite=force)
+    dataset = load_dataset(data_dir, 0.0, config.seed)  # val/ when there is one, else every image
+    for error in dataset.errors:
+        warn(f"skipped {error}")
+    released_v1 = model in mlx_aim.REGISTRY and mlx_aim.REGISTRY[model].checkpoint
+    released_head = config.layers if released_v1 and config.layers in ("last", "best") else None
+    trunk = _load_trunk(model, random_init=False, seed=config.seed, head=released_head)
+    with progress_bars(enabled=not quiet) as bar:
+        result = evaluate_classifier(
+            trunk,
+            dataset.val or dataset.train,
+            classes=dataset.classes,
+            model_classes=read_classes(model) if Path(model).is_dir() else None,
+            batch_size=config.forward_batch_size,
+            num_workers=config.workers,
+            hooks=_hooks(bar, quiet),
+        )
+    split = "val" if dataset.val else "all"
+    typer.echo(
+        f"{model} on {data_dir} ({split}, {plural(result['count'], 'image')}): "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
+    )
+    if output is not None:
+        files = save_evaluation(result, output, model=model, data=str(data_dir), overwrite=force)
+        typer.echo(f"wrote {' and '.join(str(f) for f in files)}")
+    _exit_if_skipped(len(dataset.errors) + len(result["unreadable"]))
+
+
+def _exit_if_skipped(unreadable: int) -> None:
+    """Exit code 4 (partial) when unreadable images were left out (each was named above)."""
+    if unreadable:
+        warn(f"{plural(unreadable, 'unreadable image')} left out (named above)")
+        raise typer.Exit(int(ExitCode.PARTIAL))
+
+
+_declared = list(inspect.signature(probe_command).parameters.values())[:-1]  # all but **settings
+probe_command.__signature__ = inspect.Signature(_declared + config_options(ProbeConfig, _SHORT))
 
 
 def register(app: typer.Typer) -> None:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import inspect
-import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import typer
 
-from mlx_aim.train.config import TrainConfig, config_fields, read_config_file
+from mlx_aim.train.config import TrainConfig, read_config_file
 
 from .errors import EXIT_CODES_HELP, reported_errors, warn_if_slow_blas
+from .options import config_options
 
 _SHORT = {
     "data": "-d",
@@ -23,29 +23,9 @@ _SHORT = {
 }
 
 
-def _annotation(kind: Any) -> Any:
-    """``X | None`` as ``Optional[X]`` (what Typer understands on every Python version)."""
-    args = typing.get_args(kind)
-    if type(None) in args:
-        (inner,) = [a for a in args if a is not type(None)]
-        return Optional[inner]  # noqa: UP045
-    return kind
-
-
 def _parameters() -> list[inspect.Parameter]:
     params = [inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)]
-    for f, kind in config_fields():
-        flag = f.name.replace("_", "-")
-        flag = f"--{flag}/--no-{flag}" if f.default is True else f"--{flag}"  # on by default
-        names = [flag] + ([_SHORT[f.name]] if f.name in _SHORT else [])
-        option = typer.Option(
-            f.default, *names, help=f.metadata["help"], rich_help_panel=f.metadata["panel"]
-        )
-        params.append(
-            inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=_annotation(kind)
-            )
-        )
+    params += config_options(TrainConfig, _SHORT)
     params.append(
         inspect.Parameter(
             "config_file",

@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 
 from .cpu_streams import StreamSplit, cpu_stream_count
 from .images import ImageError, open_image, to_rgb
+from .io import atomic_paths
 from .registry import default_preprocessing
 from .transforms import NativeResolution, Preprocessing
 
@@ -299,8 +299,8 @@ def items_fingerprint(items: Sequence[tuple[str | os.PathLike, int]]) -> str:
 class FeatureCache:
     """Feature sets on disk: ``<key>.npy`` (float16, memory-mapped) and ``<key>.json``.
 
-    An entry is written to temporary files and renamed into place, the JSON last, so a reader
-    sees a complete entry or none.
+    An entry is written through ``io.atomic_paths`` (temporary files renamed into place, the JSON
+    last), so a reader sees a complete entry or none.
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
@@ -332,24 +332,14 @@ class FeatureCache:
         cached = self.load(key)
         if cached is not None:
             return cached, True
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".npy")
-        os.close(fd)
-        try:
-            result = compute(Path(tmp))
-            if len(result):
-                os.replace(tmp, self.root / f"{key}.npy")
+        files = (self.root / f"{key}.npy", self.root / f"{key}.json")
+        with atomic_paths(*files) as (npy_file, meta_file):  # the JSON, read first, renamed last
+            result = compute(npy_file)
             meta = {
                 "count": len(result),
                 "labels": result.labels.tolist(),
                 "paths": result.paths,
                 "errors": result.errors,
             }
-            fd, tmp_meta = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".json")
-            with os.fdopen(fd, "w") as f:
-                json.dump(meta, f)
-            os.replace(tmp_meta, self.root / f"{key}.json")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            meta_file.write_text(json.dumps(meta))
         return self.load(key) or result, False
