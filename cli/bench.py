@@ -49,7 +49,7 @@ def bench_command(
     mlx_blas: str = typer.Option(
         "auto",
         "--mlx-blas",
-        help="MLX's BLAS: auto (mlx_aim.blas picks an optimized one), bundled (the wheel's), or "
+        help="MLX's BLAS: auto (mlx_aim.cpu.blas picks an optimized one), bundled (the wheel's), or "
         "both as 'auto,bundled' (first is the main column set).",
     ),
     threads: int | None = typer.Option(
@@ -68,7 +68,9 @@ def bench_command(
 
     Example: [bold]mlx-aim bench --config aim-tiny --batch-size 8 --json bench.json[/bold]
     """
-    from mlx_aim.bench import BenchOptions, run_benchmark, to_markdown, write_atomic
+    from mlx_aim.benchmark.report import to_markdown
+    from mlx_aim.benchmark.suite import BenchOptions, run_benchmark
+    from mlx_aim.io import write_text
 
     options = BenchOptions(
         config=config,
@@ -95,6 +97,6 @@ def bench_command(
     markdown = to_markdown(result)
     typer.echo(markdown)
     if json_out:
-        write_atomic(json_out, json.dumps(result, indent=2))
+        write_text(json_out, json.dumps(result, indent=2))
     if markdown_out:
-        write_atomic(markdown_out, markdown)
+        write_text(markdown_out, markdown)

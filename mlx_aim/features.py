@@ -27,7 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from PIL import Image
 
-from .cpu_streams import StreamSplit, cpu_stream_count
+from .cpu.streams import StreamSplit, cpu_stream_count
 from .images import ImageError, open_image, to_rgb
 from .registry import Preprocessing, default_preprocessing
 from .transforms import NativeResolution, Preprocess
@@ -131,7 +131,7 @@ class BatchRunner:
     ``fn`` is compiled once (``state``: arrays it reads, e.g. ``model.state``); a short batch is
     zero-padded to ``batch_size`` so the compiled graph keeps its shape, and the padding rows are
     cut from the result. On the CPU a batch is split over CPU streams that run in parallel
-    (``cpu_streams``; ``streams`` overrides the count). Every call evaluates its result. With
+    (``cpu.streams``; ``streams`` overrides the count). Every call evaluates its result. With
     ``compile=False`` (inputs of varying size, e.g. native resolution) nothing is padded or split.
     """
 

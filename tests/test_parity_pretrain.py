@@ -8,15 +8,15 @@ import torch
 from mlx.utils import tree_flatten
 from release_files import images, max_abs_diff, nhwc
 
-from mlx_aim.models import build_model
-from mlx_aim.objective import next_patch_loss, packed_next_patch_loss, packed_prediction_index
-from mlx_aim.reference.torch_aim import (
+from mlx_aim.benchmark.torch_reference import (
     AIMForPretrainingTorch,
     AIMv1Torch,
     AIMv2VisionTorch,
     aim_pretraining_loss_torch,
     init_random_,
 )
+from mlx_aim.models import build_model
+from mlx_aim.objective import next_patch_loss, packed_next_patch_loss, packed_prediction_index
 from mlx_aim.registry import pretrain_config
 
 CONV = "encoder.preprocessor.patchifier.proj.weight"

@@ -10,8 +10,8 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_aim.benchmark.torch_reference import REFERENCE_ARCHS, expected_state_dict_shapes
 from mlx_aim.models import build_model
-from mlx_aim.reference.torch_aim import REFERENCE_ARCHS, expected_state_dict_shapes
 from mlx_aim.registry import REGISTRY
 
 RELEASED = [name for name, entry in REGISTRY.items() if entry.checkpoint is not None]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
-from mlx_aim.reference.torch_aim import (
+from mlx_aim.benchmark.torch_reference import (
     REFERENCE_ARCHS,
     AIMForPretrainingTorch,
     AIMv1Torch,

@@ -26,7 +26,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..blas import blas_info
+from ..cpu.blas import blas_info
 from ..data import ImageLoader
 from ..images import ImageError
 from ..models import build_model
