@@ -29,6 +29,7 @@ from PIL import Image
 
 from .cpu.streams import StreamSplit, cpu_stream_count
 from .images import ImageError, open_image, to_rgb
+from .models.layers import layer_average as layer_average  # the one definition; re-exported
 from .registry import Preprocessing, default_preprocessing
 from .transforms import NativeResolution, Preprocess
 
@@ -117,12 +118,6 @@ def preprocess(model: nn.Module, images: ImageLike | Sequence[ImageLike]) -> mx.
             "preprocess them one at a time"
         )
     return mx.array(np.stack(arrays))
-
-
-def layer_average(model: nn.Module, images: mx.array, layers: Sequence[int]) -> mx.array:
-    """Mean of the raw outputs of ``layers`` (B, N, D); later blocks are not run."""
-    features = model.extract_features(images, max_block_id=max(layers))
-    return mx.mean(mx.stack([features[i] for i in layers]), axis=0)
 
 
 class BatchRunner:

@@ -48,6 +48,7 @@ from .features import (
 )
 from .images import ImageError
 from .models import build_model, build_model_args
+from .models.base import last_six_blocks
 from .models.layers import build_classifier
 from .registry import REGISTRY, Preprocessing, default_preprocessing
 from .transforms import Preprocess, TrainTransform
@@ -151,7 +152,7 @@ def resolve_layers(spec: str | Sequence[int], args: Any, name: str | None = None
     if isinstance(spec, str):
         spec = spec.strip()
         if spec == "last":
-            return list(range(max(0, n - 6), n))
+            return last_six_blocks(n)
         if spec == "best":
             best = known_best_layers(args, name)
             if not best:

@@ -10,15 +10,13 @@ import mlx.nn as nn
 from .base import BaseModelArgs, ConfigError
 from .layers import (
     Block,
-    ClassifierMixin,
-    Mask,
     PatchEmbed,
     SinCosPreprocessor,
     SwiGLU,
     Transformer,
+    VisionEncoder,
     build_classifier,
     rms_norm,
-    sanitize_vision_weights,
 )
 
 
@@ -73,7 +71,7 @@ class AbsolutePreprocessor(nn.Module):
         return tokens + self.pos_embed
 
 
-class Model(ClassifierMixin, nn.Module):
+class Model(VisionEncoder):
     """AIMv2 vision encoder.
 
     ``model(images)`` returns the final-norm tokens (B, N, D), or logits (B, classes) when a probe
@@ -99,17 +97,3 @@ class Model(ClassifierMixin, nn.Module):
         self.trunk = Transformer(blocks, rms_norm(dim))
         if args.num_classes:
             self.head = build_classifier(args)
-
-    def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
-        """Final-norm tokens (B, N, D)."""
-        return self.trunk(self.preprocessor(images), mask)
-
-    def extract_features(
-        self, images: mx.array, mask: Mask = None, max_block_id: int = -1
-    ) -> list[mx.array]:
-        """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
-        return self.trunk.features(self.preprocessor(images), mask, max_block_id)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Transpose a torch-layout patch weight; idempotent."""
-        return sanitize_vision_weights(self, weights)
