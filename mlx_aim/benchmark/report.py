@@ -13,11 +13,23 @@ def _fmt(value: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The result as the markdown section the README shows."""
-    m = result["machine"]
-    memory = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
     lines = [
         f"### {result['config']}, batch {result['batch_size']}",
         "",
+        *_setup_lines(result),
+        "",
+        *_table_lines(result),
+        "",
+        *_note_lines(result),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _setup_lines(result: dict[str, Any]) -> list[str]:
+    """Machine, command, matmul peaks and FLOP counts: what the table's numbers mean."""
+    m = result["machine"]
+    memory = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
+    return [
         f"Machine: {m['cpu']}, {m['cores']} cores{memory}, {m['os']}; Python {m['python']}, "
         f"MLX {m['mlx']} ({m['mlx_device']})"
         + (f", torch {m['torch']}" if m.get("torch") else "")
@@ -47,7 +59,12 @@ def to_markdown(result: dict[str, Any]) -> str:
             if f is not None and task in result["tasks"]
         )
         + ".",
-        "",
+    ]
+
+
+def _table_lines(result: dict[str, Any]) -> list[str]:
+    """One row per task and implementation."""
+    lines = [
         "| task | implementation | images/s | best | step ms | GFLOP/s | MFU | MFU own "
         "| RSS rise MiB | MLX peak MiB | MLX B/image | mlx-aim is |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -69,7 +86,12 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"| {_fmt(r.get('mlx_peak_bytes'), '.0f', MIB)} "
                 f"| {_fmt(r.get('mlx_bytes_per_image'), '.2e')} | {versus} |"
             )
-    lines += ["", _agreement_line(result)]
+    return lines
+
+
+def _note_lines(result: dict[str, Any]) -> list[str]:
+    """Agreement, warnings, and the optional checkpointing, growth and loader results."""
+    lines = [_agreement_line(result)]
     split = [
         f"{task} {label}: {r['cpu_streams']}"
         for task, per_impl in result["results"].items()
@@ -111,7 +133,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             ]
     if result.get("notes") or result.get("errors"):
         lines += ["", *(f"- {n}" for n in result["notes"] + result["errors"])]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _agreement_line(result: dict) -> str:
