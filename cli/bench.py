@@ -9,15 +9,21 @@ from pathlib import Path
 
 import typer
 
-from .errors import fail, user_errors
-from .main import app
+from mlx_aim.errors import InputError
+from mlx_aim.io import check_destination, write_text
+
+from .errors import EXIT_CODES_HELP, reported_errors, warn_if_slow_blas
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``mlx-aim bench`` to ``app``."""
+    app.command("bench", epilog=EXIT_CODES_HELP)(bench_command)
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
-@app.command("bench")
 def bench_command(
     config: str = typer.Option(
         ..., "--config", help="Registry name (mlx-aim models) or 'vit-s' (= aim-small's shape)."
@@ -60,6 +66,10 @@ def bench_command(
     timeout: float = typer.Option(1800, "--timeout", help="Seconds allowed per worker process."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the full result as JSON."),
     markdown_out: Path | None = typer.Option(None, "--markdown", help="Write the markdown table."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace existing --json / --markdown files."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress lines on stderr."),
 ) -> None:
     """Benchmark the pre-training step and embedding throughput, side by side.
 
@@ -70,7 +80,6 @@ def bench_command(
     """
     from mlx_aim.benchmark.report import to_markdown
     from mlx_aim.benchmark.suite import BenchOptions, run_benchmark
-    from mlx_aim.io import write_text
 
     options = BenchOptions(
         config=config,
@@ -88,15 +97,24 @@ def bench_command(
         threads=threads,
         timeout=timeout,
         command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        verbose=not quiet,
     )
-    with user_errors():
+    with reported_errors():
+        if timeout <= 0:
+            raise InputError(f"--timeout must be > 0 seconds, not {timeout}")
+        if growth_depth < 1:
+            raise InputError(f"--growth-depth must be >= 1, not {growth_depth}")
+        for out in (json_out, markdown_out):
+            if out is not None:
+                check_destination(out, overwrite=force)
+        warn_if_slow_blas()
         try:
             result = run_benchmark(options)
         except ValueError as e:
-            raise fail(str(e)) from None
-    markdown = to_markdown(result)
-    typer.echo(markdown)
-    if json_out:
-        write_text(json_out, json.dumps(result, indent=2))
-    if markdown_out:
-        write_text(markdown_out, markdown)
+            raise InputError(str(e)) from None
+        markdown = to_markdown(result)
+        typer.echo(markdown)
+        if json_out:
+            write_text(json_out, json.dumps(result, indent=2))
+        if markdown_out:
+            write_text(markdown_out, markdown)

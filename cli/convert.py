@@ -6,11 +6,20 @@ from pathlib import Path
 
 import typer
 
-from .errors import fail, user_errors
-from .main import app
+from mlx_aim.errors import InputError
+from mlx_aim.io import check_destination
+
+from .errors import EXIT_CODES_HELP, reported_errors
+from .progress import working
+
+DTYPES = ("float32", "float16", "bfloat16")
 
 
-@app.command("convert")
+def register(app: typer.Typer) -> None:
+    """Add ``mlx-aim convert`` to ``app``."""
+    app.command("convert", epilog=EXIT_CODES_HELP)(convert_command)
+
+
 def convert_command(
     source: str = typer.Argument(
         ...,
@@ -34,6 +43,7 @@ def convert_command(
         None, "--dtype", help="Store weights as float32, float16 or bfloat16 (default: as read)."
     ),
     force: bool = typer.Option(False, "--force", help="Replace DESTINATION if it exists."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Convert a checkpoint into mlx-aim's format (config.json + model.safetensors).
 
@@ -49,17 +59,22 @@ def convert_command(
 
     from mlx_aim.convert import convert
 
-    if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-        raise fail(f"--dtype must be float32, float16 or bfloat16, not {dtype!r}")
-    with user_errors():
-        path = convert(
-            source,
-            destination,
-            head=head,
-            arch=arch,
-            probe_layers=probe_layers,
-            revision=revision,
-            dtype=getattr(mx, dtype) if dtype else None,
-            force=force,
-        )
+    with reported_errors():
+        if dtype is not None and dtype not in DTYPES:
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        check_destination(destination, overwrite=force, directory=True)
+        with working(f"converting {source}", enabled=not quiet):
+            try:
+                path = convert(
+                    source,
+                    destination,
+                    head=head,
+                    arch=arch,
+                    probe_layers=probe_layers,
+                    revision=revision,
+                    dtype=getattr(mx, dtype) if dtype else None,
+                    force=force,
+                )
+            except ValueError as e:  # unreadable metadata in the source (e.g. invalid JSON)
+                raise InputError(f"{source}: {e}") from None
     typer.echo(f"wrote {path}")

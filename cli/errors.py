@@ -9,17 +9,29 @@ keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
+import sys
 from collections.abc import Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError
-from mlx_aim.io import output_error
+from mlx_aim.io import os_reason, output_error
 
 err_console = Console(stderr=True)
 
-__all__ = ["EXIT_CODES_HELP", "ExitCode", "err_console", "fail", "reported_errors", "warn"]
+__all__ = [
+    "EXIT_CODES_HELP",
+    "ExitCode",
+    "err_console",
+    "fail",
+    "reported_errors",
+    "warn",
+    "warn_if_slow_blas",
+]
 
 # Standard errors that still reach a command from libraries; they mean bad input.
 _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError, ImportError)
@@ -28,13 +40,33 @@ _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyEr
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr (one line, shown even with --quiet)."""
     err_console.print(
-        f"[bold yellow]warning:[/bold yellow] {message}", highlight=False, soft_wrap=True
+        f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False, soft_wrap=True
     )
+
+
+@functools.cache
+def warn_if_slow_blas() -> None:
+    """Warn (once) when MLX's CPU matmuls run on the reference BLAS of its Linux wheel (~8x slower).
+
+    Call it at the start of a command that computes on the CPU, after ``mlx_aim`` is imported.
+    """
+    import mlx.core as mx
+
+    from mlx_aim.cpu.blas import blas_info
+
+    on_linux_cpu = sys.platform.startswith("linux") and mx.default_device().type == mx.cpu
+    if on_linux_cpu and blas_info() is None:
+        warn(
+            "MLX runs its CPU matmuls on the slow reference BLAS of its wheel (about 8x slower); "
+            "fix: sudo apt-get install libopenblas0-pthread (or pip install 'mlx-aim[fast-cpu]')"
+        )
 
 
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(
+        f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True
+    )
     return typer.Exit(int(code))
 
 
@@ -45,16 +77,18 @@ def reported_errors() -> Iterator[None]:
         yield
     except MlxAimError as e:
         raise fail(str(e), e.exit_code) from None
+    except BrokenPipeError:  # the reader went away (``mlx-aim models | head``): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(int(ExitCode.OUTPUT)) from None
     except _INPUT_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise fail(str(message)) from None
     except OSError as e:  # an output that cannot be written (exists, read-only, full)
-        message = str(output_error(e.filename, e)) if e.filename else str(e)
+        message = str(output_error(e.filename, e)) if e.filename else os_reason(e)
         raise fail(message, ExitCode.OUTPUT) from None
     except KeyboardInterrupt:
         raise fail("interrupted", ExitCode.INTERRUPTED) from None
 
 
-# Transitional names for commands not yet moved to reported_errors (removed once all are).
+# Transitional name for cli/probe.py until it runs in reported_errors (then removed).
 user_errors = reported_errors
-EXIT_BAD_INPUT = ExitCode.BAD_INPUT

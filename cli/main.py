@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+
 import typer
-from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     name="mlx-aim",
@@ -15,30 +15,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-
-@app.command("models")
-def models_command() -> None:
-    """List the named architectures and released checkpoints.
-
-    Example: [bold]mlx-aim models[/bold]
-    """
-    from mlx_aim.registry import REGISTRY
-
-    table = Table("name", "type", "width", "depth", "heads", "patch", "size", "weights")
-    for name, entry in REGISTRY.items():
-        c = entry.config
-        weights = entry.checkpoint.repo if entry.checkpoint else "train it yourself"
-        table.add_row(
-            name,
-            c["model_type"],
-            str(c["embed_dim"]),
-            str(c["num_blocks"]),
-            str(c["num_heads"]),
-            str(c["patch_size"]),
-            str(c["image_size"]),
-            weights,
-        )
-    Console().print(table)
+# The modules under cli/ that each add their command(s) to ``app`` with ``register(app)``, in the
+# order ``mlx-aim --help`` lists them.
+COMMANDS = (
+    "models",
+    "convert",
+    "train",
+    "probe",
+    "embed",
+    "zero_shot",
+    "bench",
+)
 
 
 def version_callback(value: bool) -> None:
@@ -65,6 +52,8 @@ def main(
     """AIM and AIMv2 image models in MLX."""
 
 
-# Sub-commands live in their own modules and register themselves on ``app``.
-for _module in ("convert", "probe", "embed", "bench", "train"):
-    __import__(f"cli.{_module}")
+for _name in COMMANDS:
+    importlib.import_module(f"cli.{_name}").register(app)
+
+if __name__ == "__main__":
+    app()

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import typer
 
-from .errors import err_console, fail, user_errors
-from .main import app
+from .errors import EXIT_CODES_HELP, err_console, fail, user_errors
 from .progress import progress_bars
 
 
@@ -27,7 +26,6 @@ def _default_output(model: str, head: str) -> Path:
     return Path(f"{Path(model.rstrip('/')).name}-{head}-probe")
 
 
-@app.command("probe")
 def probe_command(
     model: str = typer.Option(
         ...,
@@ -208,3 +206,8 @@ def probe_command(
         summary += f", val top-1 {100 * final['top1']:.2f}% top-5 {100 * final['top5']:.2f}%"
     typer.echo(summary)
     typer.echo(f"wrote {output} (mlx_aim.load it for the classifier)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``mlx-aim probe`` to ``app``."""
+    app.command("probe", epilog=EXIT_CODES_HELP)(probe_command)

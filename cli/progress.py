@@ -1,4 +1,4 @@
-"""Rich progress bars on stderr for long commands (shown only on a terminal)."""
+"""Progress on stderr for long commands (shown only on a terminal), and counted nouns."""
 
 from __future__ import annotations
 
@@ -17,19 +17,26 @@ from rich.progress import (
 from .errors import err_console
 
 
-@contextmanager
-def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Yield ``bar(description, total) -> advance(n)``; a finished bar disappears."""
-    progress = Progress(
+def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
+    """``"1 file"``, ``"3 files"`` (``plural_noun`` for irregular nouns)."""
+    return f"{count} {noun if count == 1 else plural_noun or noun + 's'}"
+
+
+def _progress(enabled: bool, *columns) -> Progress:
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
+        *columns,
         console=err_console,
         transient=True,
         disable=not (enabled and err_console.is_terminal),
     )
+
+
+@contextmanager
+def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """Yield ``bar(description, total) -> advance(n)``; a finished bar disappears."""
+    progress = _progress(enabled, MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
 
     def bar(description: str, total: int) -> Callable[[int], None]:
         task = progress.add_task(description, total=total)
@@ -43,3 +50,12 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callabl
 
     with progress:
         yield bar
+
+
+@contextmanager
+def working(description: str, enabled: bool = True) -> Iterator[None]:
+    """A pulsing bar with the elapsed time for a step whose length is unknown; gone when done."""
+    progress = _progress(enabled, TimeElapsedColumn())
+    progress.add_task(description, total=None)
+    with progress:
+        yield

@@ -8,27 +8,19 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from typer.core import TyperCommand
 
 from mlx_aim.train.config import TrainConfig, config_fields, read_config_file
-from mlx_aim.train.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, TrainError
 
-from .errors import err_console, fail
-from .main import app
+from .errors import EXIT_CODES_HELP, reported_errors, warn_if_slow_blas
 
-_SHORT = {"data": "-d", "model": "-m", "output": "-o", "steps": "-n", "batch_size": "-b"}
-
-
-class _TrainCommand(TyperCommand):
-    """Usage errors exit with code 1 here: code 2 means "stopped on a non-finite loss"."""
-
-    def parse_args(self, ctx, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except Exception as e:  # click's UsageError (Typer may vendor its own click)
-            if any(kind.__name__ == "UsageError" for kind in type(e).__mro__):
-                e.exit_code = EXIT_BAD_INPUT
-            raise
+_SHORT = {
+    "data": "-d",
+    "model": "-m",
+    "output": "-o",
+    "steps": "-n",
+    "batch_size": "-b",
+    "quiet": "-q",
+}
 
 
 def _annotation(kind: Any) -> Any:
@@ -92,26 +84,24 @@ def train_command(ctx: typer.Context, config_file: Path | None = None, **flags: 
 
       mlx.launch -n 2 -- mlx-aim train --data ~/Pictures -b 64   [dim](data parallel)[/dim]
 
-    [bold]Exit codes[/bold]: 0 done, 1 bad input or usage, 2 stopped on a non-finite loss or
-    gradient, 3 output directory not writable, full or in use by another run, 130 interrupted.
+    Ctrl-C, SIGTERM and SIGHUP finish the current step, write a checkpoint and the trunk, and
+    exit; running the same command again continues the run.
     """
     from mlx_aim.train import train
 
-    try:
+    warn_if_slow_blas()
+    with reported_errors():
         values = read_config_file(config_file) if config_file is not None else {}
         for name, value in flags.items():
             explicit = getattr(ctx.get_parameter_source(name), "name", "") != "DEFAULT"
             if name not in values or explicit:
                 values[name] = value
         train(TrainConfig.from_dict(values, "flags"))
-    except Interrupted as e:
-        err_console.print(str(e), highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-    except TrainError as e:
-        raise fail(str(e), e.exit_code) from None
-    except KeyboardInterrupt:
-        raise fail("interrupted", EXIT_INTERRUPTED) from None
 
 
 train_command.__signature__ = inspect.Signature(_parameters())
-app.command("train", cls=_TrainCommand)(train_command)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``mlx-aim train`` to ``app``."""
+    app.command("train", epilog=EXIT_CODES_HELP)(train_command)

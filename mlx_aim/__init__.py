@@ -18,6 +18,7 @@ _API = {
     "Preprocessing": "registry",
     "build_model": "models",
     "load": "loading",
+    "load_tokenizer": "tokenizer",
     "save_model": "weights",
 }
 __all__ = [*_API, "__version__"]

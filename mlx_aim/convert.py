@@ -6,7 +6,10 @@ Sources (``import_checkpoint``):
 - safetensors in the ml-aim layout (``apple/aim*`` / ``apple/aimv2-*`` at ml-aim's pinned revisions,
   and the official ``mlx_model.safetensors``), read without torch;
 - safetensors in the transformers ``Aimv2VisionModel`` layout (with its ``config.json``);
-- a registry name (``aimv2-large-patch14-224``, ``aim-600M``) or hub repo id, via the local HF cache.
+- a registry name (``aimv2-large-patch14-224``, ``aim-600M``) or hub repo id, via the local HF cache;
+- the AIMv2 LiT dual encoder in the ml-aim ``AIMv2LiT`` layout (``image_encoder.*``,
+  ``text_encoder.*``) or the transformers ``Aimv2Model`` layout (``vision_model.*``,
+  ``text_model.*``), with the tokenizer files found beside the weights.
 
 Every import is strict: each source tensor must land on a parameter and each parameter must be
 filled with the right shape (checked by ``weights.check_weights`` when the model is built).
@@ -28,7 +31,16 @@ import numpy as np
 from .hub import fetch
 from .models import build_model
 from .models.base import ConfigError
-from .registry import REGISTRY, Entry, Preprocessing, default_preprocessing, get_entry
+from .registry import (
+    LIT_NAME,
+    REGISTRY,
+    Entry,
+    Preprocessing,
+    aim_v2_preprocessing,
+    default_preprocessing,
+    get_entry,
+)
+from .tokenizer import BPE_FILES, copy_tokenizer_files, has_tokenizer
 from .weights import (
     CONFIG_FILE,
     INDEX_FILE,
@@ -51,6 +63,26 @@ TRANSFORMERS_RENAMES = [
     (r"^rms_norm\.", "trunk.post_trunk_norm."),
 ]
 
+# transformers ``Aimv2Model`` keys outside the two trunks -> ml-aim ``AIMv2LiT`` keys.
+TRANSFORMERS_LIT_RENAMES = [
+    (r"^vision_model\.head\.cls_token$", "image_encoder.head.cls_token"),
+    (r"^vision_model\.head\.k_proj\.", "image_encoder.head.k."),
+    (r"^vision_model\.head\.v_proj\.", "image_encoder.head.v."),
+    (r"^vision_model\.head\.output_proj\.", "image_encoder.head.linear."),
+    (
+        r"^text_model\.embeddings\.token_embedding\.weight$",
+        "text_encoder.preprocessor.text_embedding.weight",
+    ),
+    (
+        r"^text_model\.embeddings\.position_embedding\.weight$",
+        "text_encoder.preprocessor.positional_embedding",
+    ),
+    (r"^visual_projection\.", "image_projector."),
+    (r"^text_projection\.", "text_projector."),
+    (r"^logit_scale$", "log_logit_scale"),
+]
+TEXT_TOWER_PREFIXES = ("text_model.", "text_encoder.")
+
 
 @dataclass
 class ImportedCheckpoint:
@@ -59,6 +91,7 @@ class ImportedCheckpoint:
     config: dict[str, Any]
     weights: dict[str, mx.array]
     preprocessing: Preprocessing
+    tokenizer_dir: Path | None = None  # LiT: where the tokenizer files are
 
 
 def read_pth(path: str | Path) -> dict[str, mx.array]:
@@ -117,6 +150,63 @@ def from_transformers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
     return out
 
 
+def lit_from_transformers(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Map transformers ``Aimv2Model`` keys to ml-aim ``AIMv2LiT`` keys."""
+    out: dict[str, mx.array] = {}
+    towers: dict[str, dict[str, mx.array]] = {"vision_model.": {}, "text_model.": {}}
+    for key, value in weights.items():
+        new = key
+        for pattern, replacement in TRANSFORMERS_LIT_RENAMES:
+            new = re.sub(pattern, replacement, new)
+        tower = next((t for t in towers if key.startswith(t)), None)
+        if new != key or tower is None:
+            out[new] = value
+        else:
+            towers[tower][key.removeprefix(tower)] = value
+    for tower, ours in (("vision_model.", "image_encoder."), ("text_model.", "text_encoder.")):
+        out.update({ours + k: v for k, v in from_transformers(towers[tower]).items()})
+    return out
+
+
+def _lit_transformers_config(hf: dict[str, Any]) -> dict[str, Any]:
+    text = hf.get("text_config") or {}
+    try:
+        return {
+            "model_type": "aim_v2_lit",
+            "vision": _transformers_config(hf),
+            "text_embed_dim": text["hidden_size"],
+            "text_num_blocks": text["num_hidden_layers"],
+            "text_num_heads": text["num_attention_heads"],
+            "text_mlp_hidden_dim": text["intermediate_size"],
+            "vocab_size": text["vocab_size"],
+            "max_context_length": text.get("max_position_embeddings", 77),
+            "eos_token_id": text.get("eos_token_id", 49407),
+            "projection_dim": hf.get("projection_dim", 512),
+            "max_logit_scale": float(hf.get("max_logit_scale", 100.0)),
+        }
+    except KeyError as e:
+        raise ConfigError(f"transformers config lacks text_config field {e}") from None
+
+
+def _interpret_lit(
+    weights: dict[str, mx.array], hf_config: dict[str, Any] | None, arch: str | None
+) -> ImportedCheckpoint:
+    """An AIMv2 LiT checkpoint in either layout; without a config, the registered architecture."""
+    if any(k.startswith("text_model.") for k in weights):
+        weights = lit_from_transformers(weights)
+    if arch is not None:
+        config = dict(get_entry(arch).config)
+    elif hf_config is not None and hf_config.get("model_type") == "aimv2":
+        config = _lit_transformers_config(hf_config)
+    elif hf_config is not None and hf_config.get("model_type") == "aim_v2_lit":
+        config = hf_config  # an mlx-aim directory
+    else:
+        config = dict(get_entry(LIT_NAME).config)
+    if config.get("model_type") != "aim_v2_lit":
+        raise WeightsError(f"has a text tower, but {arch} is not a LiT architecture")
+    return ImportedCheckpoint(config, weights, aim_v2_preprocessing(config["vision"]["image_size"]))
+
+
 def _transformers_config(hf: dict[str, Any]) -> dict[str, Any]:
     hf = hf.get("vision_config", hf)
     try:
@@ -156,7 +246,7 @@ def infer_config(weights: dict[str, mx.array], arch: str | None = None) -> dict[
     pos = weights.get("preprocessor.pos_embed")
     for entry in REGISTRY.values():
         c = entry.config
-        if (c["model_type"] == "aim_v2") != is_v2:
+        if c["model_type"] not in ("aim_v1", "aim_v2") or (c["model_type"] == "aim_v2") != is_v2:
             continue
         if (c["embed_dim"], c["num_blocks"], c["patch_size"]) != (dim, blocks, patch):
             continue
@@ -238,8 +328,8 @@ def _interpret(
     arch: str | None,
     probe_layers: str | None,
 ) -> ImportedCheckpoint:
-    if any(k.startswith(("text_model.", "text_encoder.")) for k in weights):
-        raise WeightsError("has a text tower; mlx-aim imports vision encoders only")
+    if any(k.startswith(TEXT_TOWER_PREFIXES) for k in weights):
+        return _interpret_lit(weights, hf_config, arch)
     weights = {k.removeprefix("vision_model."): v for k, v in weights.items()}
     if any(k.startswith(("embeddings.", "encoder.layers.")) for k in weights):
         if hf_config is None and arch is None:
@@ -286,6 +376,13 @@ def _hub_files(name: str, revision: str | None, head: str | None) -> tuple[list[
     return files, name
 
 
+def _hub_tokenizer(entry: Entry, revision: str | None) -> Path:
+    """The folder of a released LiT checkpoint's tokenizer files (cached or downloaded)."""
+    ckpt = entry.checkpoint
+    paths = [fetch(ckpt.repo, name, revision or ckpt.revision) for name in BPE_FILES]
+    return paths[0].parent  # every file of one revision lands in its snapshot folder
+
+
 def import_checkpoint(
     source: str | Path,
     *,
@@ -313,6 +410,8 @@ def import_checkpoint(
         entry = get_entry(name)
         imported = _from_files(files, None, name, head_name)
         imported.preprocessing = entry.preprocessing
+        if imported.config["model_type"] == "aim_v2_lit":
+            imported.tokenizer_dir = _hub_tokenizer(entry, revision)
         return imported
     if not path.exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         match = next(
@@ -346,7 +445,11 @@ def import_checkpoint(
         files.append(Path(head).expanduser())
     if hf_config is not None and hf_config.get("model_type") in ("aim_v1", "aim_v2"):
         hf_config = None  # an mlx-aim directory: its weights carry ml-aim keys
-    return _from_files(files, hf_config, arch, probe_layers)
+    imported = _from_files(files, hf_config, arch, probe_layers)
+    if imported.config["model_type"] == "aim_v2_lit":
+        folder = path if path.is_dir() else path.parent
+        imported.tokenizer_dir = folder if has_tokenizer(folder) else None
+    return imported
 
 
 def build_imported(
@@ -381,4 +484,7 @@ def convert(
         source, head=head, arch=arch, probe_layers=probe_layers, revision=revision
     )
     model = build_imported(imported, source, dtype)
-    return save_model(model, destination, preprocessing=imported.preprocessing, overwrite=force)
+    saved = save_model(model, destination, preprocessing=imported.preprocessing, overwrite=force)
+    if imported.tokenizer_dir is not None:
+        copy_tokenizer_files(imported.tokenizer_dir, saved)
+    return saved

@@ -14,14 +14,17 @@ native-resolution AIMv2 keeps each image's aspect ratio and pads it to whole pat
 Poolings: ``mean`` (mean of the final-norm tokens, the AIMv2 default), ``head`` (the attention
 pool of the model's classifier head), ``layers`` (token mean of the average of chosen raw block
 outputs, the AIMv1 convention, default for AIMv1 trunks), ``tokens`` (all final-norm patch tokens,
-(N, D) per image). ``auto`` picks ``head`` when the model has one, else the family default.
+(N, D) per image), ``projection`` (a LiT model's image embedding, in the space of its text
+embeddings; its default). ``auto`` picks ``projection`` for LiT, ``head`` when the model has one,
+else the family default.
+
+``embed_texts`` embeds strings with a LiT model's text tower and tokenizer.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from .data import ImageLoader
+from .errors import InputError
 from .features import (
     BatchRunner,
     ImageLike,
@@ -42,8 +46,11 @@ from .features import (
     vision_model,
 )
 from .images import ImageError
+from .io import atomic_paths
+from .models.aim_v2_lit import l2_normalize
+from .tokenizer import model_tokenizer
 
-POOLS = ("auto", "mean", "head", "layers", "tokens")
+POOLS = ("auto", "mean", "head", "layers", "tokens", "projection")
 FORMATS = (".npy", ".safetensors", ".jsonl")
 PATHS_SUFFIX = ".paths.txt"
 
@@ -51,7 +58,10 @@ Embeddings = np.ndarray | list[np.ndarray]
 
 
 def default_pool(model: nn.Module) -> str:
-    """``head`` for a model with a classifier head, ``mean`` for AIMv2, ``layers`` for AIMv1."""
+    """``projection`` for LiT, ``head`` for a model with a classifier head, ``mean`` for AIMv2,
+    ``layers`` for AIMv1."""
+    if model.args.model_type == "aim_v2_lit":
+        return "projection"
     trunk = vision_model(model)
     if "head" in trunk:
         return "head"
@@ -68,6 +78,10 @@ def pooling(
         raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
     if layers is not None and pool != "layers":
         raise ValueError("layers only apply to the 'layers' pooling")
+    if pool == "projection":
+        if model.args.model_type != "aim_v2_lit":
+            raise ValueError("only LiT models (with a text tower) have the 'projection' pooling")
+        return model.encode_image
     if pool == "head":
         if "head" not in trunk:
             raise ValueError("this model has no classifier head to pool with; use mean or layers")
@@ -240,6 +254,26 @@ def embed_images(
     return embedder(images)
 
 
+def embed_texts(
+    model: nn.Module, texts: Sequence[str], *, normalize: bool = False, batch_size: int = 64
+) -> np.ndarray:
+    """Text embeddings (N, projection_dim) float32 of strings, from a LiT model's text tower.
+
+    The strings are tokenized with ``model.tokenizer`` (the checkpoint's own tokenizer).
+    """
+    if model.args.model_type != "aim_v2_lit":
+        raise ValueError(
+            f"model type {model.args.model_type!r} has no text tower; use a LiT model "
+            "(aimv2-large-patch14-224-lit)"
+        )
+    tokenizer = model_tokenizer(model)
+    out = [np.zeros((0, model.args.projection_dim), np.float32)]
+    for i in range(0, len(texts), batch_size):
+        vectors = model.encode_text(tokenizer(texts[i : i + batch_size])).astype(mx.float32)
+        out.append(np.asarray(l2_normalize(vectors) if normalize else vectors))
+    return np.concatenate(out)
+
+
 # --------------------------------------------------------------------------------------------
 # output files
 
@@ -248,7 +282,7 @@ def output_format(path: str | os.PathLike) -> str:
     """The output format of ``path`` from its suffix (``.npy``, ``.safetensors``, ``.jsonl``)."""
     suffix = Path(path).suffix.lower()
     if suffix not in FORMATS:
-        raise ValueError(
+        raise InputError(
             f"{path}: unknown output format {suffix or '(no suffix)'!r}; use {', '.join(FORMATS)}"
         )
     return suffix
@@ -260,10 +294,23 @@ def paths_file(path: str | os.PathLike) -> Path:
     return path.with_name(path.stem + PATHS_SUFFIX)
 
 
-def _temp_beside(path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
+def output_files(path: str | os.PathLike) -> list[Path]:
+    """Every file :func:`save_embeddings` writes for ``path`` (``.npy`` comes with its list)."""
+    path = Path(path)
+    return [paths_file(path), path] if output_format(path) == ".npy" else [path]
+
+
+def check_sources(path: str | os.PathLike, sources: Sequence[str | os.PathLike]) -> None:
+    """Refuse source paths that ``path``'s format cannot record (a line break in a ``.npy``'s
+    path list); call it before embedding anything."""
+    if output_format(path) != ".npy":
+        return
+    broken = next((str(s) for s in sources if "\n" in str(s)), None)
+    if broken is not None:
+        raise InputError(
+            f"{broken!r} has a line break, which {paths_file(path)} cannot list; write "
+            ".safetensors or .jsonl instead"
+        )
 
 
 def save_embeddings(
@@ -271,56 +318,45 @@ def save_embeddings(
 ) -> list[Path]:
     """Write embeddings and their source paths (same order) atomically; returns the files.
 
-    - ``.npy``: the (B, ...) float32 array, plus ``<stem>.paths.txt`` (one path a line);
+    - ``.npy``: the (B, ...) float32 array, plus ``<stem>.paths.txt`` (one path a line, the
+      file-system bytes of each name kept as they are);
     - ``.safetensors``: tensor ``embeddings``, the paths as JSON in the metadata key ``paths``;
     - ``.jsonl``: one ``{"path": ..., "embedding": [...]}`` object a line (the only format for
       embeddings of different shapes, e.g. native-resolution tokens).
+
+    Every file appears complete or not at all (paired files are replaced together), with the
+    user's umask; a failure to write is an :class:`~mlx_aim.errors.OutputError`.
     """
     path = Path(path)
     fmt = output_format(path)
     paths = [str(p) for p in paths]
     if len(paths) != len(embeddings):
         raise ValueError(f"{len(embeddings)} embeddings but {len(paths)} paths")
-    ragged = isinstance(embeddings, list)
-    if ragged and fmt != ".jsonl":
-        raise ValueError(
+    if isinstance(embeddings, list) and fmt != ".jsonl":
+        raise InputError(
             f"{path}: the embeddings differ in shape between images (native-resolution tokens); "
             "write them as .jsonl"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writes: list[tuple[Path, Path]] = []
-    try:
+    check_sources(path, paths)
+    files = output_files(path)
+    with atomic_paths(*files) as temporary:
         if fmt == ".npy":
-            if any("\n" in p for p in paths):
-                raise ValueError(f"{path}: a source path contains a line break; use .jsonl")
-            listing = _temp_beside(paths_file(path))
-            listing.write_text("".join(p + "\n" for p in paths), encoding="utf-8")
-            writes.append((listing, paths_file(path)))
-            data = _temp_beside(path)
-            with open(data, "wb") as f:
+            listing = "".join(p + "\n" for p in paths)
+            temporary[0].write_text(listing, encoding="utf-8", errors="surrogateescape")
+            with open(temporary[1], "wb") as f:
                 np.save(f, np.asarray(embeddings, np.float32))
-            writes.append((data, path))
         elif fmt == ".safetensors":
-            data = _temp_beside(path)
-            mx.save_safetensors(
-                str(data),
-                {"embeddings": mx.array(np.asarray(embeddings, np.float32))},
-                metadata={"format": "mlx-aim-embeddings", "paths": json.dumps(paths)},
-            )
-            writes.append((data, path))
+            with open(temporary[0], "wb") as f:
+                mx.save_safetensors(
+                    f,
+                    {"embeddings": mx.array(np.asarray(embeddings, np.float32))},
+                    metadata={"format": "mlx-aim-embeddings", "paths": json.dumps(paths)},
+                )
         else:
-            data = _temp_beside(path)
-            with open(data, "w", encoding="utf-8") as f:
+            with open(temporary[0], "w", encoding="utf-8") as f:
                 for p, e in zip(paths, embeddings, strict=True):
                     f.write(json.dumps({"path": p, "embedding": np.asarray(e).tolist()}) + "\n")
-            writes.append((data, path))
-        for tmp, final in writes:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in writes:
-            if tmp.exists():
-                tmp.unlink()
-    return [final for _, final in writes]
+    return files
 
 
 def load_embeddings(path: str | os.PathLike) -> tuple[Embeddings, list[str]]:
@@ -328,7 +364,8 @@ def load_embeddings(path: str | os.PathLike) -> tuple[Embeddings, list[str]]:
     path = Path(path)
     fmt = output_format(path)
     if fmt == ".npy":
-        return np.load(path), paths_file(path).read_text(encoding="utf-8").splitlines()
+        listing = paths_file(path).read_text(encoding="utf-8", errors="surrogateescape")
+        return np.load(path), listing.split("\n")[:-1]
     if fmt == ".safetensors":
         tensors, metadata = mx.load(str(path), return_metadata=True)
         return np.asarray(tensors["embeddings"]), json.loads(metadata["paths"])

@@ -41,7 +41,10 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 def vision_model(model: nn.Module) -> nn.Module:
-    """The image trunk of ``model``: the encoder of a pre-training model, else ``model`` itself."""
+    """The image trunk of ``model``: the encoder of a pre-training model, the image tower of a LiT
+    model, else ``model`` itself."""
+    if model.args.model_type == "aim_v2_lit":
+        return model.image_encoder
     return model.encoder if model.args.model_type == "aim_pretrain" else model
 
 

@@ -115,11 +115,11 @@ def check_destination(
     """
     path = Path(path).expanduser()
     if path.exists() or path.is_symlink():
-        if not overwrite:
-            raise OutputError(f"{path} already exists (use --force to replace it)")
         if directory != path.is_dir():
             kind = "a directory" if path.is_dir() else "a file"
             raise OutputError(f"{path} is {kind}; refusing to replace it with the output")
+        if not overwrite:
+            raise OutputError(f"{path} already exists (use --force to replace it)")
     folder = nearest_existing(path.parent)
     if not folder.is_dir():
         raise OutputError(f"cannot write {path}: {folder} is not a directory")

@@ -9,6 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .registry import REGISTRY, default_preprocessing
+from .tokenizer import has_tokenizer, load_tokenizer
 from .weights import CONFIG_FILE, load_model
 
 # config.json model types of checkpoints that are converted on the fly.
@@ -22,6 +23,19 @@ def _is_mlx_aim_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return (path / CONFIG_FILE).is_file()  # unreadable: let load_model report it
     return not isinstance(config, dict) or config.get("model_type") not in FOREIGN_MODEL_TYPES
+
+
+def _attach_tokenizer(model: nn.Module, folder: Path | None) -> None:
+    """Set ``model.tokenizer`` of a LiT model from the tokenizer files in ``folder``, if any.
+
+    Without the optional ``tokenizers`` package it stays None; what needs it names the package.
+    """
+    if model.args.model_type != "aim_v2_lit" or folder is None or not has_tokenizer(folder):
+        return
+    try:
+        model.tokenizer = load_tokenizer(folder, model.args.max_context_length)
+    except ImportError:
+        pass
 
 
 def load(
@@ -42,11 +56,15 @@ def load(
       - a registry name such as ``"aimv2-large-patch14-224"`` or ``"aim-600M"``, read through the
         Hugging Face cache (``HF_HUB_OFFLINE=1`` works once cached).
 
+    The AIMv2 LiT model (``"aimv2-large-patch14-224-lit"``) also gets ``model.tokenizer`` from the
+    checkpoint's tokenizer files (needs ``pip install 'mlx-aim[text]'``).
+
     ``head`` picks the AIMv1 probe head of a released checkpoint (``"last"`` or ``"best"``).
     """
     source = Path(path_or_name).expanduser()
     if _is_mlx_aim_dir(source):
         model = load_model(source, dtype=dtype, lazy=True)
+        _attach_tokenizer(model, source)
     elif source.exists() or str(path_or_name) in REGISTRY:
         from .convert import build_imported, import_checkpoint
 
@@ -54,6 +72,7 @@ def load(
         model = build_imported(imported, path_or_name, dtype)
         model.eval()
         model.preprocessing = imported.preprocessing
+        _attach_tokenizer(model, imported.tokenizer_dir)
     else:
         raise FileNotFoundError(
             f"{path_or_name}: no such file or directory, and not a known model name "

@@ -139,6 +139,10 @@ _AIM_V2_REVISIONS = {
     "aimv2-large-patch14-native": "cfe7bdbbc924a5f65272d5e2c27fe5f61771a629",
 }
 
+# The AIMv2-L image encoder with a LiT-trained text tower (zero-shot), at ml-aim's pinned revision.
+LIT_NAME = "aimv2-large-patch14-224-lit"
+LIT_REVISION = "c2cd59a786c4c06f39d199c50d08cc2eab9f8605"
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -182,6 +186,13 @@ def _build_registry() -> dict[str, Entry]:
             files=("mlx_model.safetensors", "model.safetensors"),
         )
         entries[name] = Entry(name, config, aim_v2_preprocessing(size, native), ckpt)
+    lit = Checkpoint(
+        repo=f"apple/{LIT_NAME}",
+        revision=LIT_REVISION,
+        files=("mlx_model.safetensors", "model.safetensors"),
+    )
+    lit_config = {"model_type": "aim_v2_lit", "vision": _aim_v2(*_AIM_V2_SIZES["large"], 224)}
+    entries[LIT_NAME] = Entry(LIT_NAME, lit_config, aim_v2_preprocessing(224), lit)
     return entries
 
 
@@ -209,6 +220,8 @@ def default_preprocessing(config: dict[str, Any]) -> Preprocessing:
     """Preprocessing for a model with no ``preprocess.json``: its family's evaluation transform."""
     if config.get("model_type") == "aim_pretrain":
         config = config["encoder"]
+    if config.get("model_type") == "aim_v2_lit":
+        config = config["vision"]
     size = config["image_size"]
     if config["model_type"] == "aim_v2":
         return aim_v2_preprocessing(size, native=config.get("pos_embed_type") == "sincos")

@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import mlx.core as mx
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -210,10 +209,3 @@ def images(batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
 def nhwc(x: torch.Tensor) -> mx.array:
     """The MLX (NHWC) view of a torch NCHW batch."""
     return mx.array(x.numpy().transpose(0, 2, 3, 1))
-
-
-def max_abs_diff(ours: mx.array, expected: torch.Tensor) -> float:
-    """Largest absolute difference; shapes must agree."""
-    ours, expected = np.array(ours), expected.detach().numpy()
-    assert ours.shape == expected.shape, (ours.shape, expected.shape)
-    return float(np.abs(ours - expected).max())

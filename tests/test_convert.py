@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hf_constants
+from parity import PARITY_REL, relative_error
 from release_files import (
     V1_BEST_LAYERS,
     V1_CONFIG,
@@ -22,7 +23,6 @@ from release_files import (
     aim_v1_with_probe_layers,
     aim_v2_reference,
     images,
-    max_abs_diff,
     nhwc,
     register_tiny_architectures,
     replace_registry_entry,
@@ -39,8 +39,6 @@ from mlx_aim.convert import convert
 from mlx_aim.hub import HubError
 from mlx_aim.models.base import ConfigError
 from mlx_aim.weights import WeightsError, read_safetensors
-
-TOL = 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +97,7 @@ def test_converted_directory_gives_the_outputs_of_the_source(tmp_path, kind):
     size = (28, 42) if native else (28, 28)
     x = images(2, *size, seed=7)
     np.testing.assert_array_equal(converted(nhwc(x)), direct(nhwc(x)))
-    assert max_abs_diff(converted(nhwc(x)), reference(x)) <= TOL
+    assert relative_error(converted(nhwc(x)), reference(x)) <= PARITY_REL
 
 
 def test_convert_refuses_an_existing_destination_unless_forced(tmp_path):
@@ -329,7 +327,7 @@ def test_aimv2_name_loads_offline_from_the_pinned_revision(tmp_path, monkeypatch
 
     model = mlx_aim.load(V2_HUB_NAME)
     x = images(2, 28, 28, seed=8)
-    assert max_abs_diff(model(nhwc(x)), reference(x)) <= TOL
+    assert relative_error(model(nhwc(x)), reference(x)) <= PARITY_REL
     assert model.preprocessing == entry.preprocessing
 
     code, output = _cli(V2_HUB_NAME, tmp_path / "out")
@@ -360,7 +358,7 @@ def test_aimv1_name_loads_backbone_and_best_head_from_main(tmp_path, monkeypatch
     assert model.args.probe_layers == list(V1_BEST_LAYERS)
     x = images(2, 28, 42, seed=9)
     expected = aim_v1_with_probe_layers(reference, V1_BEST_LAYERS)(x)
-    assert max_abs_diff(model(nhwc(x)), expected) <= TOL
+    assert relative_error(model(nhwc(x)), expected) <= PARITY_REL
     assert "head" not in mlx_aim.load("aim-600M")  # no head asked for: the trunk alone
 
     with pytest.raises(HubError, match="head_last_layers.pth is not in the local"):

@@ -1,6 +1,9 @@
 """Embeddings: order and names, batching, pooling, output formats, bad files, the CLI."""
 
+import errno
 import json
+import os
+import stat
 from pathlib import Path
 
 import mlx.core as mx
@@ -169,7 +172,7 @@ def test_cli_reports_bad_files_and_writes_the_rest(tmp_path, model_dir):
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "emb.npy"
     result = run([tmp_path / "corpus", "--model", model_dir, "-o", out, "-b", "4"])
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 4, result.output  # partial: some inputs skipped
     lines = result.stderr.strip().splitlines()
     for bad, reason in corpus["bad"].items():
         hits = [line for line in lines if line.startswith(f"skipped {bad}:")]
@@ -178,6 +181,15 @@ def test_cli_reports_bad_files_and_writes_the_rest(tmp_path, model_dir):
     assert sorted(paths) == sorted(str(p) for p in corpus["good"])
     assert embeddings.shape == (len(corpus["good"]), 64)
     np.testing.assert_allclose(embeddings[:2], embed_images(tiny(), paths[:2]), atol=1e-5)
+    assert lines[-1] == f"{len(corpus['bad'])} unreadable files skipped"
+
+
+def test_cli_one_skipped_file_is_named_in_the_singular(images, tmp_path, model_dir):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    result = run([images[0], tmp_path / "bad.png", "--model", model_dir, "-o", tmp_path / "e.npy"])
+    assert result.exit_code == 4, result.output
+    assert result.stderr.strip().splitlines()[-1] == "1 unreadable file skipped"
+    assert "wrote 1 embedding (layers pooling)" in result.stderr
 
 
 def test_cli_reads_paths_from_stdin_in_order_and_prints_summaries(images, model_dir):
@@ -209,7 +221,8 @@ def test_cli_outputs_match_the_python_api(images, model_dir, tmp_path, suffix):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--pool", "max"], "pool must be one of"),
+        (["--pool", "max"], "--pool must be one of auto, mean, head, layers, tokens, not 'max'"),
+        (["--pool", "mean", "--layers", "0"], "--layers only applies to --pool layers"),
         (["--pool", "head"], "no classifier head"),
         (["--layers", "7"], "block 7 does not exist"),
         (["-o", "out.csv"], "unknown output format"),
@@ -229,5 +242,133 @@ def test_cli_nothing_readable_is_exit_code_1(tmp_path, model_dir):
     result = run([tmp_path / "a.png", tmp_path / "missing.png", "--model", model_dir])
     assert result.exit_code == 1
     assert "not an image" in result.stderr and "file not found" in result.stderr
-    assert "none of the 1 image file(s) could be read" in result.stderr
+    assert result.stderr.endswith("error: none of the files could be read as an image\n")
     assert not list(Path(tmp_path).glob("*.npy"))
+
+
+# --- outputs: never clobbered, checked before the work, complete or absent -------------------
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_cli_refuses_an_existing_output_without_force_and_replaces_it_with(
+    images, model_dir, tmp_path
+):
+    out = tmp_path / "emb.npy"
+    assert run([images[0], "--model", model_dir, "-o", out]).exit_code == 0
+    before = _files(tmp_path)
+
+    result = run([*images[:2], "--model", model_dir, "-o", out])
+    assert result.exit_code == 3
+    assert (
+        result.stderr
+        == f"error: {tmp_path / 'emb.paths.txt'} already exists (use --force to replace it)\n"
+    )
+    assert _files(tmp_path) == before
+
+    result = run([*images[:2], "--model", model_dir, "-o", out, "--force"])
+    assert result.exit_code == 0, result.output
+    assert load_embeddings(out)[1] == [str(p) for p in images[:2]]
+    assert sorted(_files(tmp_path)) == ["emb.npy", "emb.paths.txt"]  # no temporary files
+
+
+@pytest.mark.parametrize(
+    "model, target",
+    [(".", "model.safetensors"), (".", "new/emb.npy"), ("model.safetensors", "model.safetensors")],
+)
+def test_cli_never_writes_into_the_model_being_read(images, model_dir, model, target):
+    before = _files(model_dir)
+    args = [images[0], "--model", model_dir / model, "-o", model_dir / target, "--force"]
+    result = run(args)
+    assert result.exit_code == 3
+    assert "inside the model" in result.stderr and result.stderr.count("\n") == 1
+    assert _files(model_dir) == before
+
+
+def test_cli_refuses_a_directory_as_the_output_file(images, model_dir, tmp_path):
+    (tmp_path / "out.npy").mkdir()
+    for force in ([], ["--force"]):
+        result = run([images[0], "--model", model_dir, "-o", tmp_path / "out.npy", *force])
+        assert result.exit_code == 3, result.output
+        assert (
+            result.stderr
+            == f"error: {tmp_path / 'out.npy'} is a directory; refusing to replace it with the output\n"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npy"]  # no .paths.txt written
+
+
+def test_cli_refuses_paths_a_npy_listing_cannot_hold_before_loading_the_model(
+    images, tmp_path, monkeypatch
+):
+    odd = tmp_path / "two\nlines.png"
+    odd.write_bytes(images[0].read_bytes())
+    monkeypatch.setattr("mlx_aim.load", lambda *a, **k: pytest.fail("model loaded"))
+    result = run([images[0], odd, "-o", tmp_path / "e.npy"])
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "has a line break" in result.stderr
+    assert "write .safetensors or .jsonl instead" in result.stderr
+
+
+def test_paths_that_are_not_utf8_round_trip_through_npy(tmp_path):
+    name = os.fsdecode(b"caf\xe9.png")  # a Latin-1 file name on a UTF-8 system
+    save_embeddings(tmp_path / "e.npy", np.zeros((2, 3), np.float32), [name, "b.png"])
+    assert load_embeddings(tmp_path / "e.npy")[1] == [name, "b.png"]
+
+
+def test_cli_checks_the_destination_is_writable_before_the_work(
+    images, model_dir, tmp_path, monkeypatch
+):
+    # chmod does not stop root (the suite may run as root): deny through os.access instead
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        "mlx_aim.io.os.access", lambda p, mode: Path(p) != folder and real_access(p, mode)
+    )
+    monkeypatch.setattr("mlx_aim.load", lambda *a, **k: pytest.fail("model loaded"))
+    result = run([images[0], "--model", model_dir, "-o", folder / "e.npy"])
+    assert result.exit_code == 3
+    assert result.stderr.startswith(f"error: cannot write {folder / 'e.paths.txt'}: ")
+    assert result.stderr.count("\n") == 1 and "permission denied" in result.stderr
+
+
+@pytest.mark.parametrize("suffix", [".npy", ".safetensors", ".jsonl"])
+def test_cli_a_failed_write_is_one_line_and_leaves_the_old_pair_intact(
+    images, model_dir, tmp_path, monkeypatch, suffix
+):
+    out = tmp_path / f"e{suffix}"
+    assert run([images[0], "--model", model_dir, "-o", out]).exit_code == 0
+    before = _files(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("mlx_aim.io.os.replace", full_disk)
+    result = run([*images[:3], "--model", model_dir, "-o", out, "--force"])
+    assert result.exit_code == 3
+    assert result.stderr == f"error: cannot write {_first_file(out)}: no space left on the device\n"
+    assert _files(tmp_path) == before  # old files untouched, no temporary file left
+
+
+def _first_file(out: Path) -> Path:
+    return paths_file(out) if out.suffix == ".npy" else out
+
+
+def test_cli_writes_with_the_users_umask_and_quiet_prints_nothing(images, model_dir, tmp_path):
+    old = os.umask(0o027)
+    try:
+        result = run([images[0], "--model", model_dir, "-o", tmp_path / "e.npy", "-q"])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0 and result.output == ""
+    assert {stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()} == {0o640}
+
+
+def test_cli_warns_that_half_precision_is_slow_on_a_cpu(images, model_dir):
+    result = run([images[0], "--model", model_dir, "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    slow = mx.default_device().type == mx.cpu
+    assert ("9-15x slower than float32" in result.stderr) == slow
+    assert "9-15x slower than float32" in run(["--help"], env={"COLUMNS": "200"}).stdout

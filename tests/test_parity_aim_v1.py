@@ -2,13 +2,13 @@
 
 import pytest
 import torch
+from parity import PARITY_REL, relative_error
 from release_files import (
     V1_BEST_LAYERS,
     V1_CONFIG,
     aim_v1_reference,
     aim_v1_with_probe_layers,
     images,
-    max_abs_diff,
     nhwc,
     register_tiny_architectures,
     write_v1_release,
@@ -18,7 +18,6 @@ import mlx_aim
 from mlx_aim.convert import convert
 from mlx_aim.models import layers
 
-TOL = 1e-4
 SIZES = [(28, 28), (28, 42)]  # sin-cos positions: non-square grids work too
 LAST_SIX = list(range(1, 7))
 
@@ -53,18 +52,20 @@ def test_backbone_plus_head_files_give_reference_logits_and_features(release, tm
     assert model.args.num_classes == 10 and model.args.feature_layers == LAST_SIX
 
     x = images(2, *size)
-    logits_diff = max_abs_diff(model(nhwc(x)), reference(x))
+    logits_diff = relative_error(model(nhwc(x)), reference(x))
     features = model.extract_features(nhwc(x))
     expected = reference.extract_features(x)
     assert len(features) == len(expected) == V1_CONFIG["num_blocks"]
-    feature_diff = max(max_abs_diff(f, e) for f, e in zip(features, expected, strict=True))
-    tokens_diff = max_abs_diff(model.encode(nhwc(x)), reference.trunk.post_trunk_norm(expected[-1]))
+    feature_diff = max(relative_error(f, e) for f, e in zip(features, expected, strict=True))
+    tokens_diff = relative_error(
+        model.encode(nhwc(x)), reference.trunk.post_trunk_norm(expected[-1])
+    )
     print(
         f"aimv1 {size}: max|diff| logits {logits_diff:.1e} blocks {feature_diff:.1e} "
         f"tokens {tokens_diff:.1e} (|logits| up to {reference(x).abs().max():.1f})"
     )
     assert reference(x).abs().max() > 1.0  # the tolerance is small against the outputs
-    assert logits_diff <= TOL and feature_diff <= TOL and tokens_diff <= TOL
+    assert logits_diff <= PARITY_REL and feature_diff <= PARITY_REL and tokens_diff <= PARITY_REL
 
 
 @torch.no_grad()
@@ -78,10 +79,10 @@ def test_merged_file_with_each_probe_layer_choice(release, spec, layers_used):
     assert model.args.feature_layers == layers_used
     expected_model = aim_v1_with_probe_layers(reference, layers_used)
     x = images(3, 28, 42, seed=1)
-    assert max_abs_diff(model(nhwc(x)), expected_model(x)) <= TOL
+    assert relative_error(model(nhwc(x)), expected_model(x)) <= PARITY_REL
     # A different choice of layers gives clearly different logits: the choice is honoured.
     other = aim_v1_with_probe_layers(reference, [0])
-    assert max_abs_diff(model(nhwc(x)), other(x)) > 0.1
+    assert relative_error(model(nhwc(x)), other(x)) > 0.1
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def test_best_layers_head_file_selects_the_registered_best_layers(release, tmp_p
     assert model.args.probe_layers == list(V1_BEST_LAYERS)
     x = images(2, 28, 28, seed=2)
     expected = aim_v1_with_probe_layers(reference, V1_BEST_LAYERS)(x)
-    assert max_abs_diff(model(nhwc(x)), expected) <= TOL
+    assert relative_error(model(nhwc(x)), expected) <= PARITY_REL
 
 
 @torch.no_grad()
@@ -102,7 +103,7 @@ def test_backbone_alone_gives_reference_tokens(release):
     assert "head" not in model
     x = images(1, 42, 28, seed=3)
     expected = reference.trunk.post_trunk_norm(reference.extract_features(x)[-1])
-    assert max_abs_diff(model(nhwc(x)), expected) <= TOL
+    assert relative_error(model(nhwc(x)), expected) <= PARITY_REL
 
 
 @pytest.mark.parametrize("spec,evaluated", [("0,2", 3), ("1", 2), ("last", 7)])

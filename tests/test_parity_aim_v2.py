@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from parity import PARITY_REL, relative_error
 from release_files import (
     V2_CONFIG,
     aim_v2_reference,
     images,
-    max_abs_diff,
     nhwc,
     register_tiny_architectures,
     write_v2_mlaim_layout,
@@ -15,7 +15,6 @@ from release_files import (
 
 import mlx_aim
 
-TOL = 1e-4
 WRITERS = {"hub-model.safetensors": write_v2_mlaim_layout, "mlx_model": write_v2_official_mlx}
 CASES = [("absolute", (28, 28)), ("sincos", (28, 42)), ("sincos", (35, 21))]
 
@@ -34,16 +33,16 @@ def test_tokens_and_block_features_match_the_reference(
     assert model.args.pos_embed_type == pos and model.args.num_heads == V2_CONFIG["num_heads"]
 
     x = images(2, *size, seed=4)
-    tokens_diff = max_abs_diff(model(nhwc(x)), reference(x))
+    tokens_diff = relative_error(model(nhwc(x)), reference(x))
     features = model.extract_features(nhwc(x))
     expected = reference.extract_features(x)
-    feature_diff = max(max_abs_diff(f, e) for f, e in zip(features, expected, strict=True))
+    feature_diff = max(relative_error(f, e) for f, e in zip(features, expected, strict=True))
     print(
         f"aimv2 {pos} {size} {layout}: max|diff| tokens {tokens_diff:.1e} "
         f"blocks {feature_diff:.1e} (|tokens| up to {reference(x).abs().max():.1f})"
     )
     assert reference(x).abs().max() > 1.0
-    assert tokens_diff <= TOL and feature_diff <= TOL
+    assert tokens_diff <= PARITY_REL and feature_diff <= PARITY_REL
 
 
 def test_absolute_positions_refuse_another_resolution(tmp_path, monkeypatch):

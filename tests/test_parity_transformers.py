@@ -3,6 +3,7 @@
 import mlx.core as mx
 import numpy as np
 import pytest
+from parity import assert_parity
 
 import mlx_aim
 
@@ -38,9 +39,7 @@ def test_final_tokens_match_transformers(tmp_path, is_native, height, width):
     pixels = np.random.default_rng(0).normal(size=(2, 3, height, width)).astype(np.float32)
     with torch.no_grad():
         expected = reference(pixel_values=torch.from_numpy(pixels)).last_hidden_state.numpy()
-    ours = np.array(model(mx.array(pixels.transpose(0, 2, 3, 1))))
-    assert ours.shape == expected.shape
-    assert np.abs(ours - expected).max() <= 1e-4
+    assert_parity(model(mx.array(pixels.transpose(0, 2, 3, 1))), expected)
 
 
 def test_block_features_match_transformers_hidden_states(tmp_path):
@@ -51,7 +50,7 @@ def test_block_features_match_transformers_hidden_states(tmp_path):
         hidden = reference(pixel_values=torch.from_numpy(pixels), output_hidden_states=True)
     features = model.extract_features(mx.array(pixels.transpose(0, 2, 3, 1)))
     for i, feature in enumerate(features):  # hidden_states[0] is the embedding output
-        assert np.abs(np.array(feature) - hidden.hidden_states[i + 1].numpy()).max() <= 1e-4
+        assert_parity(feature, hidden.hidden_states[i + 1], name=f"block {i}")
 
 
 def test_converted_directory_round_trips(tmp_path):

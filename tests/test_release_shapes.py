@@ -14,7 +14,12 @@ from mlx_aim.benchmark.torch_reference import REFERENCE_ARCHS, expected_state_di
 from mlx_aim.models import build_model
 from mlx_aim.registry import REGISTRY
 
-RELEASED = [name for name, entry in REGISTRY.items() if entry.checkpoint is not None]
+# Released vision encoders; the LiT dual encoder's layout is checked in tests/test_lit.py.
+RELEASED = [
+    name
+    for name, entry in REGISTRY.items()
+    if entry.checkpoint is not None and entry.config["model_type"] != "aim_v2_lit"
+]
 
 # Encoder parameters (billions) as the papers state them (AIMv1 Table 1, AIMv2 Table 1). Both
 # papers call the 1536-wide, 24-block encoders "0.6B" although they hold 0.68B parameters.

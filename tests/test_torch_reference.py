@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from parity import assert_parity
 from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
 from mlx_aim.benchmark.torch_reference import (
@@ -51,7 +52,7 @@ def test_aimv2_absolute_positions_match_transformers():
     x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
     expected = hf(pixel_values=x).last_hidden_state
     assert ref(x).shape == (2, 16, DIM)
-    assert (ref(x) - expected).abs().max() <= 1e-5
+    assert_parity(ref(x), expected)
 
 
 @torch.no_grad()
@@ -60,7 +61,7 @@ def test_aimv2_native_sincos_matches_transformers_on_non_square_input():
     x = torch.randn(2, 3, 28, 49, generator=torch.Generator().manual_seed(2))
     expected = hf(pixel_values=x).last_hidden_state
     assert ref(x).shape == (2, 4 * 7, DIM)
-    assert (ref(x) - expected).abs().max() <= 1e-5
+    assert_parity(ref(x), expected)
 
 
 @torch.no_grad()
@@ -69,7 +70,7 @@ def test_aimv2_lit_attention_pool_head_matches_transformers_pooler():
     x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(3))
     expected = hf(pixel_values=x).pooler_output
     assert ref(x).shape == (3, DIM)
-    assert (ref(x) - expected).abs().max() <= 1e-5
+    assert_parity(ref(x), expected)
 
 
 def test_sincos_table_columns_first_then_rows():
@@ -220,7 +221,7 @@ def test_pixel_head_follows_the_design_formula():
         h = h + (0.5 * a * (1 + erf(a / np.sqrt(2)))) @ sd[f"head.blocks.{i}.mlp.fc2.weight"].T
     h = _layer_norm(h, sd["head.norm.weight"], sd["head.norm.bias"])
     expected = h @ sd["head.proj_out.weight"].T + sd["head.proj_out.bias"]
-    np.testing.assert_allclose(pred, expected, atol=1e-5)
+    assert_parity(pred, expected)
 
 
 def test_pretraining_state_dict_keys_and_shapes():
@@ -267,7 +268,7 @@ def test_aimv1_probe_uses_running_stats_and_mean_of_probe_layers():
     pooled = np.einsum("bhn,bnhd->bhd", attn, v).reshape(2, DIM)
     expected = pooled @ sd["head.linear.weight"].T
 
-    np.testing.assert_allclose(model(x).numpy(), expected, atol=1e-5)
+    assert_parity(model(x), expected)
     assert model.probe_layers == (0, 2)
     assert AIMv1Torch(28, PATCH, DIM, 8, HEADS).probe_layers == (2, 3, 4, 5, 6, 7)
     assert len(model.extract_features(x, max_block_id=1)) == 2

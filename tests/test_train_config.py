@@ -1,13 +1,15 @@
 """``TrainConfig``, config files and the ``mlx-aim train`` command line (no training here)."""
 
 import dataclasses
+import math
 
 import pytest
 from typer.testing import CliRunner
 
 import mlx_aim.train
 from cli.main import app
-from mlx_aim.train import BadInputError, TrainConfig, read_config_file
+from mlx_aim.errors import ExitCode, InputError
+from mlx_aim.train import TrainConfig, read_config_file
 
 runner = CliRunner()
 
@@ -34,7 +36,7 @@ def test_config_files_use_the_flag_names(tmp_path):
 def test_bad_config_files_give_one_line_naming_the_file(tmp_path, text, message):
     path = tmp_path / "run.toml"
     path.write_text(text)
-    with pytest.raises(BadInputError) as e:
+    with pytest.raises(InputError) as e:
         read_config_file(path)
     assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
 
@@ -49,10 +51,15 @@ def test_bad_config_files_give_one_line_naming_the_file(tmp_path, text, message)
         ({"val_fraction": 1.0}, "--val-fraction"),
         ({"steps": 10, "warmup_steps": 11}, "--warmup-steps"),
         ({"beta2": 1.0}, "--beta2"),
+        ({"seed": -1}, "--seed"),
+        ({"grad_clip": math.nan}, "--grad-clip"),
+        ({"min_lr": math.nan}, "--min-lr"),
+        ({"weight_decay": math.inf}, "--weight-decay"),
+        ({"keep_checkpoints": 0}, "--keep-checkpoints"),
     ],
 )
 def test_invalid_settings_name_their_flag(change, flag):
-    with pytest.raises(BadInputError, match=flag):
+    with pytest.raises(InputError, match=flag):
         dataclasses.replace(TrainConfig(), **change).validate()
 
 
@@ -93,10 +100,29 @@ def test_command_line_flags_win_over_the_config_file(tmp_path, captured):
     assert (config.steps, config.lr, config.batch_size, config.output) == (7, 0.002, 4, "out")
 
 
-@pytest.mark.parametrize(
-    "args", [["--bogus"], ["--steps", "many"], ["--steps", "0"], ["--dtype", "float16"]]
-)
-def test_usage_errors_exit_with_code_1(args, captured):
+@pytest.mark.parametrize("args", [["--bogus"], ["--steps", "many"], ["-n"]])
+def test_usage_errors_exit_with_code_2(args, captured):
     result = runner.invoke(app, ["train", *args])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == ExitCode.USAGE, result.output
     assert not captured and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be in [1, 2147483647], got 0"),
+        (["--steps", "99999999999999999999999"], "--steps must be in [1, 2147483647]"),
+        (["--seed", "-1"], "--seed must be in [0, 4294967295], got -1"),
+        (["--min-lr", "nan"], "--min-lr must be a finite number, got nan"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+        (["--grad-clip", "nan"], "--grad-clip must be a finite number, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number, got inf"),
+        (["--val-fraction", "1.5"], "--val-fraction must be in [0, 1), got 1.5"),
+        (["--dtype", "float16"], "--dtype must be one of float32, bfloat16"),
+    ],
+)
+def test_out_of_range_settings_are_one_line_naming_the_flag(args, message, captured):
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == ExitCode.BAD_INPUT, result.output
+    assert not captured and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and message in " ".join(result.output.split())

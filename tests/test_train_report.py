@@ -8,6 +8,7 @@ import numpy as np
 from mlx_aim.objective import normalize_patches
 from mlx_aim.train.report import (
     MetricsLog,
+    log_ticks,
     loss_curve_image,
     patchify_np,
     prediction_panels,
@@ -53,6 +54,23 @@ def test_the_loss_curve_draws_train_and_validation():
     orange = ((image == (255, 127, 14)).all(-1)).sum()
     assert blue > 100 and orange > 50
     assert np.asarray(loss_curve_image([], [])).mean() > 200  # nothing to plot: a blank chart
+
+
+def test_the_loss_axis_is_logarithmic_with_round_ticks():
+    assert log_ticks(0.311, 1.35) == [0.2, 0.5, 1.0, 2.0]
+    assert log_ticks(0.31, 0.45) == [0.3, 0.4, 0.5]  # a narrow range: every digit
+    assert log_ticks(0.002, 30.0) == [0.001, 0.01, 0.1, 1.0, 10.0, 100.0]  # a wide one: decades
+    assert log_ticks(0.5, 0.5) == [0.5]
+    assert np.asarray(loss_curve_image([(1, 0.5)], [(1, 0.5)])).std() > 0  # one point: drawn
+
+
+def test_the_loss_curve_leaves_out_losses_a_log_axis_cannot_show():
+    """Zero, negative and NaN losses are not drawn (and do not stretch the axis)."""
+    curve = [(1, 1.0), (2, 0.5), (3, 0.4)]
+    clean = np.asarray(loss_curve_image(curve, []))
+    dirty = np.asarray(loss_curve_image([*curve, (4, 0.0), (5, -0.03), (6, float("nan"))], []))
+    blue = lambda image: (image == (31, 119, 180)).all(-1).any(0).nonzero()[0].max()  # noqa: E731
+    assert blue(dirty) == blue(clean)  # the line still ends at step 3's x
 
 
 def test_metrics_keep_the_records_up_to_a_resumed_step(tmp_path):

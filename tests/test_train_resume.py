@@ -16,6 +16,7 @@ from PIL import Image
 from train_helpers import TINY_PRETRAIN
 
 from mlx_aim.train.checkpoint import FAULT_ENV
+from mlx_aim.train.resume import data_changes, data_listing
 
 ROOT = Path(__file__).parents[1]
 STEPS = 12
@@ -118,13 +119,31 @@ def test_kill_9_inside_a_checkpoint_write_and_at_random_moments(tmp_path, setup)
     assert_same_weights(tmp_path, reference)
 
 
-def test_ctrl_c_writes_a_checkpoint_exits_130_and_the_run_continues(tmp_path, setup):
+@pytest.mark.parametrize("name, code", [("sigint", 130), ("sigterm", 143), ("sighup", 129)])
+def test_a_stop_signal_writes_a_checkpoint_exits_128_plus_it_and_the_run_continues(
+    tmp_path, setup, name, code
+):
     args, reference = setup
-    interrupted = command(args, tmp_path, fault="sigint-after-checkpoint:4")
-    assert interrupted.wait(timeout=120) == 130
-    assert "interrupted at step" in interrupted.stderr.read()
-    stopped = max(int(p.name[5:]) for p in (tmp_path / "checkpoints").glob("step-*"))
-    assert 4 <= stopped < STEPS and (tmp_path / "model.safetensors").exists()
+    stopped = command(args, tmp_path, fault=f"{name}-after-checkpoint:4")
+    assert stopped.wait(timeout=120) == code
+    (line,) = stopped.stderr.read().strip().splitlines()
+    assert f"interrupted by {name.upper()} at step" in line and "Traceback" not in line
+    step = latest_checkpoint_step(tmp_path)
+    assert 4 <= step < STEPS and (tmp_path / "model.safetensors").exists()
     resumed = command(args, tmp_path)
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
     assert_same_weights(tmp_path, reference)
+
+
+def test_the_training_file_fingerprint_counts_what_changed(tmp_path):
+    names = ["a.png", "b c.png", "d.png"]  # a space in a name is part of the path
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    before = data_listing([tmp_path / n for n in names])
+    (tmp_path / "b c.png").write_bytes(b"xy")
+    (tmp_path / "d.png").unlink()
+    (tmp_path / "e.png").write_bytes(b"x")
+    after = data_listing([tmp_path / n for n in ("a.png", "b c.png", "e.png")])
+    assert data_changes(before, after) == "1 added, 1 removed, 1 modified"
+    assert data_changes(after, after) == ""
+    assert data_changes({"files": 7}, after) == "3 added"  # a listing of another shape

@@ -119,3 +119,8 @@ class BaseModelArgs:
     @property
     def num_patches(self) -> int:
         return self.grid_size**2
+
+
+def matches_type(value: Any, annotation: Any) -> bool:
+    """Whether a JSON-like ``value`` fits the type ``annotation`` (a bool is not an int)."""
+    return _matches(value, annotation)

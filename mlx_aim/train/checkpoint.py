@@ -1,27 +1,24 @@
-"""Training checkpoints: atomic, integrity-checked, pruned; the output-directory lock and preflight.
+"""Training checkpoints: atomic, integrity-checked, pruned by what verifies.
 
 A checkpoint is a folder ``checkpoints/step-00000100/`` holding ``model.safetensors`` (the
 pre-training model's float32 weights), ``optimizer.safetensors`` (the AdamW state), ``state.json``
-(step, random state, data-loader positions, run config) and ``checkpoint.json``: the size and
-sha256 of each other file. It is written into a hidden temporary folder which is renamed into
-place only once complete, so a crash (even ``kill -9``) leaves either the whole checkpoint or
-none. Loading verifies ``checkpoint.json``; a damaged checkpoint is named and the previous one
-is used.
+(step, random state, data-loader positions, run config), optionally ``data.json`` (the training
+file list it was trained on) and ``checkpoint.json``: the size and sha256 of each other file. It
+is built in a hidden staging folder and renamed into place only once complete (``mlx_aim.io``), so
+a crash (even ``kill -9``) leaves either the whole checkpoint or none.
+
+Loading verifies ``checkpoint.json`` and the shape of ``state.json``; a damaged checkpoint is named
+and the previous one used. Pruning keeps the newest ``keep`` checkpoints that verify and deletes
+damaged ones, so it never removes the newest intact checkpoint.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
 import signal
-import socket
-import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,42 +26,79 @@ from typing import Any
 
 import mlx.core as mx
 
-from ..weights import replace_directory
-from .errors import BadInputError, OutputError
+from .. import io
+from ..errors import InputError, OutputError
+from .output import remove_leftovers
 
 CHECKPOINTS = "checkpoints"
 INTEGRITY_FILE = "checkpoint.json"
 STATE_FILE = "state.json"
-LOCK_FILE = "train.lock"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8})$")
-_SHARD = re.compile(r"^model-\d+-of-\d+\.safetensors$")  # an exported model's weight shards
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+# What state.json must hold, with the JSON type of each entry.
+_STATE_FIELDS = {
+    "config": dict,
+    "model_config": dict,
+    "world_size": int,
+    "random_state": list,
+    "loaders": list,
+}
 # Test-only fault injection: "kill-in-checkpoint:STEP" sends SIGKILL to this process after the
-# first file of the checkpoint of STEP is written (before the rename); "kill-after-checkpoint:STEP"
-# and "sigint-after-checkpoint:STEP" send SIGKILL or SIGINT once that checkpoint is complete.
+# first file of the checkpoint of STEP is written (before the rename);
+# "SIGNAL-after-checkpoint:STEP" (kill, sigint, sigterm, sighup) sends that signal once the
+# checkpoint is complete.
 FAULT_ENV = "MLX_AIM_TRAIN_FAULT"
-_FAULT_SIGNALS = {"kill": signal.SIGKILL, "sigint": signal.SIGINT}
+_FAULT_SIGNALS = {
+    "kill": signal.SIGKILL,
+    "sigint": signal.SIGINT,
+    "sigterm": signal.SIGTERM,
+    "sighup": signal.SIGHUP,
+}
 
 Log = Callable[[str], None]
 
 
 @dataclass
 class Checkpoint:
-    """A verified checkpoint read back from disk."""
+    """A verified checkpoint read back from disk; ``documents`` are its JSON files by name."""
 
     path: Path
     step: int
     arrays: dict[str, dict[str, mx.array]]
-    state: dict[str, Any]
+    documents: dict[str, Any]
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self.documents[STATE_FILE]
 
 
 def checkpoint_dir(output: Path, step: int) -> Path:
     return output / CHECKPOINTS / f"step-{step:08d}"
 
 
+def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the checkpoint folders, newest first (not verified)."""
+    root = output / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def checkpoint_bytes(output: Path) -> int:
+    """Bytes held by the checkpoint folders of ``output`` (a resumed run replaces them)."""
+    return sum(
+        f.stat().st_size
+        for _, path in list_checkpoints(output)
+        for f in path.iterdir()
+        if f.is_file()
+    )
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with io.open_regular(path) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
@@ -78,107 +112,131 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fault(where: str, step: int) -> None:
     for name, signum in _FAULT_SIGNALS.items():
         if os.environ.get(FAULT_ENV) == f"{name}-{where}-checkpoint:{step}":
             os.kill(os.getpid(), signum)
 
 
-def save_checkpoint(
-    output: Path,
-    step: int,
-    arrays: dict[str, dict[str, mx.array]],
-    state: dict[str, Any],
-    keep: int,
-) -> Path:
-    """Write the checkpoint of ``step`` atomically and keep only the last ``keep``.
+class CheckpointStore:
+    """The checkpoints of one output directory: write, load the newest intact one, prune.
 
-    ``arrays`` maps a file name (``model.safetensors``) to its tensors. Raises ``OutputError``
-    when the write fails (disk full, permissions); the earlier checkpoints are left intact.
+    A checkpoint is verified (every file hashed) at most once per run: those written or loaded
+    by this run are known to be intact.
     """
-    root = output / CHECKPOINTS
-    final = checkpoint_dir(output, step)
-    tmp = None
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        for name, tensors in arrays.items():
-            mx.save_safetensors(str(tmp / name), tensors, metadata={"format": "mlx"})
-            _fsync(tmp / name)
-            _fault("in", step)
-        _write_json(tmp / STATE_FILE, {**state, "step": step})
-        files = sorted(p.name for p in tmp.iterdir())
-        integrity = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "files": {
-                n: {"size": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in files
-            },
-        }
-        _write_json(tmp / INTEGRITY_FILE, integrity)
-        _fsync(tmp)
-        replace_directory(tmp, final)  # the same step written again (a resumed run) is replaced
-        tmp = None
-        _fsync(root)
-    except OSError as e:
-        raise OutputError(
-            f"cannot write the checkpoint of step {step} to {final}: {_os_reason(e)}; "
-            "the earlier checkpoints are intact"
-        ) from None
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-    prune_checkpoints(output, keep)
-    _fault("after", step)
-    return final
+
+    def __init__(self, output: Path, keep: int, log: Log):
+        self.output = output
+        self.keep = keep
+        self.log = log
+        self._intact: set[Path] = set()
+
+    def save(
+        self, step: int, arrays: dict[str, dict[str, mx.array]], documents: dict[str, Any]
+    ) -> Path:
+        """Write the checkpoint of ``step`` atomically, then prune.
+
+        ``arrays`` maps a file name (``model.safetensors``) to its tensors, ``documents`` a file
+        name (``state.json``) to its JSON. Raises ``OutputError`` when the write fails (disk
+        full, permissions); the earlier checkpoints are left intact.
+        """
+        final = checkpoint_dir(self.output, step)
+        try:
+            with io.writing(final):
+                staging = io.temporary_sibling(final, directory=True)
+                try:
+                    _write_checkpoint(staging, step, arrays, documents)
+                    io.replace_directory(staging, final)  # a step written again is replaced
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
+                _fsync(final.parent)
+        except OutputError as e:
+            raise OutputError(f"{e}; the earlier checkpoints are intact") from None
+        self._intact.add(final)
+        self.prune()
+        _fault("after", step)
+        return final
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies; damaged ones are named and skipped.
+
+        Returns None when there is no checkpoint; raises ``InputError`` when every one is damaged.
+        """
+        found = list_checkpoints(self.output)
+        for step, path in found:
+            try:
+                documents = verify_checkpoint(path)
+                arrays = {
+                    name: mx.load(str(path / name))
+                    for name in sorted(p.name for p in path.glob("*.safetensors"))
+                }
+            except (ValueError, RuntimeError, OSError) as e:
+                self.log(f"checkpoint {path} is damaged ({e}); trying the previous one")
+                continue
+            self._intact.add(path)
+            return Checkpoint(path, step, arrays, documents)
+        if found:
+            raise InputError(
+                f"no usable checkpoint in {self.output / CHECKPOINTS} (all {len(found)} are "
+                "damaged); delete that folder to start the run again"
+            )
+        return None
+
+    def prune(self) -> None:
+        """Keep the newest ``keep`` intact checkpoints; delete the others and write leftovers."""
+        kept = 0
+        for _, path in list_checkpoints(self.output):
+            if kept < self.keep:
+                problem = self._problem(path)
+                if problem is None:
+                    kept += 1
+                    continue
+                self.log(f"removing the damaged checkpoint {path} ({problem})")
+            shutil.rmtree(path, ignore_errors=True)
+        remove_leftovers(self.output / CHECKPOINTS)
+
+    def newest_intact(self) -> Path | None:
+        """The newest checkpoint that verifies, if any."""
+        for _, path in list_checkpoints(self.output):
+            if self._problem(path) is None:
+                return path
+        return None
+
+    def _problem(self, path: Path) -> str | None:
+        if path in self._intact:
+            return None
+        try:
+            verify_checkpoint(path)
+        except ValueError as e:
+            return str(e)
+        self._intact.add(path)
+        return None
 
 
-def _os_reason(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "no space left on device"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "permission denied (read-only or not writable)"
-    return e.strerror or str(e)
-
-
-def list_checkpoints(output: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of the checkpoint folders, newest first (not verified)."""
-    root = output / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
-    return sorted(found, reverse=True)
-
-
-def prune_checkpoints(output: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints and leftovers of interrupted writes."""
-    for _, path in list_checkpoints(output)[keep:]:
-        shutil.rmtree(path, ignore_errors=True)
-    root = output / CHECKPOINTS
-    for leftover in root.glob(".step-*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+def _write_checkpoint(
+    folder: Path, step: int, arrays: dict[str, dict[str, mx.array]], documents: dict[str, Any]
+) -> None:
+    for name, tensors in arrays.items():
+        mx.save_safetensors(str(folder / name), tensors, metadata={"format": "mlx"})
+        _fsync(folder / name)
+        _fault("in", step)
+    for name, document in documents.items():
+        io.write_json(folder / name, {**document, "step": step} if name == STATE_FILE else document)
+    integrity = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "files": {
+            p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.iterdir())
+        },
+    }
+    io.write_json(folder / INTEGRITY_FILE, integrity)
+    _fsync(folder)
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check every file against ``checkpoint.json``; return the parsed state or raise ValueError."""
-    try:
-        integrity = json.loads((path / INTEGRITY_FILE).read_text())
-        files = integrity["files"]
-    except FileNotFoundError:
-        raise ValueError(f"{INTEGRITY_FILE} is missing") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{INTEGRITY_FILE} is unreadable ({e.__class__.__name__})") from None
-    if integrity.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"unknown checkpoint format {integrity.get('format_version')!r}")
+    """Check every file against ``checkpoint.json``; its JSON files by name, or ValueError."""
+    files = _integrity_files(path)
     for name, info in sorted(files.items()):
         file = path / name
         if not file.is_file():
@@ -188,154 +246,69 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise ValueError(f"{name} has {size} bytes, expected {info['size']} (truncated?)")
         if _sha256(file) != info["sha256"]:
             raise ValueError(f"{name} does not match its sha256 (corrupted)")
+    if STATE_FILE not in files:
+        raise ValueError(f"{INTEGRITY_FILE} does not list {STATE_FILE}")
+    documents = {name: _read_document(path / name) for name in files if name.endswith(".json")}
+    _check_state(documents[STATE_FILE])
+    return documents
+
+
+def _integrity_files(path: Path) -> dict[str, dict[str, Any]]:
+    """The ``files`` table of ``checkpoint.json``, checked entry by entry."""
+    integrity = _read_document(path / INTEGRITY_FILE)
+    if integrity.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unknown checkpoint format {integrity.get('format_version')!r}")
+    files = integrity.get("files")
+    if not isinstance(files, dict):
+        raise ValueError(f"{INTEGRITY_FILE}: 'files' must be an object of name -> size and sha256")
+    for name, info in files.items():
+        if not _FILE_NAME.match(name) or name.startswith("."):
+            raise ValueError(f"{INTEGRITY_FILE}: {name!r} is not a file name of this folder")
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("size"), int)
+            and isinstance(info.get("sha256"), str)
+        ):
+            raise ValueError(f"{INTEGRITY_FILE}: the entry of {name} needs a size and a sha256")
+    return files
+
+
+def _read_document(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{path.name} is missing")
     try:
-        return json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{STATE_FILE} is unreadable ({e.__class__.__name__})") from None
+        value = io.read_json(path)
+    except InputError as e:
+        raise ValueError(str(e).removeprefix(f"{path}: ")) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} must hold a JSON object")
+    return value
 
 
-def load_latest_checkpoint(output: Path, log: Log) -> Checkpoint | None:
-    """The newest checkpoint that verifies; damaged ones are named in the log and skipped.
-
-    Returns None when there is no checkpoint; raises ``BadInputError`` when every one is damaged.
-    """
-    found = list_checkpoints(output)
-    for step, path in found:
-        try:
-            state = verify_checkpoint(path)
-            arrays = {}
-            for name in sorted(p.name for p in path.glob("*.safetensors")):
-                arrays[name] = mx.load(str(path / name))
-        except (ValueError, RuntimeError, OSError) as e:
-            log(f"checkpoint {path} is damaged ({e}); trying the previous one")
-            continue
-        return Checkpoint(path, step, arrays, state)
-    if found:
-        raise BadInputError(
-            f"no usable checkpoint in {output / CHECKPOINTS} (all {len(found)} are damaged); "
-            "delete that folder to start the run again"
-        )
-    return None
+def _check_state(state: dict[str, Any]) -> None:
+    for key, kind in _STATE_FIELDS.items():
+        if key not in state:
+            raise ValueError(f"{STATE_FILE} has no {key!r}")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise ValueError(f"{STATE_FILE}: {key!r} must be a JSON {kind.__name__}")
+    positions = state["loaders"]
+    if len(positions) != state["world_size"] or not all(
+        _ints(p, 2) and min(p) >= 0 for p in positions
+    ):
+        raise ValueError(f"{STATE_FILE}: 'loaders' must hold an [epoch, cursor] per process")
+    if not isinstance(state.get("loop", {}), dict):
+        raise ValueError(f"{STATE_FILE}: 'loop' must be a JSON object")
+    skipped = state.get("skipped_files", [])
+    if not (isinstance(skipped, list) and all(isinstance(p, str) for p in skipped)):
+        raise ValueError(f"{STATE_FILE}: 'skipped_files' must be a list of paths")
+    key = state["random_state"]
+    if not (_ints(key, 2) and 0 <= min(key) and max(key) < 2**32):
+        raise ValueError(f"{STATE_FILE}: 'random_state' must be two unsigned integers")
 
 
-# ---- output directory ------------------------------------------------------------------------
-
-
-class OutputLock:
-    """An exclusive lock on an output directory: ``train.lock`` with this run's pid and host.
-
-    The lock is an ``flock`` held for the life of the process, so the kernel releases it when the
-    process dies, even by ``kill -9``; a lock file left behind by a crashed run is therefore
-    recovered (and named in the log) rather than blocking the next run. The file is emptied, not
-    deleted, on release (deleting it would let two later runs lock two different files).
-    """
-
-    def __init__(self, output: Path):
-        self.path = output / LOCK_FILE
-        self.recovered = ""  # the owner of a stale lock taken over, e.g. "pid 12 on host"
-        self._fd: int | None = None
-
-    def acquire(self) -> OutputLock:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutputError(f"cannot create the lock file {self.path}: {_os_reason(e)}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = _read_owner(fd)
-            os.close(fd)
-            raise OutputError(
-                f"{self.path.parent} is in use by another training run ({owner}); wait for it "
-                "to finish or choose another --output"
-            ) from None
-        self.recovered = _read_owner(fd)
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
-        os.fsync(fd)
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.ftruncate(self._fd, 0)  # an empty lock file marks a clean exit
-        finally:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
-
-    def __enter__(self) -> OutputLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _read_owner(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0) or b"null")
-        return f"pid {info['pid']} on {info['host']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-
-
-def _is_own_leftover(name: str, own_names: frozenset[str]) -> bool:
-    """A temporary file of an atomic write (or a write probe) cut off by a crash."""
-    if name.startswith(".write-test-"):
-        return True
+def _ints(value: Any, n: int) -> bool:
     return (
-        name.startswith(".")
-        and name.endswith(".tmp")
-        and any(name[1:].startswith(own) for own in own_names)
+        isinstance(value, list)
+        and len(value) == n
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
     )
-
-
-def preflight(output: Path, needed_bytes: int, own_names: frozenset[str] = frozenset()) -> None:
-    """Check that ``output`` can be created, written and has room for ``needed_bytes``.
-
-    An existing directory must be empty or hold only ``own_names`` (what a run writes), so that a
-    run never writes into, say, a converted model's folder. Raises ``OutputError`` with the reason
-    before any training starts.
-    """
-    if output.is_dir():
-        foreign = sorted(
-            p.name
-            for p in output.iterdir()
-            if p.name not in own_names
-            and not _SHARD.match(p.name)
-            and not _is_own_leftover(p.name, own_names)
-        )
-        if foreign:
-            raise OutputError(
-                f"{output} already holds other files ({', '.join(foreign[:3])}"
-                f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty --output"
-            )
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise OutputError(f"cannot create the output directory {output}: {_os_reason(e)}") from None
-    probe = output / f".write-test-{os.getpid()}"
-    try:
-        with open(probe, "wb") as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
-        probe.unlink()
-    except OSError as e:
-        probe.unlink(missing_ok=True)
-        raise OutputError(
-            f"the output directory {output} is not writable: {_os_reason(e)}"
-        ) from None
-    free = shutil.disk_usage(output).free
-    if free < needed_bytes:
-        raise OutputError(
-            f"the output directory {output} has {_mb(free)} free; this run needs about "
-            f"{_mb(needed_bytes)} for its checkpoints and the exported model (free some space, "
-            "lower --keep-checkpoints or choose another --output)"
-        )
-
-
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"

@@ -15,9 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInputError
+from .. import io
+from ..errors import InputError
+from ..models.base import matches_type
 
 DTYPES = ("float32", "bfloat16")
+INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
+SEED_MAX = 2**32 - 1
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
@@ -103,7 +107,12 @@ class TrainConfig:
     )
     resume: bool = _opt(False, "Require a checkpoint in --output and continue from it.", "Output")
     checkpoint_every: int = _opt(50, "Write a checkpoint every N steps (and at the end).", "Output")
-    keep_checkpoints: int = _opt(3, "Keep the last K checkpoints.", "Output")
+    keep_checkpoints: int = _opt(3, "Keep the last K intact checkpoints.", "Output")
+    allow_data_change: bool = _opt(
+        False,
+        "Resume even though training files were added, removed or modified since the checkpoint.",
+        "Output",
+    )
     log_every: int = _opt(10, "Log training metrics every N steps.", "Output")
     val_every: int = _opt(
         50, "Evaluate the validation loss every N steps (0: at the end).", "Output"
@@ -134,45 +143,35 @@ class TrainConfig:
     # ---- checks and conversion ----------------------------------------------------------------
 
     def validate(self) -> TrainConfig:
-        """Raise ``BadInputError`` naming the first invalid setting; return ``self``."""
+        """Raise ``InputError`` naming the flag of the first invalid setting; return ``self``."""
+        for f, _ in config_fields():
+            _check_number(f.name, getattr(self, f.name))
         positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints")
-        positive += ("log_every", "preview_images", "val_images")
+        positive += ("log_every", "preview_images", "val_images", "head_width")
         for name in positive:
-            if getattr(self, name) < 1:
-                raise BadInputError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "val_every",
-            "preview_every",
-            "workers",
-            "weight_decay",
-            "min_lr",
-            "grad_clip",
-        ):
-            if getattr(self, name) < 0:
-                raise BadInputError(f"--{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("head_blocks", "head_width", "warmup_steps"):
-            value = getattr(self, name)
-            if value is not None and value < (1 if name == "head_width" else 0):
-                raise BadInputError(f"--{_flag(name)} must be positive, got {value}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise BadInputError(f"--lr must be a positive number, got {self.lr}")
+            _check_range(name, getattr(self, name), 1, INT_MAX)
+        for name in ("val_every", "preview_every", "workers", "head_blocks", "warmup_steps"):
+            _check_range(name, getattr(self, name), 0, INT_MAX)
+        for name in ("weight_decay", "min_lr", "grad_clip"):
+            _check_range(name, getattr(self, name), 0, math.inf)
+        _check_range("seed", self.seed, 0, SEED_MAX)
+        if not self.lr > 0:
+            raise InputError(f"--lr must be a positive number, got {self.lr}")
         if self.min_lr > self.lr:
-            raise BadInputError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
+            raise InputError(f"--min-lr ({self.min_lr}) must not exceed --lr ({self.lr})")
         if self.warmup > self.steps:
-            raise BadInputError(
+            raise InputError(
                 f"--warmup-steps ({self.warmup}) must not exceed --steps ({self.steps})"
             )
-        if not 0 <= self.val_fraction < 1:
-            raise BadInputError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0 < self.min_crop_scale <= 1:
-            raise BadInputError(f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}")
-        if not 0 <= self.hflip <= 1:
-            raise BadInputError(f"--hflip must be in [0, 1], got {self.hflip}")
-        for name in ("beta1", "beta2"):
+        for name in ("val_fraction", "beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise BadInputError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+                raise InputError(f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.min_crop_scale <= 1:
+            raise InputError(f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}")
+        if not 0 <= self.hflip <= 1:
+            raise InputError(f"--hflip must be in [0, 1], got {self.hflip}")
         if self.dtype not in DTYPES:
-            raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,13 +193,25 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _check_number(name: str, value: Any) -> None:
+    """Refuse NaN and infinite floats (NaN passes every comparison unnoticed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"--{_flag(name)} must be a finite number, got {value}")
+
+
+def _check_range(name: str, value: float | None, low: float, high: float) -> None:
+    if value is not None and not low <= value <= high:
+        bound = f">= {low}" if high == math.inf else f"in [{low}, {high}]"
+        raise InputError(f"--{_flag(name)} must be {bound}, got {value}")
+
+
 def _check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
     types_by_name = {f.name: t for f, t in config_fields()}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in types_by_name:
-            raise BadInputError(
+            raise InputError(
                 f"{source}: unknown setting {key!r} (the settings are the flags listed by "
                 "`mlx-aim train --help`)"
             )
@@ -209,20 +220,15 @@ def _check_values(values: dict[str, Any], source: str) -> dict[str, Any]:
 
 
 def _coerce(value: Any, annotation: Any, what: str) -> Any:
+    """``value`` checked against the field's type (``matches_type``); ints become floats."""
+    if isinstance(value, Path):
+        value = str(value)
+    if not matches_type(value, annotation):
+        allowed = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+        raise InputError(f"{what} must be {names}, got {value!r}")
     allowed = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
-    if value is None and type(None) in allowed:
-        return None
-    for kind in allowed:
-        if kind is bool and isinstance(value, bool):
-            return value
-        if kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind is str and isinstance(value, (str, Path)):
-            return str(value)
-    names = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-    raise BadInputError(f"{what} must be {names}, got {value!r}")
+    return float(value) if float in allowed and isinstance(value, int) else value
 
 
 def _is_union(annotation: Any) -> bool:
@@ -235,12 +241,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     Keys are flag names (``batch-size`` or ``batch_size``); the result uses field names.
     """
     path = Path(path).expanduser()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise BadInputError(
-            f"{path}: cannot read config file ({e.__class__.__name__}: {e})"
-        ) from None
+    text = io.read_text(path, max_bytes=2**20)
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -253,22 +254,22 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             try:
                 import yaml
             except ModuleNotFoundError:
-                raise BadInputError(
+                raise InputError(
                     f"{path}: reading YAML needs PyYAML (pip install 'mlx-aim[yaml]'), or use TOML"
                 ) from None
             values = yaml.safe_load(text)
         elif suffix == ".json":
             values = json.loads(text)
         else:
-            raise BadInputError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
-    except BadInputError:
+            raise InputError(f"{path}: config files must end in .toml, .yaml, .yml or .json")
+    except InputError:
         raise
     except Exception as e:  # each parser has its own error class; all mean "invalid syntax"
-        raise BadInputError(f"{path}: invalid {suffix[1:].upper()} ({_first_line(e)})") from None
+        raise InputError(f"{path}: invalid {suffix[1:].upper()} ({_first_line(e)})") from None
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise BadInputError(f"{path}: expected a table of settings, got {type(values).__name__}")
+        raise InputError(f"{path}: expected a table of settings, got {type(values).__name__}")
     return _check_values(values, str(path))
 
 

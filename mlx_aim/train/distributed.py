@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .errors import TrainError
+from ..errors import MlxAimError
 
 # Variables set by the launchers: mlx.launch (ring, jaccl, nccl) and mpirun.
 _LAUNCH_VARS = (
@@ -44,7 +44,7 @@ def init_world() -> World:
     try:
         group = mx.distributed.init(strict=True)
     except Exception as e:  # mlx raises RuntimeError/ValueError for a backend that cannot start
-        raise TrainError(f"cannot join the distributed group ({e})") from None
+        raise MlxAimError(f"cannot join the distributed group ({e})") from None
     return World(group.rank(), group.size())
 
 
@@ -81,7 +81,7 @@ def gather_ints(values: list[int], world: World) -> list[list[int]]:
     return data.tolist()
 
 
-def agree(error: TrainError | None, world: World) -> None:
+def agree(error: MlxAimError | None, world: World) -> None:
     """Raise on every rank when any rank failed (so no rank waits forever in a collective)."""
     if world.size == 1:
         if error is not None:
@@ -94,4 +94,4 @@ def agree(error: TrainError | None, world: World) -> None:
     failed = [(rank, c) for rank, c in enumerate(codes) if c]
     if failed:
         rank, code = failed[0]
-        raise TrainError(f"rank {rank} stopped the run (see its error above)", exit_code=code)
+        raise MlxAimError(f"rank {rank} stopped the run (see its error above)", exit_code=code)

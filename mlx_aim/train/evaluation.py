@@ -6,6 +6,7 @@ global random state), so they are comparable across steps and do not change the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,6 +16,7 @@ import numpy as np
 from ..data import ImageLoader
 from ..images import ImageError, open_image
 from ..objective import next_patch_loss
+from .distributed import World
 from .report import preview_image, save_png
 
 PREVIEWS = "previews"
@@ -24,18 +26,26 @@ _PREFIX_SEED, _PREVIEW_COUNT_MAX = 7, 16
 class Validation:
     """The loss on a fixed validation subset with fixed prefix lengths, split over the ranks.
 
-    ``run`` is the run's context (``config``, ``world``, ``metrics``, ``log``, ``on_image_error``).
-    The images are decoded once, here; unreadable ones are reported and left out.
+    The images are decoded once, here; unreadable ones go to ``on_error`` and are left out.
     """
 
-    def __init__(self, run, subset: list[Path], preprocess, num_patches: int, batch: int):
-        self.ctx = run
+    def __init__(
+        self,
+        subset: list[Path],
+        preprocess,
+        num_patches: int,
+        batch: int,
+        *,
+        seed: int,
+        world: World,
+        workers: int,
+        on_error: Callable[[ImageError], None],
+    ):
+        self.subset = subset
         self.num_patches = num_patches
         self.batch = batch
-        world = run.world
-        prefix = np.random.default_rng([run.config.seed, _PREFIX_SEED]).integers(
-            1, num_patches, len(subset)
-        )
+        self.world = world
+        prefix = np.random.default_rng([seed, _PREFIX_SEED]).integers(1, num_patches, len(subset))
         mine = list(range(world.rank, len(subset), world.size))
         self.enabled = bool(subset)
         self.images = np.zeros((0,), np.float32)
@@ -45,8 +55,8 @@ class Validation:
                 [subset[i] for i in mine],
                 preprocess,
                 min(64, len(mine)),
-                num_workers=run.config.workers,
-                on_error=run.on_image_error,
+                num_workers=workers,
+                on_error=on_error,
             )
             arrays, kept = [], []
             try:
@@ -59,8 +69,8 @@ class Validation:
                 self.images = np.concatenate(arrays)
                 self.prefix = prefix[np.array(mine)[kept]].astype(np.int32)
 
-    def evaluate(self, model: nn.Module, step: int) -> float | None:
-        """The mean loss over the subset's predicted patches (logged on rank 0)."""
+    def evaluate(self, model: nn.Module) -> float | None:
+        """The mean loss over the subset's predicted patches, the same on every rank."""
         if not self.enabled:
             return None
         total, count = mx.array(0.0), mx.array(0.0)
@@ -73,28 +83,30 @@ class Validation:
             count = count + n
             mx.eval(total, count)
         sums = mx.stack([total, count])
-        if self.ctx.world.size > 1:
+        if self.world.size > 1:
             sums = mx.distributed.all_sum(sums)
         total, count = sums.tolist()
         if count == 0:
             return None
-        loss = total / count
-        if self.ctx.world.is_main:
-            self.ctx.metrics.append({"split": "val", "step": step, "loss": loss})
-            self.ctx.log(f"step {step} validation loss {loss:.4f}")
-        return loss
+        return total / count
 
 
 class Previews:
-    """Prediction previews of a few fixed images, evenly spaced in ``candidates`` (rank 0)."""
+    """Prediction previews of ``count`` fixed images, evenly spaced in ``candidates`` (rank 0).
 
-    def __init__(self, run, candidates: list[Path], preprocess, encoder):
-        self.ctx = run
+    Each is written to ``folder/step-NNNNNNNN.png`` under a title starting with ``title``.
+    """
+
+    def __init__(
+        self, candidates: list[Path], preprocess, encoder, count: int, folder: Path, title: str
+    ):
         self.encoder = encoder
+        self.folder = folder
+        self.title = title
         self.prefix = encoder.num_patches // 2
         self.mean, self.std = preprocess.mean, preprocess.std
         self.originals, arrays = [], []
-        n = min(run.config.preview_images, _PREVIEW_COUNT_MAX)
+        n = min(count, _PREVIEW_COUNT_MAX)
         spread = lambda k: np.linspace(0, len(candidates) - 1, k).round().astype(int).tolist()  # noqa: E731
         for i in dict.fromkeys(spread(n) + spread(4 * n)):  # evenly spaced; spares for bad files
             if len(arrays) == n:
@@ -109,7 +121,7 @@ class Previews:
         self.images = np.stack(arrays) if arrays else None
 
     def write(self, model: nn.Module, step: int) -> None:
-        """Write ``previews/step-NNNNNNNN.png``."""
+        """Write ``folder/step-NNNNNNNN.png``."""
         if self.images is None:
             return
         x = mx.array(self.images)
@@ -123,7 +135,7 @@ class Previews:
             self.mean,
             self.std,
             self.originals,
-            title=f"{self.ctx.config.model_name}  step {step}  (next-patch predictions after a "
+            title=f"{self.title}  step {step}  (next-patch predictions after a "
             f"{self.prefix}-patch prefix, teacher-forced)",
         )
-        save_png(image, self.ctx.output / PREVIEWS / f"step-{step:08d}.png")
+        save_png(image, self.folder / f"step-{step:08d}.png")

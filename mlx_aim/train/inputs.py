@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .. import io
 from ..data import split_paths
 from ..datasets import builtin_dataset
+from ..errors import InputError
 from ..images import ImageError, find_images
 from ..models import build_model_args
 from ..models.base import ConfigError
 from ..registry import REGISTRY, Preprocessing, default_preprocessing, pretrain_config
 from .config import TrainConfig
-from .errors import BadInputError
+from .distributed import World
 
 _SUBSET_SEED = 7
 
@@ -34,7 +36,7 @@ def resolve_model(config: TrainConfig) -> tuple[dict[str, Any], Preprocessing]:
             model_config = pretrain_config(config.model, **head)
             preprocessing = REGISTRY[config.model].preprocessing
         elif source.is_dir():
-            raise BadInputError(
+            raise InputError(
                 f"--model {config.model}: a directory; give its config.json to train that "
                 "architecture from scratch"
             )
@@ -47,25 +49,25 @@ def resolve_model(config: TrainConfig) -> tuple[dict[str, Any], Preprocessing]:
             preprocessing = default_preprocessing(model_config)
         else:
             known = ", ".join(n for n, e in REGISTRY.items() if e.checkpoint is None)
-            raise BadInputError(
+            raise InputError(
                 f"--model {config.model}: not a model name (e.g. {known}; see `mlx-aim models`) "
                 "and no such JSON config file"
             )
         build_model_args(model_config)
     except ConfigError as e:
-        raise BadInputError(f"--model {config.model}: {e}") from None
+        raise InputError(f"--model {config.model}: {e}") from None
     if build_model_args(model_config).encoder_args.num_patches < 2:
-        raise BadInputError(f"--model {config.model}: next-patch prediction needs >= 2 patches")
+        raise InputError(f"--model {config.model}: next-patch prediction needs >= 2 patches")
     return model_config, preprocessing
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise BadInputError(f"--model {path}: not a readable JSON config ({e})") from None
+        value = io.read_json(path, max_bytes=2**20)
+    except InputError as e:
+        raise InputError(f"--model {e}") from None
     if not isinstance(value, dict):
-        raise BadInputError(f"--model {path}: a model config must be a JSON object")
+        raise InputError(f"--model {path}: a model config must be a JSON object")
     return value
 
 
@@ -105,7 +107,7 @@ def _find(source, flag: str, errors: list[ImageError]) -> list[Path]:
         reason = (
             problems[0].reason if problems else "no image files (JPEG, PNG, WebP, BMP, TIFF, GIF)"
         )
-        raise BadInputError(f"{flag} {source}: {reason}")
+        raise InputError(f"{flag} {source}: {reason}")
     errors.extend(problems)
     return paths
 
@@ -116,3 +118,33 @@ def fixed_subset(items: list[Path], n: int, seed: int) -> list[Path]:
         return list(items)
     keep = np.sort(np.random.default_rng([seed, _SUBSET_SEED]).permutation(len(items))[:n])
     return [items[i] for i in keep]
+
+
+class SkippedFiles:
+    """The unreadable files of a run: all counted, each named once per output directory.
+
+    ``reported`` holds the files a run already named (restored from its checkpoint), so a
+    resumed run does not name them again. Rank 0 logs; the other ranks print with their rank.
+    """
+
+    def __init__(self, log: Callable[[str], None], world: World):
+        self.log = log
+        self.world = world
+        self.paths: set[str] = set()
+        self.reported: set[str] = set()
+
+    def restore(self, paths: Iterable[str]) -> None:
+        """Count ``paths`` as skipped and already named."""
+        self.paths.update(paths)
+        self.reported.update(self.paths)
+
+    def __call__(self, error: ImageError) -> None:
+        path = str(error.path)
+        self.paths.add(path)
+        if path in self.reported:
+            return
+        self.reported.add(path)
+        if self.world.is_main:
+            self.log(f"skipping unreadable image {error}")
+        else:
+            print(f"[rank {self.world.rank}] skipping unreadable image {error}", flush=True)

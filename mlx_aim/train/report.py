@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from .. import io
 from ..transforms import denormalize
 
 METRICS_FILE = "metrics.jsonl"
@@ -132,24 +133,30 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop the records of steps after ``step`` (left by a run that died after its checkpoint)."""
         records = [r for r in self.read() if r["step"] <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(self.path)
+        io.write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
+        with io.writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read(self) -> list[dict[str, Any]]:
+        """The records with a step and a loss (a line cut by a crash or edited away is left out)."""
         if not self.path.exists():
             return []
         records = []
-        for line in self.path.read_text().splitlines():
+        for line in io.read_text(self.path, max_bytes=2**30).splitlines():
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except ValueError:
-                continue  # a line cut by a crash
+                continue
+            if isinstance(record, dict) and _is_number(record.get("step")):
+                if _is_number(record.get("loss")):
+                    records.append(record)
         return records
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---- pictures ---------------------------------------------------------------------------------
@@ -243,58 +250,82 @@ def preview_image(
     return canvas
 
 
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round tick values of a log-scale axis showing ``[low, high]`` (both > 0).
+
+    1, 2 and 5 x 10^k (every digit for a narrow range, decades for a wide one), from the largest
+    at most ``low`` to the smallest at least ``high``: the first and last are the axis limits.
+    """
+
+    def ladder(mantissas: Sequence[int]) -> list[float]:
+        exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+        values = [float(f"{m}e{e}") for e in exponents for m in mantissas]
+        below = max(v for v in values if v <= low)
+        above = min(v for v in values if v >= high)
+        return [v for v in values if below <= v <= above]
+
+    ticks = ladder((1, 2, 5))
+    if len(ticks) < 4:
+        return ladder(range(1, 10))
+    return ticks if len(ticks) <= 10 else ladder((1,))
+
+
 def loss_curve_image(
     train: Sequence[tuple[int, float]],
     val: Sequence[tuple[int, float]],
     title: str = "loss",
     size: tuple[int, int] = (720, 420),
 ) -> Image.Image:
-    """A line chart of the train (blue) and validation (orange) loss against the step."""
+    """A line chart of the train (blue) and validation (orange) loss against the step.
+
+    The loss axis is logarithmic with round tick values; values that are not positive and
+    finite are left out.
+    """
     width, height = size
     left, right, top, bottom = 64, 16, 32, 40
     canvas = Image.new("RGB", size, _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     font = _font(11)
     draw.text((left, 8), title, fill=_TEXT, font=_font(13))
-    points = [p for p in [*train, *val] if math.isfinite(p[1])]
+    train, val = ([p for p in s if math.isfinite(p[1]) and p[1] > 0] for s in (train, val))
+    points = [*train, *val]
     if not points:
         draw.text((left, height // 2), "no finite loss recorded", fill=_TEXT, font=font)
         return canvas
     x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
-    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
-    if x1 == x0:
-        x1 = x0 + 1
-    if y1 - y0 < 1e-12:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    margin = 0.05 * (y1 - y0)
-    y0, y1 = y0 - margin, y1 + margin
+    x1 = max(x1, x0 + 1)
+    ticks = log_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    if len(ticks) == 1:  # one loss value: an axis around it
+        ticks = log_ticks(ticks[0] / 2, ticks[0] * 2)
+    y0, y1 = math.log(ticks[0]), math.log(ticks[-1])
 
     def xy(step: float, value: float) -> tuple[float, float]:
         x = left + (step - x0) / (x1 - x0) * (width - left - right)
-        y = top + (y1 - value) / (y1 - y0) * (height - top - bottom)
+        y = top + (y1 - math.log(value)) / (y1 - y0) * (height - top - bottom)
         return x, y
 
     draw.rectangle((left, top, width - right, height - bottom), outline=_GREY)
-    for k in range(5):
-        value = y0 + (y1 - y0) * k / 4
+    for value in ticks:
         _, y = xy(x0, value)
         draw.line((left - 4, y, left, y), fill=_GREY)
-        draw.text((4, y - 6), f"{value:.3g}", fill=_TEXT, font=font)
+        draw.text((4, y - 6), f"{value:g}", fill=_TEXT, font=font)
+    for k in range(5):
         step = x0 + (x1 - x0) * k / 4
-        x, _ = xy(step, y0)
+        x, _ = xy(step, ticks[0])
         draw.line((x, height - bottom, x, height - bottom + 4), fill=_GREY)
         draw.text((x - 12, height - bottom + 6), f"{step:.0f}", fill=_TEXT, font=font)
     draw.text((width // 2 - 12, height - 16), "step", fill=_TEXT, font=font)
+    draw.text((4, height - 16), "loss: log scale", fill=_TEXT, font=font)
     for series, colour, label, dy in (
         (train, (31, 119, 180), "train", 0),
         (val, (255, 127, 14), "val", 14),
     ):
-        finite = [xy(s, v) for s, v in series if math.isfinite(v)]
-        if len(finite) > 1:
-            draw.line(finite, fill=colour, width=2)
-        for x, y in finite if len(finite) <= 50 or series is val else []:
+        line = [xy(s, v) for s, v in series]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line if len(line) <= 50 or series is val else []:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
-        if finite:
+        if line:
             lx = width - right - 60
             draw.line((lx, top + 10 + dy, lx + 16, top + 10 + dy), fill=colour, width=2)
             draw.text((lx + 20, top + 4 + dy), label, fill=_TEXT, font=font)
@@ -302,8 +333,6 @@ def loss_curve_image(
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG atomically (temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
+    """Write a PNG atomically (``mlx_aim.io``)."""
+    with io.atomic_paths(path) as (tmp,):
+        image.save(tmp, format="PNG")

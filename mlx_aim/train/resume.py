@@ -1,0 +1,137 @@
+"""Resuming a run: what must not change since the checkpoint, and restoring its state.
+
+A resumed run must keep the settings that fix the data order and the model, the number of
+processes and the training files (paths, sizes and modification times, stored in the checkpoint's
+``data.json``); ``--allow-data-change`` accepts changed files. The schedule, the intervals and
+the other settings may change, and the change is logged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..errors import InputError
+from .checkpoint import Checkpoint
+from .config import TrainConfig
+
+DATA_FILE = "data.json"
+# Settings a resumed run must share with the run that wrote the checkpoint (data order, model,
+# batch composition).
+FIXED_ON_RESUME = (
+    "data", "val_data", "val_fraction", "model", "head_blocks", "head_width", "batch_size",
+    "grad_accum", "seed",
+)  # fmt: skip
+# Settings that say where and how to run, not what: never reported as changed.
+_NOT_SETTINGS = ("resume", "output", "allow_data_change", "quiet")
+
+
+def data_listing(paths: Sequence[Path]) -> dict[str, Any]:
+    """The fingerprint of the training files: ``"SIZE MTIME_NS PATH"`` for each, sorted by path.
+
+    One short line per file, so that the copy in every checkpoint stays small.
+    """
+    files = []
+    for path in sorted(set(map(str, paths))):
+        try:
+            info = os.stat(path)
+            files.append(f"{info.st_size} {info.st_mtime_ns} {path}")
+        except OSError:
+            files.append(f"-1 -1 {path}")  # gone since it was listed: it changes the fingerprint
+    return {"files": files}
+
+
+def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """What changed between two listings ("3 added, 1 removed, 2 modified"), or ""."""
+    before, after = _by_path(saved), _by_path(current)
+    counts = (
+        (len(after.keys() - before.keys()), "added"),
+        (len(before.keys() - after.keys()), "removed"),
+        (sum(before[p] != after[p] for p in before.keys() & after.keys()), "modified"),
+    )
+    return ", ".join(f"{n} {what}" for n, what in counts if n)
+
+
+def _by_path(listing: dict[str, Any]) -> dict[str, str]:
+    """``{path: "SIZE MTIME_NS"}`` of a listing (entries of another shape are left out)."""
+    files = listing.get("files")
+    entries = (
+        [e.split(" ", 2) for e in files if isinstance(e, str)] if isinstance(files, list) else []
+    )
+    return {e[2]: f"{e[0]} {e[1]}" for e in entries if len(e) == 3}
+
+
+def check_resumable(
+    checkpoint: Checkpoint,
+    config: TrainConfig,
+    model_config: dict[str, Any],
+    world_size: int,
+    listing: dict[str, Any],
+) -> list[str]:
+    """Refuse a checkpoint this run cannot continue (``InputError``); the settings that changed."""
+    saved = checkpoint.state["config"]
+    output = config.output_dir
+    for name in FIXED_ON_RESUME:
+        if saved.get(name) != getattr(config, name):
+            raise InputError(
+                f"{output} holds a run with --{_flag(name)} {saved.get(name)!r}, this command "
+                f"has {getattr(config, name)!r}; a resumed run keeps it (use another --output to "
+                "start a new run)"
+            )
+    if checkpoint.state["model_config"] != model_config:
+        raise InputError(f"{output} holds a run of a different model than --model {config.model}")
+    if checkpoint.state["world_size"] != world_size:
+        raise InputError(
+            f"{output} was written by {checkpoint.state['world_size']} processes; resume it with "
+            f"the same number (this run has {world_size})"
+        )
+    saved_listing = checkpoint.documents.get(DATA_FILE)
+    changes = data_changes(saved_listing, listing) if saved_listing is not None else ""
+    if changes and not config.allow_data_change:
+        raise InputError(
+            f"the training files changed since {checkpoint.path} ({changes}); resuming would "
+            "not repeat the interrupted run (--allow-data-change continues anyway)"
+        )
+    changed = [
+        f"--{_flag(k)} {saved[k]!r} -> {v!r}"
+        for k, v in config.to_dict().items()
+        if k in saved and saved[k] != v and k not in _NOT_SETTINGS
+    ]
+    if changes:
+        changed.append(f"training files ({changes})")
+    return changed
+
+
+def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: optim.Optimizer) -> None:
+    """Load the checkpoint's weights, optimizer state and random state (``InputError`` if unfit)."""
+    try:
+        weights = checkpoint.arrays["model.safetensors"]
+        model.load_weights(list(weights.items()), strict=True)
+        current = dict(tree_flatten(optimizer.state))
+        state = checkpoint.arrays["optimizer.safetensors"]
+        if set(state) != set(current) or any(state[k].shape != current[k].shape for k in state):
+            raise ValueError("the optimizer state does not match the model")
+        optimizer.state = tree_unflatten(list(state.items()))
+        optimizer.init(model.trainable_parameters())
+        set_random_key(checkpoint.state["random_state"])
+    except (KeyError, ValueError) as e:
+        raise InputError(f"{checkpoint.path}: cannot restore this checkpoint ({e})") from None
+
+
+def set_random_key(key: list[int]) -> None:
+    """Set MLX's global random key (two uint32); ``seed(s)`` makes it ``(s >> 32, s % 2**32)``."""
+    mx.random.seed((int(key[0]) << 32) | int(key[1]))
+    if np.array(mx.random.state[0]).tolist() != [int(k) for k in key]:
+        raise ValueError("this MLX version seeds differently; cannot restore the random state")
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
