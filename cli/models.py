@@ -28,7 +28,7 @@ def model_rows() -> list[tuple[str, ...]]:
             c["patch_size"],
             c["image_size"],
         )
-        family = entry.config["model_type"].removeprefix("aim_")
+        family = entry.config["model_type"].removeprefix("aim_").replace("v2_lit", "lit")
         rows.append((name, family, *map(str, numbers), "hub" if entry.checkpoint else "train"))
     return rows
 
@@ -50,7 +50,7 @@ def columns(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 def models_command() -> None:
     """List the named architectures and released checkpoints.
 
-    aim: v1 (AIM) or v2 (AIMv2); dim, depth, heads: the trunk's width, blocks and attention heads;
+    aim: v1 (AIM), v2 (AIMv2) or lit (AIMv2 with a LiT text tower; the columns describe its image tower); dim, depth, heads: the trunk's width, blocks and attention heads;
     patch and px: patch and image size in pixels; weights: hub (released: --model NAME reads them
     from the Hugging Face repo named at the end) or train (an architecture for mlx-aim train).
 

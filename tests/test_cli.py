@@ -50,10 +50,12 @@ def test_every_command_module_registers_itself_without_importing_main():
         fresh = typer.Typer()
         importlib.import_module(f"cli.{name}").register(fresh)
         assert len(fresh.registered_commands) == 1, name
-    assert command_names() == ["models", "convert", "train", "probe", "embed", "bench"]
+    assert command_names() == ["models", "convert", "train", "probe", "embed", "zero-shot", "bench"]
 
 
-@pytest.mark.parametrize("command", ["models", "convert", "train", "probe", "embed", "bench"])
+@pytest.mark.parametrize(
+    "command", ["models", "convert", "train", "probe", "embed", "zero-shot", "bench"]
+)
 def test_every_help_ends_with_the_one_exit_code_table(command):
     result = invoke(command, "--help", env={"COLUMNS": "250"})
     assert result.exit_code == 0

@@ -221,7 +221,10 @@ def test_cli_outputs_match_the_python_api(images, model_dir, tmp_path, suffix):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--pool", "max"], "--pool must be one of auto, mean, head, layers, tokens, not 'max'"),
+        (
+            ["--pool", "max"],
+            "--pool must be one of auto, mean, head, layers, tokens, projection, not 'max'",
+        ),
         (["--pool", "mean", "--layers", "0"], "--layers only applies to --pool layers"),
         (["--pool", "head"], "no classifier head"),
         (["--layers", "7"], "block 7 does not exist"),

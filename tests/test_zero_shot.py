@@ -176,10 +176,10 @@ def test_cli_imagenet_templates_and_json(lit_dir, images):
     assert row["labels"] == [label for label, _ in best]
 
 
-def test_cli_skips_bad_files_with_exit_code_3(lit_dir, tmp_path):
+def test_cli_skips_bad_files_with_exit_code_4(lit_dir, tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     result = run(["zero-shot", tmp_path / "corpus", "-m", lit_dir, "-l", "cat,dog", "--json"])
-    assert result.exit_code == 3, result.output
+    assert result.exit_code == 4, result.output
     assert len(result.stdout.strip().splitlines()) == len(corpus["good"])
     for bad in corpus["bad"]:
         assert f"skipped {bad}:" in result.stderr
