@@ -121,8 +121,8 @@ def test_the_cycle_finder_finds_a_cycle():
 
 @pytest.mark.xfail(
     strict=False,
-    reason="train/loop.py _train, cli/embed.py embed_command and cli/probe.py probe_command belong "
-    "to other helpers of issue 10, who shorten them; the integrator makes this strict after merging",
+    reason="cli/embed.py embed_command and cli/probe.py probe_command belong to other helpers of "
+    "issue 10, who shorten them; the integrator makes this strict after merging",
 )
 def test_no_function_is_longer_than_100_lines():
     assert long_functions() == []
