@@ -55,7 +55,7 @@ def bench_command(
     mlx_blas: str = typer.Option(
         "auto",
         "--mlx-blas",
-        help="MLX's BLAS: auto (mlx_aim.blas picks an optimized one), bundled (the wheel's), or "
+        help="MLX's BLAS: auto (mlx_aim.cpu.blas picks an optimized one), bundled (the wheel's), or "
         "both as 'auto,bundled' (first is the main column set).",
     ),
     threads: int | None = typer.Option(
@@ -78,7 +78,8 @@ def bench_command(
 
     Example: [bold]mlx-aim bench --config aim-tiny --batch-size 8 --json bench.json[/bold]
     """
-    from mlx_aim.bench import BenchOptions, run_benchmark, to_markdown
+    from mlx_aim.benchmark.report import to_markdown
+    from mlx_aim.benchmark.suite import BenchOptions, run_benchmark
 
     options = BenchOptions(
         config=config,

@@ -52,7 +52,7 @@ def warn_if_slow_blas() -> None:
     """
     import mlx.core as mx
 
-    from mlx_aim.blas import blas_info
+    from mlx_aim.cpu.blas import blas_info
 
     on_linux_cpu = sys.platform.startswith("linux") and mx.default_device().type == mx.cpu
     if on_linux_cpu and blas_info() is None:

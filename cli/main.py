@@ -33,7 +33,7 @@ def version_callback(value: bool) -> None:
         import mlx.core as mx
 
         import mlx_aim
-        from mlx_aim.blas import blas_info
+        from mlx_aim.cpu.blas import blas_info
 
         blas = blas_info() or "MLX's own"
         typer.echo(

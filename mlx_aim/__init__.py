@@ -4,24 +4,27 @@
 >>> model = mlx_aim.load("aimv2-large-patch14-224")   # or a directory written by mlx-aim
 """
 
-from .blas import enable_fast_blas
+import importlib
 
-enable_fast_blas()  # must run before anything imports mlx.core (see blas.py)
+from .cpu.blas import enable_fast_blas
 
-from .loading import load  # noqa: E402
-from .models import build_model  # noqa: E402
-from .registry import REGISTRY  # noqa: E402
-from .tokenizer import load_tokenizer  # noqa: E402
-from .transforms import Preprocessing  # noqa: E402
-from .weights import save_model  # noqa: E402
+enable_fast_blas()  # must run before anything imports mlx.core (see cpu/blas.py)
 
 __version__ = "0.1.0"
-__all__ = [
-    "REGISTRY",
-    "Preprocessing",
-    "build_model",
-    "load",
-    "load_tokenizer",
-    "save_model",
-    "__version__",
-]
+# The API is imported on first use, so that importing a submodule that needs no MLX (the
+# benchmark's torch worker) does not load mlx.core.
+_API = {
+    "REGISTRY": "registry",
+    "Preprocessing": "transforms",
+    "build_model": "models",
+    "load": "loading",
+    "load_tokenizer": "tokenizer",
+    "save_model": "weights",
+}
+__all__ = [*_API, "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'mlx_aim' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_API[name]}", __name__), name)

@@ -26,9 +26,10 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from PIL import Image
 
-from .cpu_streams import StreamSplit, cpu_stream_count
+from .cpu.streams import StreamSplit, cpu_stream_count
 from .images import ImageError, open_image, to_rgb
 from .io import atomic_paths
+from .models.layers import layer_average as layer_average  # the one definition; re-exported
 from .registry import default_preprocessing
 from .transforms import NativeResolution, Preprocessing
 
@@ -122,19 +123,13 @@ def preprocess(model: nn.Module, images: ImageLike | Sequence[ImageLike]) -> mx.
     return mx.array(np.stack(arrays))
 
 
-def layer_average(model: nn.Module, images: mx.array, layers: Sequence[int]) -> mx.array:
-    """Mean of the raw outputs of ``layers`` (B, N, D); later blocks are not run."""
-    features = model.extract_features(images, max_block_id=max(layers))
-    return mx.mean(mx.stack([features[i] for i in layers]), axis=0)
-
-
 class BatchRunner:
     """Apply ``fn`` to batches of at most ``batch_size`` rows (images or features).
 
     ``fn`` is compiled once (``state``: arrays it reads, e.g. ``model.state``); a short batch is
     zero-padded to ``batch_size`` so the compiled graph keeps its shape, and the padding rows are
     cut from the result. On the CPU a batch is split over CPU streams that run in parallel
-    (``cpu_streams``; ``streams`` overrides the count). Every call evaluates its result. With
+    (``cpu.streams``; ``streams`` overrides the count). Every call evaluates its result. With
     ``compile=False`` (inputs of varying size, e.g. native resolution) nothing is padded or split.
     """
 

@@ -13,10 +13,9 @@ Choices where the paper is silent (arXiv 2401.08541 §4.1–4.2), each tested in
 
 Training draws the prefix lengths in antithetic pairs by default (``sample_paired_prefix_lengths``):
 images 2i and 2i + 1 get S and K - S. Each image's prefix length is still uniform on {1, ..., K-1},
-and a pair predicts exactly K patches between them, so a batch always has ceil(B / 2) * K
-predictions to make: ``packed_prediction_index`` packs their positions into that fixed shape and the
-pixel head runs only there (``packed_next_patch_loss``), about half the head's work, with the same
-loss and gradients as the full computation (``next_patch_loss``) for those prefix lengths.
+and a pair predicts exactly K patches between them, which lets the training step run the pixel head
+on a fixed ceil(B / 2) * K positions (``train.step``). Both it and ``next_patch_loss`` reduce with
+``mean_patch_error``, the one place the loss is computed.
 """
 
 from __future__ import annotations
@@ -54,48 +53,19 @@ def sample_paired_prefix_lengths(
     return mx.stack([half, num_patches - half], axis=1).reshape(-1)[:batch_size]
 
 
-def packed_prediction_index(
-    prefix_lengths: mx.array, num_patches: int, first: int = 0
-) -> tuple[mx.array, mx.array]:
-    """Where the loss reads predictions, packed in rows of K: (flat token index, weight), each (R * K,).
-
-    Image b (global index ``first + b``) needs the predictions at positions S_b - 1, ..., K - 2
-    (targets S_b, ..., K - 1), K - S_b of them. The images of one pair (global indices 2i, 2i + 1)
-    share a row, the first image's positions then the second's; an image whose partner lies outside
-    this slice gets a row of its own. The flat index ``b * K + k`` addresses a (B * K, ...) view of
-    the tokens; padding slots point at token 0 with weight 0.
-
-    The lengths of a pair must sum to K, as ``sample_paired_prefix_lengths`` draws them: a shared
-    row is then exactly full (larger sums would not fit; the shapes are fixed so that the step
-    compiles once).
-    """
-    batch, k = prefix_lengths.shape[0], num_patches
-    pair = [(first + b) // 2 for b in range(batch)]
-    leads = [b for b in range(batch) if b == 0 or pair[b] != pair[b - 1]]
-    partners = [b + 1 if b + 1 < batch and pair[b + 1] == pair[b] else -1 for b in leads]
-    lead = mx.array(leads, mx.int32)[:, None]
-    partner = mx.array(partners, mx.int32)[:, None]
-    has_partner = partner >= 0
-    partner = mx.maximum(partner, 0)
-    lead_prefix = prefix_lengths[lead]
-    partner_prefix = prefix_lengths[partner]
-    column = mx.arange(k, dtype=mx.int32)[None]
-    lead_count = k - lead_prefix
-    in_lead = column < lead_count
-    partner_column = column - lead_count
-    in_partner = has_partner & ~in_lead & (partner_column < k - partner_prefix)
-    token = mx.where(
-        in_lead,
-        lead * k + lead_prefix - 1 + column,
-        mx.where(in_partner, partner * k + partner_prefix - 1 + partner_column, 0),
-    )
-    weight = (in_lead | in_partner).astype(mx.float32)
-    return token.reshape(-1), weight.reshape(-1)
-
-
 def next_patch_targets(images: mx.array, patch_size: int) -> mx.array:
     """Normalized pixel targets (B, K, p*p*C) of NHWC images."""
     return normalize_patches(patchify(images.astype(mx.float32), patch_size))
+
+
+def mean_patch_error(predictions: mx.array, targets: mx.array, weights: mx.array) -> mx.array:
+    """The weighted mean over patches of each patch's mean squared error, in float32.
+
+    ``predictions`` and ``targets`` (..., p*p*C) pair each prediction with the patch it predicts;
+    ``weights`` (...) is 1 where the loss reads a pair and 0 elsewhere.
+    """
+    errors = mx.square(predictions.astype(mx.float32) - targets).mean(axis=-1)
+    return (errors * weights).sum() / weights.sum()
 
 
 def next_patch_loss(
@@ -110,28 +80,6 @@ def next_patch_loss(
         patch_size: p.
     """
     targets = next_patch_targets(images, patch_size)[:, 1:]
-    errors = mx.square(predictions[:, :-1].astype(mx.float32) - targets).mean(axis=-1)
     target_index = mx.arange(1, targets.shape[1] + 1)
     weights = (target_index[None, :] >= prefix_lengths[:, None]).astype(mx.float32)
-    return (errors * weights).sum() / weights.sum()
-
-
-def packed_next_patch_loss(
-    predictions: mx.array,
-    images: mx.array,
-    token_index: mx.array,
-    weights: mx.array,
-    patch_size: int,
-) -> mx.array:
-    """``next_patch_loss`` from predictions made only where the loss reads them.
-
-    Args:
-        predictions: (M, p*p*C), the prediction at flat token ``token_index[m]`` (``b * K + k``).
-        images: the normalized NHWC input images (B, H, W, C).
-        token_index, weights: from ``packed_prediction_index``.
-        patch_size: p.
-    """
-    targets = next_patch_targets(images, patch_size)
-    targets = targets.reshape(-1, targets.shape[-1])[token_index + 1]  # patch k + 1, same image
-    errors = mx.square(predictions.astype(mx.float32) - targets).mean(axis=-1)
-    return (errors * weights).sum() / weights.sum()
+    return mean_patch_error(predictions[:, :-1], targets, weights)

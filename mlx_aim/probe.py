@@ -50,6 +50,7 @@ from .features import (
 from .images import ImageError
 from .io import atomic_directory, atomic_paths, check_destination, read_json, write_json
 from .models import build_model, build_model_args
+from .models.base import last_six_blocks
 from .models.layers import LinearClassifier, build_classifier
 from .registry import REGISTRY, default_preprocessing
 from .train.optim import warmup_cosine
@@ -232,7 +233,7 @@ def resolve_layers(spec: str | Sequence[int], args: Any, name: str | None = None
     if isinstance(spec, str):
         spec = spec.strip()
         if spec == "last":
-            return list(range(max(0, n - 6), n))
+            return last_six_blocks(n)
         if spec == "best":
             best = known_best_layers(args, name)
             if not best:

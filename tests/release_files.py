@@ -1,8 +1,8 @@
 """Tiny stand-ins for the released AIM / AIMv2 checkpoints, written in their exact file layouts.
 
-The weights come from the independent PyTorch reference (``mlx_aim.reference.torch_aim``) with every
-tensor random (norm scales, biases and BatchNorm running statistics included). Tiny architectures are
-registered under test names (``monkeypatch``) so that shape inference and ``--arch`` can find them.
+The weights come from the independent PyTorch reference (``mlx_aim.benchmark.torch_reference``)
+with every tensor random (norm scales, biases and BatchNorm running statistics included). Tiny
+architectures are registered under test names (``monkeypatch``) so that shape inference and ``--arch`` can find them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import mlx.core as mx
 import torch
 from safetensors.torch import save_file
 
-from mlx_aim.reference.torch_aim import (
+from mlx_aim.benchmark.torch_reference import (
     AIMv1Torch,
     AIMv2VisionTorch,
     init_random_,

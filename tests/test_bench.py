@@ -1,13 +1,22 @@
 """The benchmark: its FLOP count, and one tiny end-to-end run across processes."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mlx_aim.bench import BenchOptions, flops_per_image, growth_cells, run_benchmark, to_markdown
-from mlx_aim.reference import torch_aim as ref
+from mlx_aim.benchmark import torch_reference as ref
+from mlx_aim.benchmark.report import to_markdown
+from mlx_aim.benchmark.suite import (
+    BenchOptions,
+    flops_per_image,
+    growth_cells,
+    run_benchmark,
+    worker_env,
+)
 
 V1 = {
     "model_type": "aim_v1",
@@ -100,3 +109,15 @@ def test_unknown_names_are_one_line_errors(tmp_path):
         run_benchmark(BenchOptions(config="aim-nano", impls=("jax",), verbose=False))
     with pytest.raises(KeyError, match="unknown model"):
         run_benchmark(BenchOptions(config="aim-huge", verbose=False))
+
+
+def test_a_torch_worker_never_loads_mlx():
+    """libtorch_cpu exports sgemm_: with MLX in the same process one BLAS would serve both."""
+    code = (
+        "import sys, mlx_aim.benchmark.worker, mlx_aim.benchmark.torch_reference\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))"
+    )
+    env = worker_env("torch", None, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

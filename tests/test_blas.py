@@ -1,4 +1,4 @@
-"""mlx_aim.blas: which BLAS serves MLX's CPU matmuls. Each case runs in a fresh interpreter,
+"""mlx_aim.cpu.blas: which BLAS serves MLX's CPU matmuls. Each case runs in a fresh interpreter,
 because the choice is made once, before ``mlx.core`` is imported."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ INSTALL_HINT = "apt-get install libopenblas0-pthread, or pip install 'mlx-aim[fa
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux")
     or any(glob.glob(os.path.join(p, "mlx_cuda*.dist-info")) for p in sys.path),
-    reason="mlx_aim.blas only acts on Linux with a CPU build of MLX",
+    reason="mlx_aim.cpu.blas only acts on Linux with a CPU build of MLX",
 )
 
 # Reports, as JSON on the last line: the chosen BLAS, the library that the process's global
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 REPORT = """
 import ctypes, dataclasses, json, os, re
 import mlx.core
-from mlx_aim.blas import blas_info, enable_fast_blas
+from mlx_aim.cpu.blas import blas_info, enable_fast_blas
 enable_fast_blas()
 class DlInfo(ctypes.Structure):
     _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),

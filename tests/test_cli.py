@@ -116,7 +116,7 @@ def test_models_fits_80_columns_when_piped_and_names_stay_whole():
 
 @pytest.mark.parametrize("blas", [None, "OpenBLAS"])
 def test_slow_blas_is_named_once_with_the_fix(monkeypatch, capsys, blas):
-    monkeypatch.setattr("mlx_aim.blas.blas_info", lambda: blas)
+    monkeypatch.setattr("mlx_aim.cpu.blas.blas_info", lambda: blas)
     monkeypatch.setattr(cli_errors.sys, "platform", "linux")
     monkeypatch.setattr(cli_errors, "err_console", cli_errors.Console(stderr=True, width=300))
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.cpu))
@@ -191,7 +191,9 @@ def test_bench_bad_numbers_are_one_line(args, message):
 
 def test_bench_refuses_an_existing_output_before_measuring(tmp_path, monkeypatch):
     (tmp_path / "b.json").write_text("{}")
-    monkeypatch.setattr("mlx_aim.bench.run_benchmark", lambda options: pytest.fail("measured"))
+    monkeypatch.setattr(
+        "mlx_aim.benchmark.suite.run_benchmark", lambda options: pytest.fail("measured")
+    )
     result = invoke("bench", "--config", "aim-nano", "--json", tmp_path / "b.json")
     assert result.exit_code == 3
     assert "already exists (use --force to replace it)" in result.stderr

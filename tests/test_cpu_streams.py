@@ -6,8 +6,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_aim.blas import blas_threads
-from mlx_aim.cpu_streams import ENV_VAR, cpu_stream_count, usable_cores
+from mlx_aim.cpu.blas import blas_threads
+from mlx_aim.cpu.streams import ENV_VAR, cpu_stream_count, usable_cores
 from mlx_aim.features import BatchRunner
 from mlx_aim.models import build_model
 from mlx_aim.registry import pretrain_config

@@ -9,16 +9,17 @@ from mlx.utils import tree_flatten
 from parity import PARITY_REL, relative_error
 from release_files import images, nhwc
 
-from mlx_aim.models import build_model
-from mlx_aim.objective import next_patch_loss, packed_next_patch_loss, packed_prediction_index
-from mlx_aim.reference.torch_aim import (
+from mlx_aim.benchmark.torch_reference import (
     AIMForPretrainingTorch,
     AIMv1Torch,
     AIMv2VisionTorch,
     aim_pretraining_loss_torch,
     init_random_,
 )
+from mlx_aim.models import build_model
+from mlx_aim.objective import next_patch_loss
 from mlx_aim.registry import pretrain_config
+from mlx_aim.train.step import packed_next_patch_loss
 
 CONV = "encoder.preprocessor.patchifier.proj.weight"
 TINY_V1 = dict(
@@ -83,12 +84,9 @@ def test_predictions_loss_and_every_gradient_match(name, packed):
 
     images_mx, prefix_mx = nhwc(x), mx.array(prefix.numpy().astype(np.int32))
 
-    token, weight = packed_prediction_index(prefix_mx, pred.shape[1])
-
     def loss_fn(m):
         if packed:  # the training step's path: the head only where the loss reads
-            predictions = m(images_mx, prefix_mx, token)
-            return packed_next_patch_loss(predictions, images_mx, token, weight, p)
+            return packed_next_patch_loss(m, images_mx, images_mx, prefix_mx)
         return next_patch_loss(m(images_mx, prefix_mx), images_mx, prefix_mx, p)
 
     ours, grads = nn.value_and_grad(model, loss_fn)(model)

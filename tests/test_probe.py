@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import mlx_aim
 from cli.main import app
+from mlx_aim.benchmark.torch_reference import AIMv1Torch, init_random_
 from mlx_aim.errors import InputError, OutputError
 from mlx_aim.features import FeatureCache
 from mlx_aim.models import build_model
@@ -30,7 +31,6 @@ from mlx_aim.probe import (
     save_probe,
     train_probe,
 )
-from mlx_aim.reference.torch_aim import AIMv1Torch, init_random_
 from mlx_aim.registry import aim_v1_preprocessing, default_preprocessing
 from mlx_aim.transforms import Preprocessing
 from mlx_aim.weights import apply_weights, save_model

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mlx.core as mx
-import mlx.nn as nn
-
 from .base import BaseModelArgs, ConfigError
 from .layers import (
     MLP,
     Block,
-    ClassifierMixin,
-    Mask,
     SinCosPreprocessor,
     Transformer,
+    VisionEncoder,
     build_classifier,
     layer_norm,
-    sanitize_vision_weights,
 )
 
 
@@ -41,7 +36,7 @@ class ModelArgs(BaseModelArgs):
             raise ConfigError(f"field 'embed_dim' ({self.embed_dim}) must be divisible by 4")
 
 
-class Model(ClassifierMixin, nn.Module):
+class Model(VisionEncoder):
     """AIMv1 trunk, optionally with the attentive-probe classifier of the released checkpoints.
 
     ``model(images)`` takes normalized NHWC images and returns logits (B, classes) when the model
@@ -60,17 +55,3 @@ class Model(ClassifierMixin, nn.Module):
         self.trunk = Transformer(blocks, layer_norm(dim))
         if args.num_classes:
             self.head = build_classifier(args)
-
-    def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
-        """Final-norm tokens (B, N, D)."""
-        return self.trunk(self.preprocessor(images), mask)
-
-    def extract_features(
-        self, images: mx.array, mask: Mask = None, max_block_id: int = -1
-    ) -> list[mx.array]:
-        """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
-        return self.trunk.features(self.preprocessor(images), mask, max_block_id)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Drop torch-only buffers; transpose a torch-layout (D, C, p, p) patch weight."""
-        return sanitize_vision_weights(self, weights)

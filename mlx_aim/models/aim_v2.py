@@ -11,15 +11,13 @@ from .base import BaseModelArgs, ConfigError
 from .layers import (
     AttentionPoolingClassifier,
     Block,
-    ClassifierMixin,
-    Mask,
     PatchEmbed,
     SinCosPreprocessor,
     SwiGLU,
     Transformer,
+    VisionEncoder,
     build_classifier,
     rms_norm,
-    sanitize_vision_weights,
 )
 
 
@@ -75,7 +73,7 @@ class AbsolutePreprocessor(nn.Module):
         return tokens + self.pos_embed
 
 
-class Model(ClassifierMixin, nn.Module):
+class Model(VisionEncoder):
     """AIMv2 vision encoder.
 
     ``model(images)`` returns the final-norm tokens (B, N, D), or logits (B, classes) when a probe
@@ -106,23 +104,9 @@ class Model(ClassifierMixin, nn.Module):
                 dim, dim, args.num_heads, use_batch_norm=False, linear_bias=True
             )
 
-    def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
-        """Final-norm tokens (B, N, D)."""
-        return self.trunk(self.preprocessor(images), mask)
-
     def pooled(self, images: mx.array) -> mx.array:
         """The pooling head's embedding (B, D) of the final-norm tokens (``pooling_head`` models:
         transformers' ``pooler_output``)."""
         if "pooling_head" not in self:
             raise ValueError("this model has no pooling head (config field 'pooling_head')")
         return self.pooling_head(self.encode(images))
-
-    def extract_features(
-        self, images: mx.array, mask: Mask = None, max_block_id: int = -1
-    ) -> list[mx.array]:
-        """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
-        return self.trunk.features(self.preprocessor(images), mask, max_block_id)
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Transpose a torch-layout patch weight; idempotent."""
-        return sanitize_vision_weights(self, weights)

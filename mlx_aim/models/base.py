@@ -14,6 +14,11 @@ class ConfigError(InputError):
     """A model configuration that cannot describe a valid model; the message names the field."""
 
 
+def last_six_blocks(num_blocks: int) -> list[int]:
+    """The default probe layers: the last six blocks (every block of a shallower trunk)."""
+    return list(range(max(0, num_blocks - 6), num_blocks))
+
+
 def _matches(value: Any, annotation: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -105,9 +110,7 @@ class BaseModelArgs:
     def feature_layers(self) -> list[int]:
         """Blocks averaged by a classifier: ``probe_layers`` or the last six."""
         layers = getattr(self, "probe_layers", None)
-        if layers:
-            return list(layers)
-        return list(range(max(0, self.num_blocks - 6), self.num_blocks))
+        return list(layers) if layers else last_six_blocks(self.num_blocks)
 
     @property
     def grid_size(self) -> int:

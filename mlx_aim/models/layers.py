@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -255,21 +255,45 @@ def build_classifier(args) -> nn.Module:
     return AttentionPoolingClassifier(args.embed_dim, args.num_classes, args.num_heads)
 
 
-class ClassifierMixin:
-    """``__call__`` and ``probe_features`` for trunks that may carry a probe classifier."""
+def layer_average(model: nn.Module, images: mx.array, layers: Sequence[int]) -> mx.array:
+    """Mean of the raw outputs of blocks ``layers`` (B, N, D); later blocks are not run."""
+    features = model.extract_features(images, max_block_id=max(layers))
+    return mx.mean(mx.stack([features[i] for i in layers]), axis=0)
+
+
+class VisionEncoder(nn.Module):
+    """What every AIM vision encoder does with its ``preprocessor`` (patches and positions),
+    ``trunk`` (a ``Transformer``) and, when ``args.num_classes`` > 0, probe classifier ``head``;
+    subclasses build those three.
+
+    ``model(images)`` takes normalized NHWC images and returns logits (B, classes) when the model
+    has a classifier, else the final-norm tokens (B, N, D).
+    """
 
     preprocessing: Preprocessing | None = None  # how images are prepared (set by mlx_aim.load)
 
+    def encode(self, images: mx.array, mask: Mask = None) -> mx.array:
+        """Final-norm tokens (B, N, D)."""
+        return self.trunk(self.preprocessor(images), mask)
+
+    def extract_features(
+        self, images: mx.array, mask: Mask = None, max_block_id: int = -1
+    ) -> list[mx.array]:
+        """Raw outputs of blocks 0..max_block_id (each (B, N, D))."""
+        return self.trunk.features(self.preprocessor(images), mask, max_block_id)
+
     def probe_features(self, images: mx.array) -> mx.array:
         """Mean of the probe layers' raw block outputs (B, N, D); runs no later block."""
-        layers = self.args.feature_layers
-        features = self.extract_features(images, max_block_id=max(layers))
-        return mx.mean(mx.stack([features[i] for i in layers]), axis=0)
+        return layer_average(self, images, self.args.feature_layers)
 
     def __call__(self, images: mx.array) -> mx.array:
         if "head" in self:
             return self.head(self.probe_features(images))
         return self.encode(images)
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Drop torch-only buffers; transpose a torch-layout (D, C, p, p) patch weight; idempotent."""
+        return sanitize_vision_weights(self, weights)
 
 
 class SinCosPreprocessor(nn.Module):

@@ -1,61 +1,22 @@
-"""GELU and attention that pick their kernels by backend, with the same math on every backend.
+"""GELU and attention, the model's two backend-dependent ops: the same math on every backend.
 
-On GPU backends (Metal, CUDA) these are MLX's fused ``nn.gelu`` and
-``mx.fast.scaled_dot_product_attention``. MLX's CPU backend on x86 runs every elementwise op as a
-scalar, single-threaded loop and evaluates ``erf``/``exp`` with slow scalar code, which makes exact
-GELU and softmax the slowest non-matmul parts of a CPU training step. So on the CPU both ops are
-built from arithmetic that ``mx.compile`` fuses into vectorized loops, at float32 accuracy:
-
-- ``0.5 erf(a / sqrt 2) = a P(a^2) / Q(a^2)`` with ``a = min(|x|, 4 sqrt 2)`` (degree 5 / 5, our
-  own least-squares fit): GELU max abs error 1.0e-7 for ``|x| <= 1`` and 1.9e-7 |x| beyond, its
-  gradient 2.2e-7 (``nn.gelu``: 1.4e-7, 1.7e-7 |x|, 2.4e-7);
-- ``exp(y)``, ``y <= 0``: Cody-Waite reduction by ``ln 2``, a degree-6 Taylor polynomial and ``2^n``
-  written into the exponent bits, max relative error 2.9e-7 (``mx.exp``: 3.8e-6); exp(-inf) = 0;
-- hand-written vjps (GELU' = Phi(x) + x phi(x); softmax: ``p (g - sum(g p))``);
-- attention as ``softmax(q k^T scale + mask) v`` over explicit scores, softmax in float32.
-
-Half-precision inputs are computed in float32 and rounded back; float64 inputs use the reference
-ops. Set ``MLX_AIM_FAST_MATH=0`` to use the reference ops on every backend. The choice is made when
-an op is called, so a compiled function keeps the one made while it was traced.
+GPU backends (Metal, CUDA) run MLX's fused ``nn.gelu`` and ``mx.fast.scaled_dot_product_attention``.
+On the CPU, where those are slow scalar loops, the float32-accurate kernels of
+``mlx_aim.cpu.kernels`` run instead. Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend;
+float64 inputs always do. The choice is made when an op is called, so a compiled function keeps the
+one made while it was traced.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import mlx.core as mx
 import mlx.nn as nn
 
-_FAST_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
-_OFF = ("0", "false", "off", "no")
+from ..cpu import kernels
 
-# 0.5 erf(a / sqrt 2) = a P(a^2) / Q(a^2) for 0 <= a <= 4 sqrt 2 (our degree-5/5 least-squares
-# fit of erf(z) = z p(z^2) / q(z^2) on |z| <= 4, rescaled); erf rounds to 1 beyond.
-_HALF_ERF_P = (
-    0.39894221294521526,
-    0.034696523074525774,
-    0.004726190458421924,
-    0.0001769834746358358,
-    6.3653764663803644e-06,
-    2.1817031098618527e-08,
-)
-_ERF_Q = (
-    1.0,
-    0.25363686379121675,
-    0.029121619750357867,
-    0.0019308149340320222,
-    7.603796684841192e-05,
-    1.1712551652742244e-06,
-)
-_ERF_END = 4.0 * math.sqrt(2.0)
-_LOG2E = 1.4426950408889634
-_LN2_HI = 0.693145751953125  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^9
-_LN2_LO = 1.428606765330187e-06
-_ROUND = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 to an integer
-_EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)
-_INV_SQRT_2PI = 0.3989422804014327
-_TINY = 1e-37
+_OFF = ("0", "false", "off", "no")
 
 
 def fast_math_enabled(x: mx.array | None = None) -> bool:
@@ -63,102 +24,16 @@ def fast_math_enabled(x: mx.array | None = None) -> bool:
     given) ``x`` is float32, float16 or bfloat16."""
     if os.environ.get("MLX_AIM_FAST_MATH", "1").strip().lower() in _OFF:
         return False
-    if x is not None and x.dtype not in _FAST_DTYPES:
+    if x is not None and x.dtype not in kernels.DTYPES:
         return False
     return mx.default_device() == mx.cpu
 
 
-# How the code below suits mx.compile on the CPU: it fuses elementwise ops into C++ loops that the
-# compiler vectorizes only without float comparisons, selects, float min/max or sqrt (plain
-# arithmetic, abs, casts and integer max are fine), and it fuses at most 11 ops deep: a deeper
-# constant is passed as a strided (unvectorized) input. ``mx.contiguous`` (free on contiguous
-# data) ends a fused kernel where we choose.
-_split = mx.contiguous
-
-
-def _poly(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
-    """``sum_i coeffs[i] t^i`` by Estrin's scheme (a shallow graph)."""
-    terms = [coeffs[i] + coeffs[i + 1] * t for i in range(0, len(coeffs) - 1, 2)]
-    if len(coeffs) % 2:
-        terms.append(mx.array(coeffs[-1], t.dtype))
-    power = t
-    while len(terms) > 1:
-        power = power * power
-        pairs = [terms[i] + power * terms[i + 1] for i in range(0, len(terms) - 1, 2)]
-        terms = pairs + ([terms[-1]] if len(terms) % 2 else [])
-    return terms[0]
-
-
-def _at_least(y: mx.array, low: float, bits: int) -> mx.array:
-    """``max(y, low)`` for float32 ``y <= 0`` (-inf and NaN give ``low``), truncated to multiples
-    of ``2^-bits``: float32 to int32 conversion saturates to INT_MIN, an integer max clamps."""
-    scale = float(2**bits)
-    clamped = mx.maximum((y * scale).astype(mx.int32), int(low * scale))
-    return clamped.astype(mx.float32) * (1.0 / scale)
-
-
-def _exp_parts(y: mx.array) -> tuple[mx.array, mx.array]:
-    """``(r, 2^n)`` with ``exp(y) = exp(r) 2^n``, ``|r| <= ln(2) / 2``, for float32 ``y <= 0``;
-    ``2^n`` is 0 for ``y <= -88`` (exp(-inf) = 0)."""
-    y = _at_least(y, -88.0, 24)
-    n = _split((y * _LOG2E + _ROUND) - _ROUND)
-    r = _split((y - n * _LN2_HI) - n * _LN2_LO)
-    return r, mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
-
-
-def _exp(y: mx.array) -> mx.array:
-    """``exp(y)`` for float32 ``y <= 0``, max relative error 2.5e-7."""
-    r, two_n = _exp_parts(y)
-    return _poly(_EXP_TAYLOR, r) * two_n
-
-
-def _half_erf(x: mx.array) -> mx.array:
-    """``0.5 erf(|x| / sqrt 2)`` for float32 ``x``, max abs error 2e-7."""
-    a = _split(-_at_least(-mx.abs(x), -_ERF_END, 28))
-    s = a * a
-    return a * _poly(_HALF_ERF_P, s) / _poly(_ERF_Q, s)
-
-
-@mx.custom_function
-def _gelu_cpu(x: mx.array) -> mx.array:
-    x32 = x.astype(mx.float32)
-    return (0.5 * x32 + mx.abs(x32) * _half_erf(x32)).astype(x.dtype)  # x erf(x) = |x| erf(|x|)
-
-
-@_gelu_cpu.vjp
-def _gelu_cpu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
-    x32 = x.astype(mx.float32)
-    cdf = 0.5 + _split(_half_erf(x32)) * (x32 / (mx.abs(x32) + _TINY))  # sign(x), 0 at 0
-    slope = cdf + x32 * _exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
-    return (cotangent.astype(mx.float32) * slope).astype(x.dtype)
-
-
 def gelu(x: mx.array) -> mx.array:
-    """Exact (erf) GELU, ``x Phi(x)``: ``nn.gelu`` on GPUs, the float32-accurate kernel on the CPU."""
-    return _gelu_cpu(x) if fast_math_enabled(x) else nn.gelu(x)
-
-
-@mx.custom_function
-def _softmax_cpu(scores: mx.array) -> mx.array:
-    e = _exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-@_softmax_cpu.vjp
-def _softmax_cpu_vjp(scores: mx.array, cotangent: mx.array, probs: mx.array) -> mx.array:
-    return probs * (cotangent - (cotangent * probs).sum(axis=-1, keepdims=True))
-
-
-def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"attention mask must be 'causal', an array or None, got {mask!r}")
-        n_q, n_k = scores.shape[-2:]
-        mask = mx.arange(n_q)[:, None] + (n_k - n_q) >= mx.arange(n_k)[None]
-    if mask.dtype == mx.bool_:
-        # the finite minimum, as mx.fast does: a fully masked row attends uniformly, never NaN
-        return mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    return scores + mask.astype(scores.dtype)
+    """Exact (erf) GELU, ``x Phi(x)``."""
+    if fast_math_enabled(x):
+        return kernels.gelu(x)
+    return nn.gelu(x)
 
 
 def attention(
@@ -167,12 +42,8 @@ def attention(
     """``softmax(q k^T * scale + mask) v`` for (B, H, N, d) queries, keys and values.
 
     ``mask``: None, ``"causal"``, a boolean array (True = attend) or an additive array,
-    broadcastable to (B, H, N_q, N_k). GPUs run ``mx.fast.scaled_dot_product_attention``; the CPU
-    computes explicit scores and a float32 softmax.
+    broadcastable to (B, H, N_q, N_k).
     """
-    if not fast_math_enabled(q):
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
-    scores = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
-    if mask is not None:
-        scores = _masked(scores, mask)
-    return _softmax_cpu(scores).astype(v.dtype) @ v
+    if fast_math_enabled(q):
+        return kernels.attention(q, k, v, scale, mask)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -85,7 +85,8 @@ class Model(nn.Module):
     """``encoder`` (an AIM trunk) + ``head``; ``model(images, prefix_lengths)`` -> (B, K, p*p*C).
 
     ``predictions[:, k]`` predicts patch k + 1 in raster order; trunk attention is prefix-causal with
-    the per-image prefix lengths.
+    the per-image prefix lengths. ``encode`` and ``head`` are the two halves, for a caller that runs
+    the head on only some positions (the training step).
     """
 
     preprocessing: Preprocessing | None = None  # how images are prepared (set by mlx_aim.load)
@@ -109,17 +110,15 @@ class Model(nn.Module):
         self.encoder.trunk.checkpoint_blocks = enabled
         self.head.checkpoint_blocks = enabled
 
-    def __call__(
-        self, images: mx.array, prefix_lengths: mx.array, token_index: mx.array | None = None
-    ) -> mx.array:
-        """Next-patch predictions (B, K, p*p*C), or only at the flat positions ``token_index``
-        (``b * K + k``, e.g. from ``objective.packed_prediction_index``): (M, p*p*C)."""
+    def encode(self, images: mx.array, prefix_lengths: mx.array) -> mx.array:
+        """The head's input (B, K, D): prefix-causal trunk tokens with the positions added again."""
         tokens = self.encoder.preprocessor(images)
         mask = prefix_causal_mask(prefix_lengths, tokens.shape[1])
         z = self.encoder.trunk(tokens, mask)
         p = self.encoder.args.patch_size
         positions = sincos_pos_embed(images.shape[1] // p, images.shape[2] // p, z.shape[-1])
-        z = z + positions.astype(z.dtype)
-        if token_index is not None:
-            z = z.reshape(-1, z.shape[-1])[token_index]
-        return self.head(z)
+        return z + positions.astype(z.dtype)
+
+    def __call__(self, images: mx.array, prefix_lengths: mx.array) -> mx.array:
+        """Next-patch predictions (B, K, p*p*C)."""
+        return self.head(self.encode(images, prefix_lengths))

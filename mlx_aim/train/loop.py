@@ -28,7 +28,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import io
-from ..blas import blas_info
+from ..cpu.blas import blas_info
 from ..data import ImageLoader
 from ..errors import InputError, Interrupted, MlxAimError, NonFiniteError
 from ..models import build_model

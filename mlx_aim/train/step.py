@@ -5,9 +5,11 @@ the prefix lengths are drawn inside it from MLX's global random state and the le
 comes from the optimizer's schedule, so nothing that changes between steps is a Python scalar.
 
 By default the prefix lengths come in antithetic pairs (S, K - S) and the pixel head predicts only
-the patches the loss reads (``objective.packed_prediction_index``): a fixed ceil(B / 2) * K
-predictions per batch instead of B * K, the same loss and gradients. ``paired_prefixes=False``
-draws every length independently and runs the head at every position.
+the patches the loss reads (``packed_next_patch_loss``): the trunk encodes every patch, the
+positions the loss reads are gathered (``packed_prediction_index``) and the head runs there only,
+a fixed ceil(B / 2) * K predictions per batch instead of B * K, about half the head's work, with
+the same loss and gradients as ``objective.next_patch_loss``. ``paired_prefixes=False`` draws every
+length independently and runs the head at every position.
 
 Data parallelism: every process draws the prefix lengths of the whole global batch from the same
 random state and keeps its own slice, and weighs its loss by its share of the global number of
@@ -31,12 +33,71 @@ import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
 from ..objective import (
+    mean_patch_error,
     next_patch_loss,
-    packed_next_patch_loss,
-    packed_prediction_index,
+    next_patch_targets,
     sample_paired_prefix_lengths,
     sample_prefix_lengths,
 )
+
+
+def packed_prediction_index(
+    prefix_lengths: mx.array, num_patches: int, first: int = 0
+) -> tuple[mx.array, mx.array]:
+    """Where the loss reads predictions, packed in rows of K: (flat token index, weight), each (R * K,).
+
+    Image b (global index ``first + b``) needs the predictions at positions S_b - 1, ..., K - 2
+    (targets S_b, ..., K - 1), K - S_b of them. The images of one pair (global indices 2i, 2i + 1)
+    share a row, the first image's positions then the second's; an image whose partner lies outside
+    this slice gets a row of its own. The flat index ``b * K + k`` addresses a (B * K, ...) view of
+    the tokens; padding slots point at token 0 with weight 0.
+
+    The lengths of a pair must sum to K, as ``sample_paired_prefix_lengths`` draws them: a shared
+    row is then exactly full (larger sums would not fit; the shapes are fixed so that the step
+    compiles once).
+    """
+    batch, k = prefix_lengths.shape[0], num_patches
+    pair = [(first + b) // 2 for b in range(batch)]
+    leads = [b for b in range(batch) if b == 0 or pair[b] != pair[b - 1]]
+    partners = [b + 1 if b + 1 < batch and pair[b + 1] == pair[b] else -1 for b in leads]
+    lead = mx.array(leads, mx.int32)[:, None]
+    partner = mx.array(partners, mx.int32)[:, None]
+    has_partner = partner >= 0
+    partner = mx.maximum(partner, 0)
+    lead_prefix = prefix_lengths[lead]
+    partner_prefix = prefix_lengths[partner]
+    column = mx.arange(k, dtype=mx.int32)[None]
+    lead_count = k - lead_prefix
+    in_lead = column < lead_count
+    partner_column = column - lead_count
+    in_partner = has_partner & ~in_lead & (partner_column < k - partner_prefix)
+    token = mx.where(
+        in_lead,
+        lead * k + lead_prefix - 1 + column,
+        mx.where(in_partner, partner * k + partner_prefix - 1 + partner_column, 0),
+    )
+    weight = (in_lead | in_partner).astype(mx.float32)
+    return token.reshape(-1), weight.reshape(-1)
+
+
+def packed_next_patch_loss(
+    model: nn.Module, inputs: mx.array, images: mx.array, prefix_lengths: mx.array, first: int = 0
+) -> mx.array:
+    """``next_patch_loss`` of a pre-training model, its pixel head run only where the loss reads.
+
+    Args:
+        model: an ``aim_pretrain`` model (``encode`` and ``head``).
+        inputs: the images as the model reads them (in the compute dtype).
+        images: the normalized NHWC images (B, H, W, C) the targets are cut from.
+        prefix_lengths: int (B,), paired as ``sample_paired_prefix_lengths`` draws them.
+        first: the global index of image 0 (the pairs run across the global batch).
+    """
+    tokens = model.encode(inputs, prefix_lengths)
+    index, weights = packed_prediction_index(prefix_lengths, tokens.shape[1], first)
+    predictions = model.head(tokens.reshape(-1, tokens.shape[-1])[index])
+    targets = next_patch_targets(images, model.encoder.args.patch_size)
+    targets = targets.reshape(-1, targets.shape[-1])[index + 1]  # patch k + 1, same image
+    return mean_patch_error(predictions, targets, weights)
 
 
 def _cast(params, dtype: mx.Dtype):
@@ -81,9 +142,7 @@ def make_train_step(
         model.update(_cast(params, compute_dtype) if compute_dtype != mx.float32 else params)
         inputs = images.astype(compute_dtype)
         if paired_prefixes:
-            index, valid = packed_prediction_index(prefix, num_patches, first=rank * local_batch)
-            predictions = model(inputs, prefix, index)
-            loss = packed_next_patch_loss(predictions, images, index, valid, patch_size)
+            loss = packed_next_patch_loss(model, inputs, images, prefix, first=rank * local_batch)
         else:
             loss = next_patch_loss(model(inputs, prefix), images, prefix, patch_size)
         return loss * weight  # float32 targets

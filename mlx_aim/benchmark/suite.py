@@ -1,13 +1,13 @@
 """Side-by-side benchmark of mlx-aim, a plain-MLX baseline and PyTorch (``mlx-aim bench``).
 
 One invocation measures every implementation on the same shapes, weights and inputs. Each
-(implementation, task) runs in its own subprocess (``bench_worker.py``) so that no BLAS loaded for
+(implementation, task) runs in its own subprocess (``worker.py``) so that no BLAS loaded for
 one library serves the other's matmuls; torch workers also get no ``LD_PRELOAD``.
 
 Implementations: ``mlx-aim`` (the library's models, its compiled training step
 ``mlx_aim.train.step.make_train_step`` and a compiled forward), ``plain-mlx``
-(``mlx_aim.reference.plain_mlx``: explicit softmax attention, ``nn.Conv2d`` patches, nothing
-compiled), ``torch-eager`` and ``torch-compile`` (``mlx_aim.reference.torch_aim``).
+(``plain_mlx``: explicit softmax attention, ``nn.Conv2d`` patches, nothing compiled),
+``torch-eager`` and ``torch-compile`` (``torch_reference``).
 Tasks: ``train`` (forward, backward, gradient clipping to norm 1 and AdamW update of the
 pre-training model and loss) and ``embed`` (trunk forward, no gradients). Every training column
 uses the same paired prefix lengths (``objective.sample_paired_prefix_lengths``); mlx-aim and torch
@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from .models import build_model_args
-from .registry import get_entry, pretrain_config
+from ..models import build_model_args
+from ..registry import get_entry, pretrain_config
 
 IMPLS = ("mlx-aim", "plain-mlx", "torch-eager", "torch-compile")
 TASKS = ("train", "embed")
@@ -48,8 +48,8 @@ BLAS_MODES = ("auto", "bundled")
 ALIASES = {"vit-s": "aim-small"}  # ViT-S-like: 224 px, patch 16, width 384, depth 12
 GROWTH_WIDTHS = ("aim-tiny", "aim-small", "aim-base")
 GROWTH_PATCHES = (64, 196, 256, 576)
-WORKER = Path(__file__).resolve().parent / "bench_worker.py"
-MIB = 2**20
+WORKER = "mlx_aim.benchmark.worker"
+PACKAGE = Path(__file__).resolve().parents[1]  # mlx_aim/
 
 
 @dataclass
@@ -161,8 +161,8 @@ def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tup
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
-    from .models import build_model
-    from .objective import sample_paired_prefix_lengths
+    from ..models import build_model
+    from ..objective import sample_paired_prefix_lengths
 
     mx.random.seed(seed)
     model = build_model(config)
@@ -222,16 +222,17 @@ THREAD_VARIABLES = (
 )
 
 
-def _env(variant_backend: str, blas: str | None, threads: int | None) -> dict[str, str]:
+def worker_env(variant_backend: str, blas: str | None, threads: int | None) -> dict[str, str]:
+    """The environment of a worker: this checkout first on the path, no preloaded or selected BLAS
+    for torch and for MLX's bundled BLAS, and ``threads`` for every thread pool when given."""
     env = dict(os.environ)
     if threads:
         env.update({name: str(threads) for name in THREAD_VARIABLES})
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(PACKAGE.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     if variant_backend == "torch" or blas == "bundled":
         env.pop("LD_PRELOAD", None)
-    if blas == "bundled":
-        env["MLX_AIM_BLAS"] = "off"
+        env["MLX_AIM_BLAS"] = "off"  # importing mlx_aim then loads no BLAS
     return env
 
 
@@ -246,8 +247,8 @@ def run_worker(spec: dict, backend: str, blas: str | None, options: BenchOptions
         print(f"[bench] {label} ...", file=sys.stderr, flush=True)
     try:
         proc = subprocess.run(
-            [sys.executable, str(WORKER), str(spec_path)],
-            env=_env(backend, blas, options.threads),
+            [sys.executable, "-m", WORKER, str(spec_path)],
+            env=worker_env(backend, blas, options.threads),
             capture_output=True,
             text=True,
             timeout=options.timeout,
@@ -374,8 +375,8 @@ def _embedding_agreement(dumps: dict[str, Path], reference: str) -> dict[str, fl
     }
 
 
-def run_benchmark(options: BenchOptions) -> dict[str, Any]:
-    """Measure everything ``options`` asks for; returns the JSON-able result."""
+def check_options(options: BenchOptions) -> None:
+    """Raise ValueError (one line) for unknown names or out-of-range counts in ``options``."""
     bad = [i for i in options.impls if i not in IMPLS]
     if bad:
         raise ValueError(f"unknown implementation(s) {bad}; known: {', '.join(IMPLS)}")
@@ -385,14 +386,15 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     bad = [b for b in options.mlx_blas if b not in BLAS_MODES]
     if bad or not options.mlx_blas:
         raise ValueError(f"--mlx-blas takes {' or '.join(BLAS_MODES)} (comma-separated), got {bad}")
-    config, tasks, default_batch = resolve_config(options.config, options.tasks)
-    batch = options.batch_size or default_batch
-    if batch < 1 or options.steps < 1 or options.warmup < 0 or options.rounds < 1:
+    counts = (options.batch_size or 1, options.steps, options.warmup + 1, options.rounds)
+    if min(counts) < 1:
         raise ValueError("need --batch-size >= 1, --steps >= 1, --rounds >= 1 and --warmup >= 0")
     if options.threads is not None and options.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {options.threads}")
-    chosen = variants(options, tasks)
-    flops = flops_per_image(config, batch)
+
+
+def _result_header(options: BenchOptions, config: dict, tasks: tuple[str, ...], batch: int):
+    """The settings, machine and code a result describes, before anything is measured."""
     result: dict[str, Any] = {
         "config": options.config,
         "model_config": config,
@@ -406,11 +408,63 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
         "machine": machine_info(),
         "load_average": {"start": _load_average()},
         "source": {"start": source_fingerprint()},
-        "flops_per_image": flops,
+        "flops_per_image": flops_per_image(config, batch),
         "notes": [],
     }
     if not torch_available() and any(i.startswith("torch") for i in options.impls):
         result["notes"].append("torch is not installed: PyTorch columns skipped")
+    return result
+
+
+def measure_peaks(chosen: list[Variant], base: dict, options: BenchOptions, folder: Path):
+    """(GEMM GFLOP/s, BLAS name) of each backend and BLAS mode, each measured in its own process."""
+    peaks, blas_names = {}, {}
+    for key, impl, blas in _peak_jobs(chosen):
+        spec = {**base, "impl": impl, "task": "peak", "blas": blas}
+        raw = run_worker(spec, _backend(impl), blas, options, folder)
+        peaks[key] = raw.get("gemm_gflops")
+        blas_names[key] = raw.get("blas")
+    return peaks, blas_names
+
+
+def measure_task(
+    task: str, chosen: list[Variant], base: dict, peaks: dict, options: BenchOptions, folder: Path
+) -> tuple[dict[str, dict], dict[str, float]]:
+    """(metrics per column, agreement with mlx-aim) of one task; rounds are interleaved and each
+    column keeps its best round."""
+    per_impl, dumps = {}, {}
+    flops = flops_per_image(base["config"], base["batch"])[task]
+    for _ in range(options.rounds):
+        for i, v in enumerate(chosen):
+            if v.grad_checkpoint and task != "train":
+                continue
+            dump = folder / f"{task}-{i}.npy"
+            spec = {
+                **base,
+                "impl": v.impl,
+                "task": task,
+                "blas": v.blas,
+                "grad_checkpoint": v.grad_checkpoint,
+                "dump": str(dump),
+            }
+            raw = run_worker(spec, v.backend, v.blas, options, folder)
+            raw["_peak_key"] = _peak_key(v.impl, v.blas)
+            metrics = _metrics(raw, base["batch"], flops, peaks)
+            if metrics.get("images_per_s", 0) >= per_impl.get(v.label, {}).get("images_per_s", 0):
+                per_impl[v.label] = metrics
+            if task == "embed" and dump.exists():
+                dumps[v.label] = dump
+    _add_ratios(per_impl)
+    return per_impl, _agreement(task, per_impl, dumps)
+
+
+def run_benchmark(options: BenchOptions) -> dict[str, Any]:
+    """Measure everything ``options`` asks for; returns the JSON-able result."""
+    check_options(options)
+    config, tasks, default_batch = resolve_config(options.config, options.tasks)
+    batch = options.batch_size or default_batch
+    chosen = variants(options, tasks)
+    result = _result_header(options, config, tasks, batch)
     with tempfile.TemporaryDirectory(prefix="mlx-aim-bench-") as tmp:
         folder = Path(tmp)
         weights, inputs = write_shared_state(config, batch, options.seed, folder)
@@ -424,48 +478,14 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
             "seed": options.seed,
             "gemm_seconds": options.gemm_seconds,
         }
-        # Matmul peak of each backend (and BLAS mode), measured in its own process.
-        peaks, blas_names = {}, {}
-        for key, impl, blas in _peak_jobs(chosen):
-            raw = run_worker(
-                {**base, "impl": impl, "task": "peak", "blas": blas},
-                _backend(impl),
-                blas,
-                options,
-                folder,
-            )
-            peaks[key] = raw.get("gemm_gflops")
-            blas_names[key] = raw.get("blas")
+        peaks, result["blas"] = measure_peaks(chosen, base, options, folder)
         result["gemm_peak_gflops"] = peaks
-        result["blas"] = blas_names
         result["machine_peak_gflops"] = max((v for v in peaks.values() if v), default=None)
         result["results"], result["agreement"] = {}, {}
         for task in tasks:
-            per_impl, dumps = {}, {}
-            for _ in range(options.rounds):  # interleaved; each column keeps its best round
-                for i, v in enumerate(chosen):
-                    if v.grad_checkpoint and task != "train":
-                        continue
-                    dump = folder / f"{task}-{i}.npy"
-                    spec = {
-                        **base,
-                        "impl": v.impl,
-                        "task": task,
-                        "blas": v.blas,
-                        "grad_checkpoint": v.grad_checkpoint,
-                        "dump": str(dump),
-                    }
-                    raw = run_worker(spec, v.backend, v.blas, options, folder)
-                    raw["_peak_key"] = _peak_key(v.impl, v.blas)
-                    metrics = _metrics(raw, batch, flops[task], peaks)
-                    old = per_impl.get(v.label, {})
-                    if metrics.get("images_per_s", 0) >= old.get("images_per_s", 0):
-                        per_impl[v.label] = metrics
-                    if task == "embed" and dump.exists():
-                        dumps[v.label] = dump
-            _add_ratios(per_impl)
-            result["results"][task] = per_impl
-            result["agreement"][task] = _agreement(task, per_impl, dumps)
+            result["results"][task], result["agreement"][task] = measure_task(
+                task, chosen, base, peaks, options, folder
+            )
         if options.grad_checkpoint:
             result["grad_checkpoint"] = _checkpoint_summary(result["results"].get("train", {}))
         if options.growth:
@@ -481,9 +501,8 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
 def source_fingerprint() -> str:
     """Short hash of the package's Python sources: which code a result measured."""
     digest = hashlib.sha256()
-    package = Path(__file__).resolve().parent
-    for path in sorted(package.rglob("*.py")):
-        digest.update(str(path.relative_to(package)).encode())
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(str(path.relative_to(PACKAGE)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -611,151 +630,3 @@ def _run_loader(options: BenchOptions, config: dict, batch: int, folder: Path) -
         "fed_wait_fraction": wait / (wait + step),
         "workers": spec["workers"],
     }
-
-
-# ---- report --------------------------------------------------------------------------------------
-
-
-def _fmt(value: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
-    return "–" if value is None else format(value / scale, spec)
-
-
-def to_markdown(result: dict[str, Any]) -> str:
-    """The result as the markdown section the README shows."""
-    m = result["machine"]
-    memory = f", {m['memory_bytes'] / 2**30:.0f} GiB" if m.get("memory_bytes") else ""
-    lines = [
-        f"### {result['config']}, batch {result['batch_size']}",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores{memory}, {m['os']}; Python {m['python']}, "
-        f"MLX {m['mlx']} ({m['mlx_device']})"
-        + (f", torch {m['torch']}" if m.get("torch") else "")
-        + ".",
-        "",
-        f"Command: `{result['command']}` ({result['warmup']} warm-up + {result['steps']} timed "
-        f"steps per column, each column in its own process, best of {result['rounds']} "
-        "interleaved round(s); step time = median of the timed steps, 'best' = fastest step; "
-        f"threads: {result['threads'] or 'library defaults'}). "
-        f"Load average at start / end: {result['load_average']['start']} / "
-        f"{result['load_average']['end']}. mlx_aim sources: {result['source']['start']}.",
-        "",
-        "Matmul peak (2048x2048 fp32 GEMM, this run): "
-        + ", ".join(
-            f"{key} {_fmt(v)} GFLOP/s [{result['blas'].get(key) or '?'}]"
-            for key, v in result["gemm_peak_gflops"].items()
-        )
-        + f". MFU uses the best of these ({_fmt(result['machine_peak_gflops'])} GFLOP/s); "
-        "'MFU own' uses the column's own backend.",
-        "",
-        "Model FLOPs per image (matmuls, 2 per multiply-add; train = 3 x forward of the trunk and "
-        "of the pixel head at the positions the loss reads, which mlx-aim and torch compute; "
-        "plain-mlx runs the head at every position): "
-        + ", ".join(
-            f"{task} {_fmt(f, '.2f', 1e9)} GFLOP"
-            for task, f in result["flops_per_image"].items()
-            if f is not None and task in result["tasks"]
-        )
-        + ".",
-        "",
-        "| task | implementation | images/s | best | step ms | GFLOP/s | MFU | MFU own "
-        "| RSS rise MiB | MLX peak MiB | MLX B/image | mlx-aim is |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for task, per_impl in result["results"].items():
-        for label, r in per_impl.items():
-            if "error" in r:
-                lines.append(f"| {task} | {label} | failed: {r['error']} |" + " |" * 10)
-                continue
-            ratio = r["ratios"].get("mlx-aim")
-            versus = "–" if label == "mlx-aim" else _fmt(1 / ratio if ratio else None, ".2f") + "x"
-            lines.append(
-                f"| {task} | {label} | {_fmt(r['images_per_s'], '.2f')} "
-                f"| {_fmt(r['images_per_s_best'], '.2f')} "
-                f"| {_fmt(r['step_s'] * 1000, '.0f')} | {_fmt(r['achieved_gflops'])} "
-                f"| {_fmt(r['mfu'] and 100 * r['mfu'])}% "
-                f"| {_fmt(r['mfu_own_backend'] and 100 * r['mfu_own_backend'])}% "
-                f"| {_fmt(r['rss_peak_delta_bytes'], '.0f', MIB)} "
-                f"| {_fmt(r.get('mlx_peak_bytes'), '.0f', MIB)} "
-                f"| {_fmt(r.get('mlx_bytes_per_image'), '.2e')} | {versus} |"
-            )
-    lines += ["", _agreement_line(result)]
-    split = [
-        f"{task} {label}: {r['cpu_streams']}"
-        for task, per_impl in result["results"].items()
-        for label, r in per_impl.items()
-        if r.get("cpu_streams", 1) > 1
-    ]
-    if split:
-        lines += ["", f"Batches split over CPU streams ({', '.join(split)}); see cpu_streams.py."]
-    source = result.get("source", {})
-    if source.get("start") != source.get("end"):
-        lines += ["", f"Warning: mlx_aim's sources changed during this run ({source})."]
-    ckpt = result.get("grad_checkpoint")
-    if ckpt:
-        lines += [
-            "",
-            f"Activation checkpointing (mlx-aim train): MLX peak {_fmt(ckpt['peak_bytes'], '.0f', MIB)}"
-            f" -> {_fmt(ckpt['peak_bytes_checkpointed'], '.0f', MIB)} MiB "
-            f"({100 * ckpt['peak_reduction']:.0f}% less; step memory above the weights "
-            f"{100 * ckpt['step_peak_over_weights_reduction']:.0f}% less), "
-            f"{ckpt['slowdown']:.2f}x the step time.",
-        ]
-    if result.get("growth"):
-        lines += ["", *_growth_lines(result["growth"])]
-    loader = result.get("loader")
-    if loader:
-        if "error" in loader:
-            lines += ["", f"Loader: failed: {loader['error']}"]
-        else:
-            lines += [
-                "",
-                f"Data loading ({loader['workers']} decode threads, TrainTransform, JPEG files): "
-                f"{loader['loader_images_per_s']:.1f} images/s alone; the mlx-aim step fed by it "
-                f"consumes {loader['step_images_per_s']:.1f} images/s "
-                f"(loader/step {loader['loader_to_step_ratio']:.1f}x; the step waited for data "
-                f"{100 * loader['fed_wait_fraction']:.1f}% of the time).",
-            ]
-    if result.get("notes") or result.get("errors"):
-        lines += ["", *(f"- {n}" for n in result["notes"] + result["errors"])]
-    return "\n".join(lines) + "\n"
-
-
-def _agreement_line(result: dict) -> str:
-    parts = []
-    for task, diffs in result.get("agreement", {}).items():
-        what = (
-            "|loss - mlx-aim loss| at the initial weights"
-            if task == "train"
-            else "max |out - mlx-aim| / max |mlx-aim|"
-        )
-        if diffs:
-            parts.append(f"{task} {what}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    return "Same model check (shared weights and inputs): " + ("; ".join(parts) or "–") + "."
-
-
-def _growth_lines(growth: dict) -> list[str]:
-    lines = [
-        f"Growth: training step ms per image ({growth['depth']} trunk blocks, 1 head block, "
-        f"batch {growth['batch']}), by width and patches per image; in brackets the achieved "
-        "GFLOP/s.",
-        "",
-    ]
-    for label, rows in growth["cells"].items():
-        patches = sorted({r["patches"] for r in rows})
-        lines += [
-            f"| {label} | " + " | ".join(f"{p} patches" for p in patches) + " |",
-            "|---|" + "---:|" * len(patches),
-        ]
-        for arch in dict.fromkeys(r["arch"] for r in rows):
-            cells = {r["patches"]: r for r in rows if r["arch"] == arch}
-            width = next(iter(cells.values()))["width"]
-            lines.append(
-                f"| {arch} (width {width}) | "
-                + " | ".join(
-                    f"{cells[p]['ms_per_image']:.0f} ({cells[p]['achieved_gflops']:.0f})"
-                    for p in patches
-                )
-                + " |"
-            )
-        lines.append("")
-    return lines

@@ -1,12 +1,13 @@
 """Benchmark worker: one implementation and one task in a process of its own.
 
-Run by path (``python mlx_aim/bench_worker.py SPEC.json``), never imported: a torch worker must not
-load MLX (the package ``__init__`` imports ``mlx.core``) and an MLX worker must not load torch,
-because ``libtorch_cpu`` exports ``sgemm_`` and whichever BLAS comes first in a process serves the
-other library's matmuls too. So the torch reference and the BLAS selector are loaded by file path,
-and ``mlx_aim`` itself is imported only in MLX workers, after the BLAS choice.
+Run as ``python -m mlx_aim.benchmark.worker SPEC.json`` by ``suite.run_worker``. A torch worker
+must not load MLX and an MLX worker must not load torch, because ``libtorch_cpu`` exports
+``sgemm_`` and whichever BLAS comes first in a process serves the other library's matmuls too.
+Importing ``mlx_aim`` loads neither (its ``__init__`` only picks MLX's BLAS, which the suite turns
+off for torch workers with ``MLX_AIM_BLAS=off``), and this module imports each library only inside
+the functions of its backend.
 
-The spec (JSON, written by ``mlx_aim.bench``) names ``impl``, ``task`` and the settings; the result
+The spec (JSON, written by ``suite``) names ``impl``, ``task`` and the settings; the result
 goes to ``spec["out"]`` as JSON. Memory (Linux): the process's resident-set high-water mark is reset
 (``/proc/self/clear_refs``) once the model and inputs are in memory, and ``rss_peak_delta_bytes`` is
 how far it rose during warm-up and timed steps (optimizer state, gradients, activations, allocator
@@ -15,29 +16,17 @@ caches), measured the same way for every implementation. MLX workers add MLX's o
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == PACKAGE_DIR:
-    sys.path.pop(0)  # run by path: the package's own modules must not shadow top-level names
+from ..io import write_text
 
 GEMM_SIZE = 2048
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 0.05
-
-
-def _load_by_path(name: str, relative: str):
-    spec = importlib.util.spec_from_file_location(name, PACKAGE_DIR / relative)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # ---- memory and timing ------------------------------------------------------------------------
@@ -87,13 +76,13 @@ def _time_steps(step, warmup: int, steps: int) -> dict[str, Any]:
 # ---- MLX ---------------------------------------------------------------------------------------
 
 
-def _mlx_start(blas: str) -> dict[str, Any]:
-    """Pick MLX's BLAS (before ``mlx.core`` loads), then report versions."""
-    if blas == "bundled":
-        info = None
-    else:
-        info = _load_by_path("_bench_blas", "blas.py").enable_fast_blas()
+def _mlx_start() -> dict[str, Any]:
+    """Versions and the BLAS that ``import mlx_aim`` chose (none with ``MLX_AIM_BLAS=off``)."""
     import mlx.core as mx
+
+    from ..cpu.blas import blas_info
+
+    info = blas_info()
 
     return {
         "mlx_version": mx.__version__,
@@ -120,9 +109,9 @@ def _mlx_gemm_gflops(seconds: float) -> float:
 
 def _mlx_model(spec: dict, embed: bool):
     """(model, loss function) of the MLX implementation named in the spec, with shared weights."""
-    from mlx_aim.models import build_model
-    from mlx_aim.objective import next_patch_loss
-    from mlx_aim.reference import plain_mlx
+    from ..models import build_model
+    from ..objective import next_patch_loss
+    from . import plain_mlx
 
     config = spec["config"]
     pretrain = config["model_type"] == "aim_pretrain"
@@ -144,7 +133,7 @@ def _mlx_model(spec: dict, embed: bool):
 def _mlx_inputs(spec: dict):
     import mlx.core as mx
 
-    from mlx_aim.objective import sample_paired_prefix_lengths
+    from ..objective import sample_paired_prefix_lengths
 
     if spec.get("inputs"):
         data = mx.load(spec["inputs"])
@@ -168,8 +157,8 @@ def _mlx_train_step(spec: dict, model, loss_fn):
     import mlx.optimizers as optim
 
     if spec["impl"] == "mlx-aim":
-        from mlx_aim.train.optim import build_optimizer, warmup_cosine
-        from mlx_aim.train.step import make_train_step
+        from ..train.optim import build_optimizer, warmup_cosine
+        from ..train.step import make_train_step
 
         schedule = warmup_cosine(LEARNING_RATE, 10, 1000, 0.0)
         optimizer = build_optimizer(model, schedule, weight_decay=WEIGHT_DECAY)
@@ -229,7 +218,7 @@ def mlx_embed(spec: dict, result: dict) -> None:
     model.eval()
     images, _ = _mlx_inputs(spec)
     if spec["impl"] == "mlx-aim":  # what mlx-aim embed runs: compiled, split over CPU streams
-        from mlx_aim.features import BatchRunner
+        from ..features import BatchRunner
 
         forward = BatchRunner(model.encode, images.shape[0], model.state)
         result["cpu_streams"] = max(1, len(forward.run.streams))
@@ -277,8 +266,8 @@ def mlx_loader(spec: dict, result: dict) -> None:
     import numpy as np
     from PIL import Image
 
-    from mlx_aim.data import ImageLoader, measure_throughput
-    from mlx_aim.transforms import TrainTransform
+    from ..data import ImageLoader, measure_throughput
+    from ..transforms import TrainTransform
 
     enc = spec["config"]["encoder"]
     size, batch = enc["image_size"], spec["batch"]
@@ -366,7 +355,8 @@ def _torch_encoder(ref, config: dict):
 def _torch_model(spec: dict, embed: bool):
     from safetensors.torch import load_file
 
-    ref = _load_by_path("_bench_torch_aim", "reference/torch_aim.py")
+    from . import torch_reference as ref
+
     config = spec["config"]
     pretrain = config["model_type"] == "aim_pretrain"
     if pretrain:
@@ -497,7 +487,7 @@ def main(spec_path: str) -> None:
     backend = "torch" if spec["impl"].startswith("torch") else "mlx"
     result: dict[str, Any] = {"impl": spec["impl"], "task": spec["task"]}
     if backend == "mlx":
-        result.update(_mlx_start(spec.get("blas", "auto")))
+        result.update(_mlx_start())
     else:
         result.update(_torch_start())
     if spec["task"] == "peak":
@@ -505,10 +495,7 @@ def main(spec_path: str) -> None:
         result["gemm_gflops"] = gemm(spec.get("gemm_seconds", 1.0))
     else:
         TASKS[backend][spec["task"]](spec, result)
-    out = Path(spec["out"])
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, out)
+    write_text(spec["out"], json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,152 @@
+"""Exact GELU and softmax attention for MLX's CPU backend, at float32 accuracy.
+
+MLX's CPU backend on x86 runs every elementwise op as a scalar, single-threaded loop and evaluates
+``erf``/``exp`` with slow scalar code, which makes exact GELU and softmax the slowest non-matmul
+parts of a CPU training step. These kernels are built from arithmetic that ``mx.compile`` fuses
+into vectorized loops instead:
+
+- ``0.5 erf(a / sqrt 2) = a P(a^2) / Q(a^2)`` with ``a = min(|x|, 4 sqrt 2)`` (degree 5 / 5, our
+  own least-squares fit): GELU max abs error 1.0e-7 for ``|x| <= 1`` and 1.9e-7 |x| beyond, its
+  gradient 2.2e-7 (``nn.gelu``: 1.4e-7, 1.7e-7 |x|, 2.4e-7);
+- ``exp(y)``, ``y <= 0``: Cody-Waite reduction by ``ln 2``, a degree-6 Taylor polynomial and ``2^n``
+  written into the exponent bits, max relative error 2.9e-7 (``mx.exp``: 3.8e-6); exp(-inf) = 0;
+- hand-written vjps (GELU' = Phi(x) + x phi(x); softmax: ``p (g - sum(g p))``);
+- attention as ``softmax(q k^T scale + mask) v`` over explicit scores, softmax in float32.
+
+Half-precision inputs are computed in float32 and rounded back. The model reaches these only through
+``mlx_aim.models.ops``, which picks them on the CPU for the dtypes in ``DTYPES``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+
+DTYPES = (mx.float32, mx.float16, mx.bfloat16)
+
+# 0.5 erf(a / sqrt 2) = a P(a^2) / Q(a^2) for 0 <= a <= 4 sqrt 2 (our degree-5/5 least-squares
+# fit of erf(z) = z p(z^2) / q(z^2) on |z| <= 4, rescaled); erf rounds to 1 beyond.
+_HALF_ERF_P = (
+    0.39894221294521526,
+    0.034696523074525774,
+    0.004726190458421924,
+    0.0001769834746358358,
+    6.3653764663803644e-06,
+    2.1817031098618527e-08,
+)
+_ERF_Q = (
+    1.0,
+    0.25363686379121675,
+    0.029121619750357867,
+    0.0019308149340320222,
+    7.603796684841192e-05,
+    1.1712551652742244e-06,
+)
+_ERF_END = 4.0 * math.sqrt(2.0)
+_LOG2E = 1.4426950408889634
+_LN2_HI = 0.693145751953125  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^9
+_LN2_LO = 1.428606765330187e-06
+_ROUND = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 to an integer
+_EXP_TAYLOR = (1.0, 1.0, 1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720)
+_INV_SQRT_2PI = 0.3989422804014327
+_TINY = 1e-37
+
+
+# How the code below suits mx.compile on the CPU: it fuses elementwise ops into C++ loops that the
+# compiler vectorizes only without float comparisons, selects, float min/max or sqrt (plain
+# arithmetic, abs, casts and integer max are fine), and it fuses at most 11 ops deep: a deeper
+# constant is passed as a strided (unvectorized) input. ``mx.contiguous`` (free on contiguous
+# data) ends a fused kernel where we choose.
+_split = mx.contiguous
+
+
+def _poly(coeffs: tuple[float, ...], t: mx.array) -> mx.array:
+    """``sum_i coeffs[i] t^i`` by Estrin's scheme (a shallow graph)."""
+    terms = [coeffs[i] + coeffs[i + 1] * t for i in range(0, len(coeffs) - 1, 2)]
+    if len(coeffs) % 2:
+        terms.append(mx.array(coeffs[-1], t.dtype))
+    power = t
+    while len(terms) > 1:
+        power = power * power
+        pairs = [terms[i] + power * terms[i + 1] for i in range(0, len(terms) - 1, 2)]
+        terms = pairs + ([terms[-1]] if len(terms) % 2 else [])
+    return terms[0]
+
+
+def _at_least(y: mx.array, low: float, bits: int) -> mx.array:
+    """``max(y, low)`` for float32 ``y <= 0`` (-inf and NaN give ``low``), truncated to multiples
+    of ``2^-bits``: float32 to int32 conversion saturates to INT_MIN, an integer max clamps."""
+    scale = float(2**bits)
+    clamped = mx.maximum((y * scale).astype(mx.int32), int(low * scale))
+    return clamped.astype(mx.float32) * (1.0 / scale)
+
+
+def _exp_parts(y: mx.array) -> tuple[mx.array, mx.array]:
+    """``(r, 2^n)`` with ``exp(y) = exp(r) 2^n``, ``|r| <= ln(2) / 2``, for float32 ``y <= 0``;
+    ``2^n`` is 0 for ``y <= -88`` (exp(-inf) = 0)."""
+    y = _at_least(y, -88.0, 24)
+    n = _split((y * _LOG2E + _ROUND) - _ROUND)
+    r = _split((y - n * _LN2_HI) - n * _LN2_LO)
+    return r, mx.view(mx.left_shift(n.astype(mx.int32) + 127, 23), mx.float32)
+
+
+def _exp(y: mx.array) -> mx.array:
+    """``exp(y)`` for float32 ``y <= 0``, max relative error 2.5e-7."""
+    r, two_n = _exp_parts(y)
+    return _poly(_EXP_TAYLOR, r) * two_n
+
+
+def _half_erf(x: mx.array) -> mx.array:
+    """``0.5 erf(|x| / sqrt 2)`` for float32 ``x``, max abs error 2e-7."""
+    a = _split(-_at_least(-mx.abs(x), -_ERF_END, 28))
+    s = a * a
+    return a * _poly(_HALF_ERF_P, s) / _poly(_ERF_Q, s)
+
+
+@mx.custom_function
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU ``x Phi(x)``, computed in float32 and returned in ``x``'s dtype."""
+    x32 = x.astype(mx.float32)
+    return (0.5 * x32 + mx.abs(x32) * _half_erf(x32)).astype(x.dtype)  # x erf(x) = |x| erf(|x|)
+
+
+@gelu.vjp
+def _gelu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.array:
+    x32 = x.astype(mx.float32)
+    cdf = 0.5 + _split(_half_erf(x32)) * (x32 / (mx.abs(x32) + _TINY))  # sign(x), 0 at 0
+    slope = cdf + x32 * _exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
+    return (cotangent.astype(mx.float32) * slope).astype(x.dtype)
+
+
+@mx.custom_function
+def _softmax(scores: mx.array) -> mx.array:
+    e = _exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@_softmax.vjp
+def _softmax_vjp(scores: mx.array, cotangent: mx.array, probs: mx.array) -> mx.array:
+    return probs * (cotangent - (cotangent * probs).sum(axis=-1, keepdims=True))
+
+
+def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"attention mask must be 'causal', an array or None, got {mask!r}")
+        n_q, n_k = scores.shape[-2:]
+        mask = mx.arange(n_q)[:, None] + (n_k - n_q) >= mx.arange(n_k)[None]
+    if mask.dtype == mx.bool_:
+        # the finite minimum, as mx.fast does: a fully masked row attends uniformly, never NaN
+        return mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    return scores + mask.astype(scores.dtype)
+
+
+def attention(
+    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
+) -> mx.array:
+    """``softmax(q k^T * scale + mask) v`` over explicit scores, the softmax in float32."""
+    scores = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
+    if mask is not None:
+        scores = _masked(scores, mask)
+    return _softmax(scores).astype(v.dtype) @ v

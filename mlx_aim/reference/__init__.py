@@ -1,1 +1,0 @@
-"""Independent PyTorch reference implementations used by the parity tests."""
