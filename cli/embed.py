@@ -337,33 +337,31 @@ def embed_command(
     A file that cannot be read is named on stderr with its reason and skipped (exit code 4);
     every other file is embedded and written.
     """
-    skipped, report = skip_reporter()
     with reported_errors():
+        _check_options(_pooling(pool, tokens, layers), layers, dtype, quantize, batch_size, workers)
+        if output is not None:
+            _check_output(output, model, force)
         if text or text_file is not None:
-            _check_options("auto", None, dtype, None, batch_size, workers)
             texts = _texts(paths, text, text_file)
-            if output is not None:
-                _check_output(output, model, force)
             return _embed_texts(texts, model, output, normalize, dtype, as_json, quiet)
         if not paths:
             raise InputError("give image paths (or --text / --text-file with a LiT model)")
-        pool = _pooling(pool, tokens, layers)
-        _check_options(pool, layers, dtype, quantize, batch_size, workers)
-        if output is not None:
-            _check_output(output, model, force)
+    options = dict(pool=_pooling(pool, tokens, layers), layers=layers, normalize=normalize)
+    options.update(dtype=dtype, quantize=quantize, batch_size=batch_size, output=output)
+    _embed_images(paths, model, options, as_json=as_json, workers=workers, quiet=quiet)
+
+
+def _embed_images(
+    paths: list[str], model: str, options: dict, *, as_json: bool, workers: int, quiet: bool
+) -> None:
+    """Embed the image files of ``paths`` and print or write them (``options``: the Embedder's)."""
+    skipped, report = skip_reporter()
+    output = options["output"]
+    with reported_errors():
         files = find_files(paths, output, report)
-        _warn_if_slow(dtype, quantize)
+        _warn_if_slow(options["dtype"], options["quantize"])
         with working(f"loading {model}", enabled=not quiet):
-            embedder = _load_embedder(
-                model,
-                dtype=dtype,
-                quantize=quantize,
-                pool=pool,
-                layers=layers,
-                normalize=normalize,
-                batch_size=batch_size,
-                output=output,
-            )
+            embedder = _load_embedder(model, **options)
         result = _embed(embedder, files, report, workers, quiet)
         if as_json or output is None:
             _print(result, as_json)

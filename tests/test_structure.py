@@ -6,8 +6,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("mlx_aim", "cli")
 MAX_FUNCTION_LINES = 100
@@ -119,10 +117,5 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="cli/embed.py embed_command and cli/probe.py probe_command belong to other helpers of "
-    "issue 10, who shorten them; the integrator makes this strict after merging",
-)
 def test_no_function_is_longer_than_100_lines():
     assert long_functions() == []
