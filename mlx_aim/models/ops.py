@@ -27,6 +27,8 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_aim.cpu.native import native_kernels
+
 _FAST_DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 _OFF = ("0", "false", "off", "no")
 
@@ -135,7 +137,12 @@ def _gelu_cpu_vjp(x: mx.array, cotangent: mx.array, output: mx.array) -> mx.arra
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, ``x Phi(x)``: ``nn.gelu`` on GPUs, the float32-accurate kernel on the CPU."""
-    return _gelu_cpu(x) if fast_math_enabled(x) else nn.gelu(x)
+    if not fast_math_enabled(x):
+        return nn.gelu(x)
+    native = native_kernels()  # native CPU kernels (mlx_aim/cpu/native.py) where built
+    if native is not None and x.dtype == mx.float32:
+        return native.gelu(x)
+    return _gelu_cpu(x)
 
 
 @mx.custom_function
@@ -149,12 +156,17 @@ def _softmax_cpu_vjp(scores: mx.array, cotangent: mx.array, probs: mx.array) -> 
     return probs * (cotangent - (cotangent * probs).sum(axis=-1, keepdims=True))
 
 
-def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
+def _mask_array(scores: mx.array, mask: mx.array | str) -> mx.array:
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"attention mask must be 'causal', an array or None, got {mask!r}")
         n_q, n_k = scores.shape[-2:]
         mask = mx.arange(n_q)[:, None] + (n_k - n_q) >= mx.arange(n_k)[None]
+    return mask
+
+
+def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
+    mask = _mask_array(scores, mask)
     if mask.dtype == mx.bool_:
         # the finite minimum, as mx.fast does: a fully masked row attends uniformly, never NaN
         return mx.where(mask, scores, mx.finfo(scores.dtype).min)
@@ -173,6 +185,10 @@ def attention(
     if not fast_math_enabled(q):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
     scores = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
+    native = native_kernels()  # native CPU kernels (mlx_aim/cpu/native.py) where built
+    if native is not None:
+        mask = None if mask is None else _mask_array(scores, mask)
+        return native.softmax(scores, mask).astype(v.dtype) @ v
     if mask is not None:
         scores = _masked(scores, mask)
     return _softmax_cpu(scores).astype(v.dtype) @ v
