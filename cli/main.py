@@ -47,11 +47,12 @@ def version_callback(value: bool) -> None:
 
         import mlx_aim
         from mlx_aim.blas import blas_info
+        from mlx_aim.cpu.native import native_status
 
         blas = blas_info() or "MLX's own"
         typer.echo(
             f"mlx-aim {mlx_aim.__version__} (mlx {mx.__version__}, {mx.default_device()}, "
-            f"BLAS: {blas})"
+            f"BLAS: {blas}, native CPU kernels: {native_status()})"
         )
         raise typer.Exit()
 
@@ -68,3 +69,6 @@ def main(
 # Sub-commands live in their own modules and register themselves on ``app``.
 for _module in ("convert", "probe", "embed", "bench", "train"):
     __import__(f"cli.{_module}")
+from .kernels import register as _register_kernels  # noqa: E402
+
+_register_kernels(app)

@@ -61,7 +61,7 @@ class NativeBuildError(RuntimeError):
 def native_kernels() -> ModuleType | None:
     """The compiled kernels (``gelu``, ``softmax``), built into the cache on first use, or None
     where they do not apply or cannot be had: then one warning says why and how to enable them."""
-    if _not_applicable() is not None:
+    if unavailable_reason() is not None:
         return None
     with _lock:
         if "module" not in _state:
@@ -71,7 +71,7 @@ def native_kernels() -> ModuleType | None:
 
 def native_status() -> str:
     """One line on the kernels, for ``mlx-aim --version``; builds nothing."""
-    reason = _not_applicable()
+    reason = unavailable_reason()
     if reason is not None:
         return f"off ({reason})"
     if _state.get("module") is not None:
@@ -98,6 +98,7 @@ def build_kernels(force: bool = False) -> Path:
     missing = _missing_tools()
     if missing:
         raise NativeBuildError(f"native CPU kernels need {', '.join(missing)}: {HINT}")
+    logger.info("building mlx-aim's native CPU kernels (once) into %s", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _failure_log().unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build_dir:
@@ -117,8 +118,9 @@ def module_path() -> Path:
     return Path(root).expanduser() / "native" / f"{MODULE_NAME}-{_build_key()}.so"
 
 
-def _not_applicable() -> str | None:
-    """Why the kernels are not for this process (None: they are)."""
+def unavailable_reason() -> str | None:
+    """Why the kernels are not for this process (``MLX_AIM_NATIVE=0``, not Linux, a GPU
+    backend), or None where they are."""
     if os.environ.get(ENV_VAR, "1").strip().lower() in _OFF:
         return f"{ENV_VAR}=0"
     if platform.system() != "Linux":
@@ -137,8 +139,6 @@ def _load_or_build() -> ModuleType | None:
         )
         return None
     try:
-        if not module_path().exists():
-            logger.info("building mlx-aim's native CPU kernels (once) into %s", module_path())
         return _load(build_kernels())
     except NativeBuildError as error:
         logger.warning("%s; the portable kernels run", error)

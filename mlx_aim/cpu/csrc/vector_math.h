@@ -22,7 +22,7 @@ inline float exp_nonpositive(float y) {
   constexpr float kLn2Hi = 0.693145751953125f;
   constexpr float kLn2Lo = 1.428606765330187e-06f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds
-  y = std::max(y, -87.0f);  // 2^n stays a normal float; exp(-87) is 1.6e-38
+  y = std::max(y, -88.0f);  // from here down n = -127: 2^n and the result are 0
   const float n = (y * kLog2e + kRound) - kRound;
   const float r = (y - n * kLn2Hi) - n * kLn2Lo;
   float p = 1.0f / 5040.0f;
