@@ -15,8 +15,8 @@ from mlx_aim.cpu import native
 from mlx_aim.models import ops
 from mlx_aim.models.layers import prefix_causal_mask
 from tests.parity import assert_parity
+from tests.test_ops import gelu64, gelu_slope64
 
-_erf = np.vectorize(math.erf)
 LOWEST = np.finfo(np.float32).min
 
 
@@ -38,14 +38,6 @@ def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path))
     monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
     return tmp_path
-
-
-def gelu64(x):
-    return 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
-
-
-def gelu_slope64(x):
-    return 0.5 * (1.0 + _erf(x / math.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
 
 
 def gelu_ref(x):
