@@ -1,0 +1,95 @@
+"""Forward + backward time of masked softmax and GELU on the CPU: the native kernels
+(mlx_aim/cpu/native.py), the portable compiled kernels of mlx_aim.models.ops, and PyTorch eager.
+
+Usage: python scripts/bench_native_ops.py [--config aim-tiny|aim-small] [--batch-size 8] [--repeats 20]
+"""
+
+# ruff: noqa: I001  (mlx_aim first: it picks the optimized BLAS before mlx.core loads)
+import argparse
+import statistics
+import time
+
+import mlx_aim  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import torch
+
+from mlx_aim.cpu.native import native_kernels, native_status
+from mlx_aim.models import ops
+from mlx_aim.models.layers import prefix_causal_mask
+
+WIDTHS = {"aim-tiny": (192, 3), "aim-small": (384, 6)}  # (width, heads), 196 tokens, MLP 4x
+TOKENS = 196
+
+
+def median_ms(run, repeats: int) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def mlx_fwd_bwd(fn, x: mx.array, cotangent: mx.array):
+    step = mx.compile(lambda x, g: mx.vjp(fn, [x], [g]))
+    return lambda: mx.eval(step(x, cotangent))
+
+
+def torch_fwd_bwd(fn, x: mx.array, cotangent: mx.array):
+    x_t, g_t = torch.tensor(np.array(x)), torch.tensor(np.array(cotangent))
+
+    def run():
+        leaf = x_t.detach().requires_grad_()
+        fn(leaf).backward(g_t)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="aim-tiny", choices=sorted(WIDTHS))
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    width, heads = WIDTHS[args.config]
+    b = args.batch_size
+    mx.set_default_device(mx.cpu)
+    kernels = native_kernels()
+    print(f"native CPU kernels: {native_status()}; torch threads: {torch.get_num_threads()}")
+
+    mask = prefix_causal_mask(mx.random.randint(1, TOKENS, (b,)), TOKENS)
+    mask_t = torch.tensor(np.array(mask))
+    scores = mx.random.normal((b, heads, TOKENS, TOKENS)) * 3
+    hidden = mx.random.normal((b, TOKENS, 4 * width))
+    lowest = torch.finfo(torch.float32).min
+    cases = {
+        f"masked softmax {tuple(scores.shape)}": (
+            scores,
+            lambda s: kernels.softmax(s, mask),
+            lambda s: ops._softmax_cpu(ops._masked(s, mask)),
+            lambda s: torch.softmax(s.masked_fill(~mask_t, lowest), -1),
+        ),
+        f"GELU {tuple(hidden.shape)}": (
+            hidden,
+            kernels.gelu,
+            ops._gelu_cpu,
+            torch.nn.functional.gelu,
+        ),
+    }
+    print("| op, forward + backward | native | portable (compiled) | torch eager |")
+    print("|---|---|---|---|")
+    for name, (x, native_fn, portable_fn, torch_fn) in cases.items():
+        g = mx.random.normal(x.shape)
+        mx.eval(x, g)
+        times = [
+            median_ms(mlx_fwd_bwd(native_fn, x, g), args.repeats),
+            median_ms(mlx_fwd_bwd(portable_fn, x, g), args.repeats),
+            median_ms(torch_fwd_bwd(torch_fn, x, g), args.repeats),
+        ]
+        print(f"| {name} | " + " | ".join(f"{t:.2f} ms" for t in times) + " |")
+
+
+if __name__ == "__main__":
+    main()
