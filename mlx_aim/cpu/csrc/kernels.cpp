@@ -23,6 +23,11 @@ void check_float32(const mx::array& a, const char* op) {
   }
 }
 
+// Rows a thread gets at least, for rows of n elements.
+int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n));
+}
+
 // `out`'s buffer: that of `donor` when nothing else holds it, else a new one.
 void allocate(mx::array& out, const mx::array& donor) {
   if (donor.is_donatable() && donor.flags().row_contiguous && donor.size() == out.size()) {
@@ -230,7 +235,7 @@ void Softmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
                     out = out.data<float>(),
                     rows,
                     n] {
-    parallel_for(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t begin, int64_t end) {
+    parallel_for(rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         softmax_row(scores + r * n, mask, r, n, out + r * n);
       }
@@ -256,7 +261,7 @@ void SoftmaxVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
                     out = out.data<float>(),
                     rows,
                     n] {
-    parallel_for(rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t begin, int64_t end) {
+    parallel_for(rows, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         softmax_vjp_row(probs + r * n, g + r * n, mask, r, n, out + r * n);
       }
