@@ -1,6 +1,9 @@
 """Forward + backward time of masked softmax and GELU on the CPU: the native kernels
 (mlx_aim/cpu/native.py), the portable compiled kernels of mlx_aim.models.ops, and PyTorch eager.
 
+Each cell: median wall time / median CPU time of this process (all its threads), which a busy
+machine disturbs less. ``taskset -c 0`` with ``OMP_NUM_THREADS=1`` measures one core.
+
 Usage: python scripts/bench_native_ops.py [--config aim-tiny|aim-small] [--batch-size 8] [--repeats 20]
 """
 
@@ -22,14 +25,16 @@ WIDTHS = {"aim-tiny": (192, 3), "aim-small": (384, 6)}  # (width, heads), 196 to
 TOKENS = 196
 
 
-def median_ms(run, repeats: int) -> float:
+def median_ms(run, repeats: int) -> str:
+    """``wall / CPU`` milliseconds of one call, medians over ``repeats`` after a warm-up."""
     run()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         run()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return f"{1e3 * statistics.median(wall):.2f} / {1e3 * statistics.median(cpu):.2f} ms"
 
 
 def mlx_fwd_bwd(fn, x: mx.array, cotangent: mx.array):
@@ -78,7 +83,7 @@ def main() -> None:
             torch.nn.functional.gelu,
         ),
     }
-    print("| op, forward + backward | native | portable (compiled) | torch eager |")
+    print("| op, forward + backward (wall / CPU) | native | portable (compiled) | torch eager |")
     print("|---|---|---|---|")
     for name, (x, native_fn, portable_fn, torch_fn) in cases.items():
         g = mx.random.normal(x.shape)
@@ -88,7 +93,7 @@ def main() -> None:
             median_ms(mlx_fwd_bwd(portable_fn, x, g), args.repeats),
             median_ms(torch_fwd_bwd(torch_fn, x, g), args.repeats),
         ]
-        print(f"| {name} | " + " | ".join(f"{t:.2f} ms" for t in times) + " |")
+        print(f"| {name} | " + " | ".join(times) + " |")
 
 
 if __name__ == "__main__":
