@@ -4,7 +4,7 @@
 Each cell: median wall time / median CPU time of this process (all its threads), which a busy
 machine disturbs less. ``taskset -c 0`` with ``OMP_NUM_THREADS=1`` measures one core.
 
-Usage: python scripts/bench_native_ops.py [--config aim-tiny|aim-small] [--batch-size 8] [--repeats 20]
+Usage: python scripts/bench_native_ops.py [--config aim-tiny] [--batch-size 8] [--repeats 20]
 """
 
 # ruff: noqa: I001  (mlx_aim first: it picks the optimized BLAS before mlx.core loads)
@@ -17,12 +17,10 @@ import mlx.core as mx
 import numpy as np
 import torch
 
+from mlx_aim.bench import resolve_config
 from mlx_aim.cpu.native import native_kernels, native_status
 from mlx_aim.models import ops
 from mlx_aim.models.layers import prefix_causal_mask
-
-WIDTHS = {"aim-tiny": (192, 3), "aim-small": (384, 6)}  # (width, heads), 196 tokens, MLP 4x
-TOKENS = 196
 
 
 def median_ms(run, repeats: int) -> str:
@@ -54,20 +52,23 @@ def torch_fwd_bwd(fn, x: mx.array, cotangent: mx.array):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="aim-tiny", choices=sorted(WIDTHS))
+    parser.add_argument("--config", default="aim-tiny", help="a benchmark config (e.g. vit-s)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    width, heads = WIDTHS[args.config]
+    config, _, _ = resolve_config(args.config, ("train",))
+    trunk = config.get("encoder", config)
+    width, heads = trunk["embed_dim"], trunk["num_heads"]
+    tokens = (trunk["image_size"] // trunk["patch_size"]) ** 2
     b = args.batch_size
     mx.set_default_device(mx.cpu)
     kernels = native_kernels()
     print(f"native CPU kernels: {native_status()}; torch threads: {torch.get_num_threads()}")
 
-    mask = prefix_causal_mask(mx.random.randint(1, TOKENS, (b,)), TOKENS)
+    mask = prefix_causal_mask(mx.random.randint(1, tokens, (b,)), tokens)
     mask_t = torch.tensor(np.array(mask))
-    scores = mx.random.normal((b, heads, TOKENS, TOKENS)) * 3
-    hidden = mx.random.normal((b, TOKENS, 4 * width))
+    scores = mx.random.normal((b, heads, tokens, tokens)) * 3
+    hidden = mx.random.normal((b, tokens, 4 * width))  # the MLP's hidden layer
     lowest = torch.finfo(torch.float32).min
     cases = {
         f"masked softmax {tuple(scores.shape)}": (
