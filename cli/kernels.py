@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 
 from .errors import fail
 
@@ -29,6 +30,6 @@ def build_kernels_command(
         raise fail(f"native CPU kernels do not apply here ({reason})")
     try:
         path = native.build_kernels(force=force)
-    except native.NativeBuildError as error:
-        raise fail(str(error)) from None
+    except (native.NativeBuildError, OSError) as error:
+        raise fail(escape(f"native CPU kernels: {error}")) from None
     typer.echo(f"native CPU kernels: {path}")

@@ -175,7 +175,7 @@ def test_a_failed_build_is_reported_once_and_not_retried_until_asked(fresh, monk
     monkeypatch.setattr(native, "_missing_tools", lambda: [])
 
     def failing_compile(build_dir: Path) -> Path:
-        raise native.NativeBuildError("building the native CPU kernels failed: boom", log="LOG")
+        raise native.NativeBuildError("their build failed: boom", log="LOG")
 
     monkeypatch.setattr(native, "_compile", failing_compile)
     with caplog.at_level(logging.WARNING, logger="mlx_aim"):
@@ -191,6 +191,18 @@ def test_a_failed_build_is_reported_once_and_not_retried_until_asked(fresh, monk
     with pytest.raises(pytest.fail.Exception, match="rebuilt"):  # build-kernels retries
         native.build_kernels(force=True)
     assert not list(log.parent.glob("build-*"))  # temporary build directories are removed
+
+
+def test_an_unwritable_cache_turns_the_kernels_off_with_one_line(fresh, monkeypatch, caplog):
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    monkeypatch.setattr(native, "_missing_tools", lambda: [])
+    not_a_directory = fresh / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setenv("MLX_AIM_CACHE", str(not_a_directory))
+    with caplog.at_level(logging.WARNING, logger="mlx_aim"):
+        assert native.native_kernels() is None
+    assert len(caplog.records) == 1 and "native CPU kernels off" in caplog.text
 
 
 def test_concurrent_builds_each_put_a_whole_module_in_place(fresh, monkeypatch):

@@ -39,7 +39,10 @@ ENV_VAR = "MLX_AIM_NATIVE"
 MODULE_NAME = "mlx_aim_kernels"
 SOURCE_DIR = Path(__file__).parent / "csrc"
 BUILD_TIMEOUT_S = 300
-HINT = "pip install 'mlx-aim[native]' and a C++ compiler, then run `mlx-aim build-kernels`"
+HINT = (
+    "install them (pip install 'mlx-aim[native]'; a C++ compiler such as g++), "
+    "then run `mlx-aim build-kernels`"
+)
 _OFF = ("0", "false", "off", "no")
 # nanobind's internals key (platform ABI and internals version): an extension shares MLX's types
 # only when the nanobind it was built with writes the same key as MLX's.
@@ -74,15 +77,13 @@ def native_status() -> str:
     reason = unavailable_reason()
     if reason is not None:
         return f"off ({reason})"
-    if _state.get("module") is not None:
-        return f"on ({module_path()})"
     if module_path().exists():
-        return f"built ({module_path()})"
+        return f"on ({module_path()})"
     if _failure_log().exists():
         return f"off (the build failed, see {_failure_log()})"
     missing = _missing_tools()
     if missing:
-        return f"off (no {', '.join(missing)}: {HINT})"
+        return f"off (they need {', '.join(missing)}: {HINT})"
     return "not built yet (builds on first use, or run `mlx-aim build-kernels`)"
 
 
@@ -97,7 +98,7 @@ def build_kernels(force: bool = False) -> Path:
         return target
     missing = _missing_tools()
     if missing:
-        raise NativeBuildError(f"native CPU kernels need {', '.join(missing)}: {HINT}")
+        raise NativeBuildError(f"they need {', '.join(missing)}: {HINT}")
     logger.info("building mlx-aim's native CPU kernels (once) into %s", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     _failure_log().unlink(missing_ok=True)
@@ -133,15 +134,14 @@ def unavailable_reason() -> str | None:
 def _load_or_build() -> ModuleType | None:
     if not module_path().exists() and _failure_log().exists():
         logger.warning(
-            "native CPU kernels off: their build failed (see %s); run `mlx-aim build-kernels` "
-            "to retry",
+            "native CPU kernels off: their build failed (see %s); `mlx-aim build-kernels` retries",
             _failure_log(),
         )
         return None
     try:
         return _load(build_kernels())
-    except NativeBuildError as error:
-        logger.warning("%s; the portable kernels run", error)
+    except (NativeBuildError, OSError) as error:
+        logger.warning("native CPU kernels off: %s; the portable kernels run", error)
         return None
 
 
@@ -153,7 +153,7 @@ def _load(path: Path) -> ModuleType:
         loader.exec_module(module)
         module.gelu(mx.zeros((1,)))  # builds a graph node: fails when MLX's types do not convert
     except (ImportError, TypeError) as error:
-        raise NativeBuildError(f"native CPU kernels in {path} do not load: {error}") from None
+        raise NativeBuildError(f"{path} does not load: {error}") from None
     return module
 
 
@@ -177,7 +177,7 @@ def _compile(build_dir: Path) -> Path:
     _run([_cmake(), "--build", str(build_dir), "--parallel"], build_dir)
     built = sorted(build_dir.glob(f"{MODULE_NAME}*.so"))
     if not built:
-        raise NativeBuildError(f"the native CPU kernels' build wrote no module in {build_dir}")
+        raise NativeBuildError(f"their build wrote no module in {build_dir}")
     return built[0]
 
 
@@ -193,7 +193,7 @@ def _run(command: list[str], cwd: Path) -> str:
         output = (done.stdout + done.stderr).strip()
         last = output.splitlines()[-1] if output else f"exit status {done.returncode}"
         raise NativeBuildError(
-            f"building the native CPU kernels failed: {last.strip()}",
+            f"their build failed: {last.strip()}",
             log=f"$ {' '.join(command)}\n{output}",
         )
     return done.stdout
