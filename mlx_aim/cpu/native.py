@@ -9,9 +9,9 @@ They are compiled on the user's machine, once, into ``$MLX_AIM_CACHE/native`` (e
 ``~/.cache/mlx-aim/native``), keyed by the MLX, nanobind and Python versions, the CPU's flags and
 the sources: on first use, or by ``mlx-aim build-kernels``. That needs cmake, nanobind and a C++
 compiler (``pip install 'mlx-aim[native]'`` and e.g. ``apt-get install g++``); nanobind must be
-the version MLX was built with, which the build checks. Without them, or with
-``MLX_AIM_NATIVE=0``, one warning says so and the portable kernels of ``mlx_aim.models.ops``
-run. Never built or used with MLX's Metal or CUDA backends, nor outside Linux.
+the version MLX was built with, which the build checks. Without them one warning says so and the
+portable kernels of ``mlx_aim.models.ops`` run; ``MLX_AIM_NATIVE=0`` turns the kernels off. Never
+built or used with MLX's Metal or CUDA backends, nor outside Linux.
 """
 
 from __future__ import annotations
