@@ -25,6 +25,7 @@ COMMANDS = (
     "embed",
     "zero_shot",
     "bench",
+    "kernels",
 )
 
 
@@ -34,11 +35,12 @@ def version_callback(value: bool) -> None:
 
         import mlx_aim
         from mlx_aim.cpu.blas import blas_info
+        from mlx_aim.cpu.native import native_status
 
         blas = blas_info() or "MLX's own"
         typer.echo(
             f"mlx-aim {mlx_aim.__version__} (mlx {mx.__version__}, {mx.default_device()}, "
-            f"BLAS: {blas})"
+            f"BLAS: {blas}, native CPU kernels: {native_status()})"
         )
         raise typer.Exit()
 

@@ -50,11 +50,21 @@ def test_every_command_module_registers_itself_without_importing_main():
         fresh = typer.Typer()
         importlib.import_module(f"cli.{name}").register(fresh)
         assert len(fresh.registered_commands) == 1, name
-    assert command_names() == ["models", "convert", "train", "probe", "embed", "zero-shot", "bench"]
+    assert command_names() == [
+        "models",
+        "convert",
+        "train",
+        "probe",
+        "embed",
+        "zero-shot",
+        "bench",
+        "build-kernels",
+    ]
 
 
 @pytest.mark.parametrize(
-    "command", ["models", "convert", "train", "probe", "embed", "zero-shot", "bench"]
+    "command",
+    ["models", "convert", "train", "probe", "embed", "zero-shot", "bench", "build-kernels"],
 )
 def test_every_help_ends_with_the_one_exit_code_table(command):
     result = invoke(command, "--help", env={"COLUMNS": "250"})

@@ -20,6 +20,7 @@ Half-precision inputs are computed in float32 and rounded back. The model reache
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import mlx.core as mx
 
@@ -130,12 +131,18 @@ def _softmax_vjp(scores: mx.array, cotangent: mx.array, probs: mx.array) -> mx.a
     return probs * (cotangent - (cotangent * probs).sum(axis=-1, keepdims=True))
 
 
-def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
+def mask_array(scores: mx.array, mask: mx.array | str) -> mx.array:
+    """``mask`` as an array for ``scores``: ``"causal"`` becomes a boolean (N_q, N_k) mask."""
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"attention mask must be 'causal', an array or None, got {mask!r}")
         n_q, n_k = scores.shape[-2:]
         mask = mx.arange(n_q)[:, None] + (n_k - n_q) >= mx.arange(n_k)[None]
+    return mask
+
+
+def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
+    mask = mask_array(scores, mask)
     if mask.dtype == mx.bool_:
         # the finite minimum, as mx.fast does: a fully masked row attends uniformly, never NaN
         return mx.where(mask, scores, mx.finfo(scores.dtype).min)
@@ -143,10 +150,21 @@ def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
 
 
 def attention(
-    q: mx.array, k: mx.array, v: mx.array, scale: float, mask: mx.array | str | None = None
+    q: mx.array,
+    k: mx.array,
+    v: mx.array,
+    scale: float,
+    mask: mx.array | str | None = None,
+    native: ModuleType | None = None,
 ) -> mx.array:
-    """``softmax(q k^T * scale + mask) v`` over explicit scores, the softmax in float32."""
+    """``softmax(q k^T * scale + mask) v`` over explicit scores, the softmax in float32.
+
+    ``native``: the compiled kernels of :mod:`mlx_aim.cpu.native` (their masked softmax), if built.
+    """
     scores = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
+    if native is not None:
+        mask = None if mask is None else mask_array(scores, mask)
+        return native.softmax(scores, mask).astype(v.dtype) @ v
     if mask is not None:
         scores = _masked(scores, mask)
     return _softmax(scores).astype(v.dtype) @ v

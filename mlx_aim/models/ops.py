@@ -1,8 +1,9 @@
 """GELU and attention, the model's two backend-dependent ops: the same math on every backend.
 
 GPU backends (Metal, CUDA) run MLX's fused ``nn.gelu`` and ``mx.fast.scaled_dot_product_attention``.
-On the CPU, where those are slow scalar loops, the float32-accurate kernels of
-``mlx_aim.cpu.kernels`` run instead. Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend;
+On the CPU, where those are slow scalar loops, the native C++ kernels of ``mlx_aim.cpu.native``
+run where they could be built (Linux, float32), else the float32-accurate compiled kernels of
+``mlx_aim.cpu.kernels``. Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend;
 float64 inputs always do. The choice is made when an op is called, so a compiled function keeps the
 one made while it was traced.
 """
@@ -15,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cpu import kernels
+from ..cpu.native import native_kernels
 
 _OFF = ("0", "false", "off", "no")
 
@@ -31,9 +33,10 @@ def fast_math_enabled(x: mx.array | None = None) -> bool:
 
 def gelu(x: mx.array) -> mx.array:
     """Exact (erf) GELU, ``x Phi(x)``."""
-    if fast_math_enabled(x):
-        return kernels.gelu(x)
-    return nn.gelu(x)
+    if not fast_math_enabled(x):
+        return nn.gelu(x)
+    native = native_kernels() if x.dtype == mx.float32 else None
+    return native.gelu(x) if native is not None else kernels.gelu(x)
 
 
 def attention(
@@ -45,5 +48,5 @@ def attention(
     broadcastable to (B, H, N_q, N_k).
     """
     if fast_math_enabled(q):
-        return kernels.attention(q, k, v, scale, mask)
+        return kernels.attention(q, k, v, scale, mask, native=native_kernels())
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)

@@ -1,0 +1,331 @@
+// The CPU kernels and the graph-side rules (gradients, vmap) of the primitives in kernels.h.
+
+#include "kernels.h"
+
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/backend/cpu/encoder.h"
+#include "vector_math.h"
+
+namespace mlx_aim {
+
+namespace {
+
+constexpr int64_t kGrain = 16384;  // elements a thread gets at least: smaller work stays serial
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;
+constexpr float kLowest = std::numeric_limits<float>::lowest();
+
+void check_float32(const mx::array& a, const char* op) {
+  if (a.dtype() != mx::float32) {
+    throw std::invalid_argument(std::string("[mlx_aim.") + op + "] expects float32 input");
+  }
+}
+
+// Rows a thread gets at least, for rows of n elements.
+int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n));
+}
+
+// `out`'s buffer: that of `donor` when nothing else holds it, else a new one.
+void allocate(mx::array& out, const mx::array& donor) {
+  if (donor.is_donatable() && donor.flags().row_contiguous && donor.size() == out.size()) {
+    out.copy_shared_buffer(donor);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+}
+
+// Offset of row `row` (an index over all but the last axis) in an array of `shape`, `strides`.
+int64_t row_offset(int64_t row, const mx::Shape& shape, const mx::Strides& strides) {
+  int64_t offset = 0;
+  for (int axis = static_cast<int>(shape.size()) - 2; axis >= 0; --axis) {
+    offset += (row % shape[axis]) * strides[axis];
+    row /= shape[axis];
+  }
+  return offset;
+}
+
+// The mask of a softmax (or its backward pass) as raw pointers: one row of it starts at
+// data + row_offset(row, shape, strides) and steps by `step` along the keys.
+struct MaskView {
+  MaskKind kind = MaskKind::None;
+  const void* data = nullptr;
+  mx::Shape shape;
+  mx::Strides strides;
+  int64_t step = 0;
+
+  MaskView(MaskKind kind_, const mx::array* mask) : kind(kind_) {
+    if (mask != nullptr) {
+      data = mask->data<void>();
+      shape = mask->shape();
+      strides = mask->strides();
+      step = mask->strides().back();
+    }
+  }
+  template <typename T>
+  const T* row(int64_t r) const {
+    return static_cast<const T*>(data) + row_offset(r, shape, strides);
+  }
+};
+
+void softmax_row(const float* scores, const MaskView& mask, int64_t r, int64_t n, float* out) {
+  const int64_t step = mask.step;
+  float max = -std::numeric_limits<float>::infinity();
+  if (mask.kind == MaskKind::Boolean) {
+    const bool* keep = mask.row<bool>(r);
+#pragma omp simd reduction(max : max)
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = keep[j * step] ? scores[j] : kLowest;
+      max = std::max(max, out[j]);
+    }
+  } else if (mask.kind == MaskKind::Additive) {
+    const float* add = mask.row<float>(r);
+#pragma omp simd reduction(max : max)
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = scores[j] + add[j * step];
+      max = std::max(max, out[j]);
+    }
+  } else {
+#pragma omp simd reduction(max : max)
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = scores[j];
+      max = std::max(max, out[j]);
+    }
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = exp_nonpositive(out[j] - max);
+    sum += out[j];
+  }
+  const float inv_sum = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] *= inv_sum;
+  }
+}
+
+void softmax_vjp_row(
+    const float* probs,
+    const float* cotangent,
+    const MaskView& mask,
+    int64_t r,
+    int64_t n,
+    float* out) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < n; ++j) {
+    dot += cotangent[j] * probs[j];
+  }
+  if (mask.kind == MaskKind::Boolean) {
+    const bool* keep = mask.row<bool>(r);
+    const int64_t step = mask.step;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = keep[j * step] ? probs[j] * (cotangent[j] - dot) : 0.0f;
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      out[j] = probs[j] * (cotangent[j] - dot);
+    }
+  }
+}
+
+void no_gpu(const char* name) {
+  throw std::runtime_error(
+      std::string("[mlx_aim.") + name + "] runs on MLX's CPU backend only");
+}
+
+}  // namespace
+
+mx::array gelu(const mx::array& x, mx::StreamOrDevice s) {
+  check_float32(x, "gelu");
+  return mx::array(
+      x.shape(),
+      mx::float32,
+      std::make_shared<Gelu>(mx::to_stream(s)),
+      {mx::contiguous(x, false, s)});
+}
+
+mx::array gelu_vjp(const mx::array& x, const mx::array& cotangent, mx::Stream s) {
+  return mx::array(
+      x.shape(),
+      mx::float32,
+      std::make_shared<GeluVJP>(s),
+      {x, mx::contiguous(mx::astype(cotangent, mx::float32, s), false, s)});
+}
+
+mx::array softmax(
+    const mx::array& scores,
+    const std::optional<mx::array>& mask,
+    mx::StreamOrDevice s) {
+  check_float32(scores, "softmax");
+  if (scores.ndim() == 0) {
+    throw std::invalid_argument("[mlx_aim.softmax] expects at least one axis");
+  }
+  std::vector<mx::array> inputs = {mx::contiguous(scores, false, s)};
+  MaskKind kind = MaskKind::None;
+  if (mask) {
+    kind = mask->dtype() == mx::bool_ ? MaskKind::Boolean : MaskKind::Additive;
+    const auto values = kind == MaskKind::Boolean ? *mask : mx::astype(*mask, mx::float32, s);
+    inputs.push_back(mx::broadcast_to(values, scores.shape(), s));
+  }
+  return mx::array(
+      scores.shape(),
+      mx::float32,
+      std::make_shared<Softmax>(mx::to_stream(s), kind),
+      std::move(inputs));
+}
+
+void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  allocate(out, x);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = x.data<float>(), out = out.data<float>(), n = int64_t(out.size())] {
+    parallel_for(n, kGrain, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) {
+        const float a = std::abs(x[i]);
+        out[i] = 0.5f * x[i] + a * half_erf(a);  // x erf(x / sqrt 2) = |x| erf(|x| / sqrt 2)
+      }
+    });
+  });
+}
+
+void GeluVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  const auto& cotangent = inputs[1];
+  allocate(out, cotangent);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(cotangent);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = x.data<float>(),
+                    g = cotangent.data<float>(),
+                    out = out.data<float>(),
+                    n = int64_t(out.size())] {
+    parallel_for(n, kGrain, [=](int64_t begin, int64_t end) {
+#pragma omp simd
+      for (int64_t i = begin; i < end; ++i) {
+        const float cdf = 0.5f + std::copysign(half_erf(std::abs(x[i])), x[i]);
+        const float density = exp_nonpositive(-0.5f * x[i] * x[i]) * kInvSqrt2Pi;
+        out[i] = g[i] * (cdf + x[i] * density);
+      }
+    });
+  });
+}
+
+void Softmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& scores = inputs[0];
+  allocate(out, scores);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  encoder.set_output_array(out);
+  const int64_t n = scores.shape().back();
+  const int64_t rows = n == 0 ? 0 : int64_t(scores.size()) / n;
+  encoder.dispatch([scores = scores.data<float>(),
+                    mask = MaskView(mask_, inputs.size() > 1 ? &inputs[1] : nullptr),
+                    out = out.data<float>(),
+                    rows,
+                    n] {
+    parallel_for(rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        softmax_row(scores + r * n, mask, r, n, out + r * n);
+      }
+    });
+  });
+}
+
+void SoftmaxVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& probs = inputs[0];
+  const auto& cotangent = inputs[1];
+  allocate(out, cotangent);
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  encoder.set_output_array(out);
+  const int64_t n = probs.shape().back();
+  const int64_t rows = n == 0 ? 0 : int64_t(probs.size()) / n;
+  const auto kind = inputs.size() > 2 ? MaskKind::Boolean : MaskKind::None;
+  encoder.dispatch([probs = probs.data<float>(),
+                    g = cotangent.data<float>(),
+                    mask = MaskView(kind, inputs.size() > 2 ? &inputs[2] : nullptr),
+                    out = out.data<float>(),
+                    rows,
+                    n] {
+    parallel_for(rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        softmax_vjp_row(probs + r * n, g + r * n, mask, r, n, out + r * n);
+      }
+    });
+  });
+}
+
+void Gelu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu(name());
+}
+
+void GeluVJP::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu(name());
+}
+
+void Softmax::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu(name());
+}
+
+void SoftmaxVJP::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  no_gpu(name());
+}
+
+std::vector<mx::array> Gelu::jvp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& tangents,
+    const std::vector<int>&) {
+  return {gelu_vjp(primals[0], tangents[0], stream())};  // GELU' x' (elementwise)
+}
+
+std::vector<mx::array> Gelu::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>&,
+    const std::vector<mx::array>&) {
+  return {gelu_vjp(primals[0], cotangents[0], stream())};
+}
+
+std::pair<std::vector<mx::array>, std::vector<int>> Gelu::vmap(
+    const std::vector<mx::array>& inputs,
+    const std::vector<int>& axes) {
+  return {{gelu(inputs[0], stream())}, axes};
+}
+
+std::vector<mx::array> Softmax::vjp(
+    const std::vector<mx::array>& primals,
+    const std::vector<mx::array>& cotangents,
+    const std::vector<int>& argnums,
+    const std::vector<mx::array>& outputs) {
+  std::vector<mx::array> inputs = {
+      outputs[0],
+      mx::contiguous(mx::astype(cotangents[0], mx::float32, stream()), false, stream())};
+  if (mask_ == MaskKind::Boolean) {
+    inputs.push_back(primals[1]);
+  }
+  const auto scores_grad = mx::array(
+      outputs[0].shape(), mx::float32, std::make_shared<SoftmaxVJP>(stream()), inputs);
+  std::vector<mx::array> vjps;
+  for (int arg : argnums) {  // an additive mask gets the scores' gradient, a boolean one none
+    vjps.push_back(
+        arg == 0 || mask_ == MaskKind::Additive ? scores_grad
+                                                : mx::zeros_like(primals[arg], stream()));
+  }
+  return vjps;
+}
+
+}  // namespace mlx_aim

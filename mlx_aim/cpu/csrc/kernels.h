@@ -1,0 +1,122 @@
+// Multithreaded, vectorized float32 CPU primitives for mlx-aim: exact GELU and (masked) row
+// softmax, each with a native backward pass.
+
+#pragma once
+
+#include <optional>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace mlx_aim {
+
+// How the optional mask combines with the scores.
+enum class MaskKind { None, Boolean, Additive };
+
+// x Phi(x), the exact (erf) GELU, of a float32 array.
+mx::array gelu(const mx::array& x, mx::StreamOrDevice s = {});
+
+// Softmax over the last axis of float32 scores. A boolean mask (True = keep) puts the float32
+// minimum where it is False (a fully masked row comes out uniform); any other mask is added.
+// The mask broadcasts to the scores' shape.
+mx::array softmax(
+    const mx::array& scores,
+    const std::optional<mx::array>& mask,
+    mx::StreamOrDevice s = {});
+
+class Gelu : public mx::UnaryPrimitive {
+ public:
+  explicit Gelu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> jvp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& tangents,
+      const std::vector<int>& argnums) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  std::pair<std::vector<mx::array>, std::vector<int>> vmap(
+      const std::vector<mx::array>& inputs,
+      const std::vector<int>& axes) override;
+  const char* name() const override {
+    return "MlxAimGelu";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+// cotangent * GELU'(x): inputs (x, cotangent).
+class GeluVJP : public mx::UnaryPrimitive {
+ public:
+  explicit GeluVJP(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MlxAimGeluVJP";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+// Inputs (scores) or (scores, mask broadcast to the scores' shape).
+class Softmax : public mx::UnaryPrimitive {
+ public:
+  Softmax(mx::Stream stream, MaskKind mask) : mx::UnaryPrimitive(stream), mask_(mask) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimSoftmax";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return mask_ == static_cast<const Softmax&>(other).mask_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  MaskKind mask_;
+};
+
+// probs * (cotangent - sum(cotangent * probs)) per row: inputs (probs, cotangent) or, for a
+// boolean mask, (probs, cotangent, mask), which zeroes the masked entries (the gradient of
+// where(mask, scores, min) with respect to the scores).
+class SoftmaxVJP : public mx::UnaryPrimitive {
+ public:
+  explicit SoftmaxVJP(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MlxAimSoftmaxVJP";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+}  // namespace mlx_aim

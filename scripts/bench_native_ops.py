@@ -1,0 +1,147 @@
+"""Forward + backward time of masked softmax and GELU on the CPU: the native kernels
+(mlx_aim/cpu/native.py), the portable compiled kernels of mlx_aim.models.ops, and PyTorch eager.
+
+Each cell: median wall time / median CPU time of this process (all its threads), which a busy
+machine disturbs less. ``taskset -c 0`` with ``OMP_NUM_THREADS=1`` measures one core.
+``--train-step`` times mlx-aim's compiled training step instead, with the native kernels on and
+off, the two steps interleaved in this process.
+
+Usage: python scripts/bench_native_ops.py [--config aim-tiny] [--batch-size 8] [--repeats 20]
+    [--train-step]
+"""
+
+# ruff: noqa: I001  (mlx_aim first: it picks the optimized BLAS before mlx.core loads)
+import argparse
+import os
+import statistics
+import time
+
+import mlx_aim  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import torch
+
+from mlx_aim.bench import resolve_config
+from mlx_aim.cpu.native import native_kernels, native_status
+from mlx_aim.models import build_model, ops
+from mlx_aim.models.layers import prefix_causal_mask
+from mlx_aim.train.optim import build_optimizer, warmup_cosine
+from mlx_aim.train.step import make_train_step
+
+
+def timed(run) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def medians_ms(times: list[tuple[float, float]]) -> str:
+    wall, cpu = zip(*times, strict=True)
+    return f"{1e3 * statistics.median(wall):.2f} / {1e3 * statistics.median(cpu):.2f} ms"
+
+
+def median_ms(run, repeats: int) -> str:
+    """``wall / CPU`` milliseconds of one call, medians over ``repeats`` after a warm-up."""
+    run()
+    return medians_ms([timed(run) for _ in range(repeats)])
+
+
+def mlx_fwd_bwd(fn, x: mx.array, cotangent: mx.array):
+    step = mx.compile(lambda x, g: mx.vjp(fn, [x], [g]))
+    return lambda: mx.eval(step(x, cotangent))
+
+
+def torch_fwd_bwd(fn, x: mx.array, cotangent: mx.array):
+    x_t, g_t = torch.tensor(np.array(x)), torch.tensor(np.array(cotangent))
+
+    def run():
+        leaf = x_t.detach().requires_grad_()
+        fn(leaf).backward(g_t)
+
+    return run
+
+
+def train_step_table(config: dict, batch: int, repeats: int) -> None:
+    """The compiled training step with the native kernels on and off, interleaved."""
+    trunk = config.get("encoder", config)
+    images = mx.random.normal((batch, trunk["image_size"], trunk["image_size"], 3))
+    steps, peaks = {}, {}
+    for label, setting in (("native", "1"), ("portable", "0")):
+        mx.random.seed(1)
+        model = build_model(config)
+        optimizer = build_optimizer(model, warmup_cosine(1e-4, 10, 1000, 0.0), weight_decay=0.05)
+        steps[label] = make_train_step(model, optimizer, global_batch=batch, grad_clip=1.0)
+        os.environ["MLX_AIM_NATIVE"] = setting  # read while the first call traces the step
+        mx.reset_peak_memory()
+        steps[label]([images])[0].item()
+        peaks[label] = mx.get_peak_memory() / 2**20
+    del os.environ["MLX_AIM_NATIVE"]
+    times = {label: [] for label in steps}
+    for _ in range(repeats):
+        for label, step in steps.items():
+            times[label].append(timed(lambda step=step: step([images])[0].item()))
+    print("| training step | wall / CPU | MLX peak |")
+    print("|---|---|---:|")
+    for label in steps:
+        print(f"| {label} | {medians_ms(times[label])} | {peaks[label]:.0f} MiB |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="aim-tiny", help="a benchmark config (e.g. vit-s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--train-step", action="store_true", help="time the training step")
+    args = parser.parse_args()
+    config, _, _ = resolve_config(args.config, ("train",))
+    mx.set_default_device(mx.cpu)
+    kernels = native_kernels()
+    print(f"native CPU kernels: {native_status()}; torch threads: {torch.get_num_threads()}")
+    print(f"load average: {os.getloadavg()}")
+    if args.train_step:
+        train_step_table(config, args.batch_size, args.repeats)
+    else:
+        op_table(kernels, config, args.batch_size, args.repeats)
+
+
+def op_table(kernels, config: dict, b: int, repeats: int) -> None:
+    """Masked softmax and GELU at the config's shapes: native, portable, torch."""
+    trunk = config.get("encoder", config)
+    width, heads = trunk["embed_dim"], trunk["num_heads"]
+    tokens = (trunk["image_size"] // trunk["patch_size"]) ** 2
+
+    mask = prefix_causal_mask(mx.random.randint(1, tokens, (b,)), tokens)
+    mask_t = torch.tensor(np.array(mask))
+    scores = mx.random.normal((b, heads, tokens, tokens)) * 3
+    hidden = mx.random.normal((b, tokens, 4 * width))  # the MLP's hidden layer
+    lowest = torch.finfo(torch.float32).min
+    cases = {
+        f"masked softmax {tuple(scores.shape)}": (
+            scores,
+            lambda s: kernels.softmax(s, mask),
+            lambda s: ops._softmax_cpu(ops._masked(s, mask)),
+            lambda s: torch.softmax(s.masked_fill(~mask_t, lowest), -1),
+        ),
+        f"GELU {tuple(hidden.shape)}": (
+            hidden,
+            kernels.gelu,
+            ops._gelu_cpu,
+            torch.nn.functional.gelu,
+        ),
+    }
+    print("| op, forward + backward (wall / CPU) | native | portable (compiled) | torch eager |")
+    print("|---|---|---|---|")
+    for name, (x, native_fn, portable_fn, torch_fn) in cases.items():
+        g = mx.random.normal(x.shape)
+        mx.eval(x, g)
+        times = [
+            median_ms(mlx_fwd_bwd(native_fn, x, g), repeats),
+            median_ms(mlx_fwd_bwd(portable_fn, x, g), repeats),
+            median_ms(torch_fwd_bwd(torch_fn, x, g), repeats),
+        ]
+        print(f"| {name} | " + " | ".join(times) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Native CPU kernels (mlx_aim/cpu/native.py): exact math, gradients, masks, mx.compile, the
+seam in ops.gelu/ops.attention, and the fallback when they are off or cannot be built."""
+
+import logging
+import math
+import threading
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from parity import assert_parity
+from test_ops import gelu64, gelu_slope64
+from typer.testing import CliRunner
+
+from mlx_aim.cpu import kernels as compiled_kernels
+from mlx_aim.cpu import native
+from mlx_aim.models import ops
+from mlx_aim.models.layers import prefix_causal_mask
+
+LOWEST = np.finfo(np.float32).min
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The kernels module, built into the user cache once (skips where they cannot be had)."""
+    reason = native.unavailable_reason()
+    missing = native._missing_tools()
+    if reason or missing:
+        pytest.skip(f"native kernels: {reason or 'need ' + ', '.join(missing)}")
+    with mx.stream(mx.cpu):
+        return native._load(native.build_kernels())
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A process that has not tried the kernels yet, with an empty cache."""
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path))
+    monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
+    return tmp_path
+
+
+def gelu_ref(x):
+    return 0.5 * x * (1 + mx.erf(x / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (300, 257)], ids=str)  # last: 2 threads
+def test_gelu_and_its_gradient_are_exact_to_float32(kernels, shape):
+    x = mx.random.normal(shape) * 4
+    g = mx.random.normal(shape)
+    (y,), (dx,) = mx.vjp(kernels.gelu, [x], [g])
+    x64, g64 = np.array(x, np.float64), np.array(g, np.float64)
+    assert np.all(np.abs(np.array(y) - gelu64(x64)) <= 1e-6 * np.maximum(1.0, np.abs(x64)))
+    assert_parity(dx, g64 * gelu_slope64(x64), rel=2e-6, name="gelu vjp")
+
+
+def test_gelu_keeps_nan_and_the_exact_values_at_zero_and_far_out(kernels):
+    x = np.array([np.nan, 0.0, -0.0, 1e30, -1e30], np.float32)
+    (y,), (dx,) = mx.vjp(kernels.gelu, [mx.array(x)], [mx.ones(x.shape)])
+    np.testing.assert_array_equal(np.array(y), [np.nan, 0.0, 0.0, x[3], 0.0])
+    np.testing.assert_array_equal(np.array(dx), [np.nan, 0.5, 0.5, 1.0, 0.0])
+
+
+def softmax64(scores, keep, additive):
+    s = np.where(keep, np.array(scores, np.float64) + additive, LOWEST)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def softmax_vjp64(probs, cotangent, keep):
+    g = np.array(cotangent, np.float64)
+    return np.where(keep, probs * (g - (g * probs).sum(-1, keepdims=True)), 0.0)
+
+
+def _mask(kind: str, shape: tuple[int, ...]):
+    """(mask for the kernel, boolean keep, additive) of one kind for (B, H, N, N) scores."""
+    b, _, n, _ = shape
+    if kind == "none":
+        return None, True, 0.0
+    if kind == "prefix-causal":
+        keep = np.array(prefix_causal_mask(mx.array(np.arange(b) % n), n))
+        keep[0, 0, -1] = False  # a fully masked row comes out uniform (and gets no gradient)
+        return mx.array(keep), keep, 0.0
+    additive = np.where(np.tril(np.ones((n, n))) > 0, 0.0, -np.inf).astype(np.float32)
+    additive[:, 0] = -3.0
+    return mx.array(additive), True, additive
+
+
+@pytest.mark.parametrize("kind", ["none", "prefix-causal", "additive"])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (1, 2, 1, 1), (8, 6, 67, 67)], ids=str)
+def test_softmax_and_its_gradient_match_float64(kernels, kind, shape):
+    scores = mx.random.normal(shape) * 5
+    cotangent = mx.random.normal(shape)
+    mask, keep, additive = _mask(kind, shape)
+    (probs,), (grad,) = mx.vjp(lambda s: kernels.softmax(s, mask), [scores], [cotangent])
+    expected = softmax64(scores, keep, additive)
+    assert_parity(probs, expected, rel=1e-6, name="softmax")
+    assert_parity(grad, softmax_vjp64(expected, cotangent, keep), rel=1e-5, name="softmax vjp")
+
+
+def test_additive_mask_gets_the_scores_gradient_summed_over_its_broadcast(kernels):
+    scores, cotangent = mx.random.normal((2, 3, 4, 4)), mx.random.normal((2, 3, 4, 4))
+    mask = mx.random.normal((4, 4))
+    _, (d_scores, d_mask) = mx.vjp(kernels.softmax, [scores, mask], [cotangent])
+    assert_parity(d_mask, d_scores.sum(axis=(0, 1)), rel=1e-6)
+
+
+def test_kernels_work_inside_a_compiled_training_step(kernels):
+    x = mx.random.normal((4, 9, 16))
+    w = mx.random.normal((16, 16)) * 0.3
+    mask = prefix_causal_mask(mx.array([2, 5, 0, 9]), 9)
+
+    def loss(w, softmax, gelu):
+        h = gelu(x @ w)
+        scores = h @ h.swapaxes(-1, -2)
+        return (softmax(scores[:, None], mask) * scores[:, None]).sum()
+
+    def reference_softmax(s, m):
+        return mx.softmax(mx.where(m, s, LOWEST), axis=-1)
+
+    step = mx.compile(mx.value_and_grad(lambda w: loss(w, kernels.softmax, kernels.gelu)))
+    value, grad = step(w)
+    ref_value, ref_grad = mx.value_and_grad(lambda w: loss(w, reference_softmax, gelu_ref))(w)
+    assert_parity(value, ref_value, rel=1e-5)
+    assert_parity(grad, ref_grad, rel=1e-5)
+
+
+def test_ops_use_the_kernels_on_the_cpu_and_the_portable_ones_when_off(kernels, monkeypatch):
+    monkeypatch.setattr(native, "_state", {"module": kernels})
+    monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
+    x = mx.random.normal((64, 33)) * 3
+    q, k, v = (mx.random.normal((2, 3, 7, 8)) for _ in range(3))
+    mask = prefix_causal_mask(mx.array([1, 4]), 7)
+    with mx.stream(mx.cpu):
+        assert mx.array_equal(ops.gelu(x), kernels.gelu(x)).item()
+        native_out = ops.attention(q, k, v, 0.5, mask)
+        scores = (q * 0.5) @ k.swapaxes(-1, -2)
+        assert mx.array_equal(native_out, kernels.softmax(scores, mask) @ v).item()
+
+        monkeypatch.setenv("MLX_AIM_NATIVE", "0")
+        assert native.native_kernels() is None
+        assert mx.array_equal(ops.gelu(x), compiled_kernels.gelu(x)).item()
+        portable_out = ops.attention(q, k, v, 0.5, mask)
+    assert_parity(portable_out, native_out, rel=1e-6)
+
+
+def test_off_switch_and_status(fresh, monkeypatch):
+    monkeypatch.setenv("MLX_AIM_NATIVE", "0")
+    assert native.native_kernels() is None
+    assert native.native_status() == "off (MLX_AIM_NATIVE=0)"
+    assert native._state == {}  # nothing was tried: no build, no warning
+
+
+def test_without_a_compiler_one_line_says_so_and_the_portable_kernels_run(
+    fresh, monkeypatch, caplog
+):
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    monkeypatch.setenv("PATH", str(fresh))  # an empty directory: no cmake, no compiler
+    monkeypatch.delenv("CXX", raising=False)
+    assert "a C++ compiler" in native.native_status()
+    x = mx.random.normal((16, 16))
+    with caplog.at_level(logging.WARNING, logger="mlx_aim"), mx.stream(mx.cpu):
+        y = ops.gelu(x)
+        ops.gelu(x)
+    assert [r.getMessage().count("\n") for r in caplog.records] == [0]  # one warning, one line
+    assert "a C++ compiler" in caplog.text and "pip install 'mlx-aim[native]'" in caplog.text
+    assert mx.array_equal(y, compiled_kernels.gelu(x)).item()
+    assert not any(fresh.rglob("*.so"))
+
+
+def test_a_failed_build_is_reported_once_and_not_retried_until_asked(fresh, monkeypatch, caplog):
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    monkeypatch.setattr(native, "_missing_tools", lambda: [])
+
+    def failing_compile(build_dir: Path) -> Path:
+        raise native.NativeBuildError("their build failed: boom", log="LOG")
+
+    monkeypatch.setattr(native, "_compile", failing_compile)
+    with caplog.at_level(logging.WARNING, logger="mlx_aim"):
+        assert native.native_kernels() is None
+    assert "failed: boom" in caplog.text
+    log = native._failure_log()
+    assert "LOG" in log.read_text()
+    assert native.native_status() == f"off (the build failed, see {log})"
+
+    monkeypatch.setattr(native, "_state", {})  # the next process does not build again
+    monkeypatch.setattr(native, "_compile", lambda build_dir: pytest.fail("rebuilt"))
+    assert native.native_kernels() is None
+    with pytest.raises(pytest.fail.Exception, match="rebuilt"):  # build-kernels retries
+        native.build_kernels(force=True)
+    assert not list(log.parent.glob("build-*"))  # temporary build directories are removed
+
+
+def test_an_unwritable_cache_turns_the_kernels_off_with_one_line(fresh, monkeypatch, caplog):
+    if native.unavailable_reason():
+        pytest.skip(native.unavailable_reason())
+    monkeypatch.setattr(native, "_missing_tools", lambda: [])
+    not_a_directory = fresh / "file"
+    not_a_directory.write_text("")
+    monkeypatch.setenv("MLX_AIM_CACHE", str(not_a_directory))
+    with caplog.at_level(logging.WARNING, logger="mlx_aim"):
+        assert native.native_kernels() is None
+    assert len(caplog.records) == 1 and "native CPU kernels off" in caplog.text
+
+
+def test_concurrent_builds_each_put_a_whole_module_in_place(fresh, monkeypatch):
+    monkeypatch.setattr(native, "_missing_tools", lambda: [])
+    monkeypatch.setattr(native, "_check_nanobind_abi", lambda built: None)
+    both_building = threading.Barrier(2, timeout=10)
+
+    def fake_compile(build_dir: Path) -> Path:
+        both_building.wait()
+        built = build_dir / "mlx_aim_kernels.so"
+        built.write_bytes(b"module" * 1000)
+        return built
+
+    monkeypatch.setattr(native, "_compile", fake_compile)
+    builders = [threading.Thread(target=native.build_kernels) for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join()
+    assert native.module_path().read_bytes() == b"module" * 1000
+    assert sorted(p.name for p in native.module_path().parent.iterdir()) == [
+        native.module_path().name
+    ]
+
+
+def test_a_module_built_with_another_nanobind_abi_is_refused(tmp_path):
+    foreign = tmp_path / "foreign.so"
+    foreign.write_bytes(b"\0nanobind_gcc_libstdcpp_cxxabi1018_a1_v15\0")
+    if native._nanobind_key(Path(mx.__file__)) is None:
+        pytest.skip("this MLX build shows no nanobind ABI key")
+    with pytest.raises(native.NativeBuildError, match="install the nanobind version mlx was"):
+        native._check_nanobind_abi(foreign)
+
+
+def test_build_kernels_command_reports_one_line(fresh, monkeypatch):
+    import typer
+
+    from cli.kernels import register
+
+    app = typer.Typer()
+    register(app)
+    app.command("noop")(lambda: None)  # a second command keeps build-kernels a sub-command
+    monkeypatch.setenv("MLX_AIM_NATIVE", "0")
+    result = CliRunner().invoke(app, ["build-kernels"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: native CPU kernels do not apply here (MLX_AIM_NATIVE=0)"
+    ]
