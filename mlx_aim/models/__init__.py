@@ -7,7 +7,12 @@ from typing import Any
 
 from .base import BaseModelArgs, ConfigError
 
-MODEL_TYPES = {"aim_v1": "aim_v1", "aim_v2": "aim_v2", "aim_pretrain": "pretrain"}
+MODEL_TYPES = {
+    "aim_v1": "aim_v1",
+    "aim_v2": "aim_v2",
+    "aim_pretrain": "pretrain",
+    "aimv2_pretrain": "aimv2_pretrain",
+}
 
 
 def _module(model_type: Any):
