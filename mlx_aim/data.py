@@ -128,7 +128,8 @@ class ImageLoader:
     """Decode and transform images in background threads; iterate over batches.
 
     Each batch is ``{"images": float32 (B, H, W, C), "paths": [Path], "indices": int64 (B,)}``
-    plus ``"labels": int32 (B,)`` when items are ``(path, label)`` pairs or ``labels`` is given.
+    plus ``"labels": int32 (B,)`` when items are ``(path, label)`` pairs or ``labels`` is given
+    (``labels`` may also hold a row per item, e.g. token ids: then (B, ...)).
     ``transform(img, rng)`` receives an RGB ``PIL.Image`` and a ``numpy.random.Generator``
     (``Preprocess`` and the other deterministic transforms ignore ``rng``).
 

@@ -175,6 +175,7 @@ def test_text_never_reads_later_tokens_and_images_never_read_text():
     pixels, logits = model(x_mx, prefix_mx, tokens)
     pixels_2, logits_2 = model(x_mx, prefix_mx, changed)
     assert mx.array_equal(pixels, pixels_2)
+    assert_parity(model(x_mx, prefix_mx), pixels, name="pixels without text")
     assert mx.array_equal(logits[:, :3], logits_2[:, :3])
     assert not mx.allclose(logits[:, 3:], logits_2[:, 3:])
 

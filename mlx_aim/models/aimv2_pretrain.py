@@ -107,7 +107,8 @@ class Model(nn.Module):
 
     ``model(images, prefix_lengths, tokens)`` -> (pixels (B, K, p*p*C), logits (B, T, V)):
     ``pixels[:, k]`` predicts patch k + 1 (raster order) and ``logits[:, t]`` the caption token
-    after ``tokens[:, t]``.
+    after ``tokens[:, t]``. Without ``tokens``, only the pixels: the image positions of the causal
+    decoder never read the text, so they are the same.
     """
 
     def __init__(self, args: ModelArgs):
@@ -126,8 +127,10 @@ class Model(nn.Module):
         self.decoder.transformer.checkpoint_blocks = enabled
 
     def __call__(
-        self, images: mx.array, prefix_lengths: mx.array, tokens: mx.array
-    ) -> tuple[mx.array, mx.array]:
+        self, images: mx.array, prefix_lengths: mx.array, tokens: mx.array | None = None
+    ) -> tuple[mx.array, mx.array] | mx.array:
         patches = self.encoder.preprocessor(images)
         mask = prefix_causal_mask(prefix_lengths, patches.shape[1])
-        return self.decoder(self.encoder.trunk(patches, mask), tokens)
+        text = mx.zeros((images.shape[0], 0), mx.int32) if tokens is None else tokens
+        pixels, logits = self.decoder(self.encoder.trunk(patches, mask), text)
+        return pixels if tokens is None else (pixels, logits)

@@ -18,6 +18,7 @@ from typing import Any
 from .errors import BadInputError
 
 DTYPES = ("float32", "bfloat16")
+OBJECTIVES = ("aimv1", "aimv2")
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
@@ -76,6 +77,29 @@ class TrainConfig:
         "only where the loss reads: half the head's work, same loss. --no-paired-prefixes draws "
         "every length independently and predicts every patch.",
         "Model",
+    )
+    # AIMv2 objective
+    objective: str = _opt(
+        "aimv1",
+        "aimv1: next-patch prediction from the trunk (pixel MLP head). aimv2: the AIMv2 "
+        "multimodal objective on image-caption pairs (a causal decoder predicts the next patch, "
+        "then the caption's next token; --model aimv2-nano or aimv2-tiny; --data captioned "
+        "images, default the built-in scenes; use --hflip 0 when captions say left and right).",
+        "AIMv2",
+    )
+    alpha: float = _opt(0.4, "Weight of the image loss: L_text + alpha * L_img.", "AIMv2")
+    vocab_size: int = _opt(
+        1024, "Size of the byte-level BPE caption tokenizer trained on the captions.", "AIMv2"
+    )
+    tokenizer: str | None = _opt(
+        None,
+        "A tokenizer.json with [PAD], [BOS] and [EOS] to use instead of training one.",
+        "AIMv2",
+    )
+    decoder_width: int | None = _opt(None, "Decoder width (default: the architecture's).", "AIMv2")
+    decoder_depth: int | None = _opt(None, "Decoder blocks (default: the architecture's).", "AIMv2")
+    decoder_heads: int | None = _opt(
+        None, "Decoder attention heads (default: the architecture's).", "AIMv2"
     )
     # optimisation
     steps: int = _opt(100, "Optimizer steps.")
@@ -171,6 +195,15 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise BadInputError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.objective not in OBJECTIVES:
+            raise BadInputError(
+                f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        for name in ("decoder_width", "decoder_depth", "decoder_heads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BadInputError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if not (self.alpha >= 0 and math.isfinite(self.alpha)):
+            raise BadInputError(f"--alpha must be a number >= 0, got {self.alpha}")
         if self.dtype not in DTYPES:
             raise BadInputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self

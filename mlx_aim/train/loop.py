@@ -27,6 +27,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..blas import blas_info
+from ..caption_tokenizer import TOKENIZER_FILE
 from ..data import ImageLoader
 from ..images import ImageError
 from ..models import build_model
@@ -55,6 +56,8 @@ from .distributed import World, agree, broadcast, broadcast_ints, gather_ints, i
 from .errors import BadInputError, Interrupted, NonFiniteError, OutputError, TrainError
 from .evaluation import PREVIEWS, Previews, Validation
 from .inputs import find_training_images, fixed_subset, resolve_model
+from .multimodal import CaptionValidation, prepare_captions
+from .multimodal_step import make_multimodal_train_step
 from .optim import build_optimizer, warmup_cosine
 from .report import (
     LOG_FILE,
@@ -72,12 +75,12 @@ LOSS_CURVE_FILE = "loss.png"
 # batch composition); the others (schedule, intervals, ...) may change, and the change is logged.
 FIXED_ON_RESUME = (
     "data", "val_data", "val_fraction", "model", "head_blocks", "head_width", "batch_size",
-    "grad_accum", "seed",
+    "grad_accum", "seed", "objective",
 )  # fmt: skip
 # What a run writes into its output directory (anything else there makes preflight refuse it).
 OWN_FILES = frozenset(
     {RUN_FILE, LOSS_CURVE_FILE, PREVIEWS, CHECKPOINTS, LOCK_FILE, METRICS_FILE, LOG_FILE,
-     CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, PREPROCESS_FILE, ".export.tmp"}
+     CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, PREPROCESS_FILE, TOKENIZER_FILE, ".export.tmp"}
 )  # fmt: skip
 
 
@@ -177,7 +180,14 @@ def train(config: TrainConfig) -> TrainResult:
 def _train(run: _Run, stop: _StopFlag) -> TrainResult:
     config, world, output = run.config, run.world, run.output
     started = time.perf_counter()
-    model_config, preprocessing = resolve_model(config)
+    captions = None  # --objective aimv2: captions, tokenizer and model config
+    if config.objective == "aimv2":
+        if world.size > 1:
+            raise BadInputError("--objective aimv2 trains in one process only")
+        captions = prepare_captions(config, output)
+        model_config, preprocessing = captions.model_config, captions.preprocessing
+    else:
+        model_config, preprocessing = resolve_model(config)
     run.model_config = model_config
     mx.random.seed(config.seed)
     model = build_model(model_config)
@@ -186,7 +196,7 @@ def _train(run: _Run, stop: _StopFlag) -> TrainResult:
     num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     trunk_params = sum(v.size for _, v in tree_flatten(model.encoder.parameters()))
 
-    images = _gather(lambda: find_training_images(config), world)
+    images = captions.images if captions else _gather(lambda: find_training_images(config), world)
 
     # output directory: checked and locked by rank 0 before anything is written
     error = None
@@ -196,6 +206,8 @@ def _train(run: _Run, stop: _StopFlag) -> TrainResult:
             preflight(output, needed, OWN_FILES)
             run.lock = OutputLock(output).acquire()
             run.reporter.start()
+            if captions is not None:
+                captions.tokenizer.save(output / TOKENIZER_FILE)
             if run.lock.recovered:
                 run.log(f"recovered a stale lock left by a run that is gone ({run.lock.recovered})")
         except TrainError as e:
@@ -247,11 +259,19 @@ def _train(run: _Run, stop: _StopFlag) -> TrainResult:
             num_workers=config.workers,
             on_error=run.on_image_error,
             start=loader_starts[world.rank],
+            **(
+                {"labels": captions.train_sequences, "opener": captions.open_image}
+                if captions
+                else {}
+            ),
         )
     except ValueError as e:
         raise BadInputError(f"--data {images.description}: {e}") from None
     val_subset = fixed_subset(images.val, config.val_images, config.seed)
-    validation = Validation(run, val_subset, evaluation, encoder.num_patches, local_batch)
+    if captions is not None:
+        validation = CaptionValidation(run, captions, config.val_images, evaluation, local_batch)
+    else:
+        validation = Validation(run, val_subset, evaluation, encoder.num_patches, local_batch)
 
     if world.is_main:
         if start_step:
@@ -275,16 +295,27 @@ def _train(run: _Run, stop: _StopFlag) -> TrainResult:
 
     if mx.metal.is_available():  # keep the model resident on Apple silicon (as mlx-lm does)
         mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
-    train_step = make_train_step(
-        model,
-        optimizer,
-        global_batch=config.batch_size,
-        rank=world.rank,
-        world_size=world.size,
-        grad_clip=config.grad_clip,
-        compute_dtype=mx.bfloat16 if config.dtype == "bfloat16" else mx.float32,
-        paired_prefixes=config.paired_prefixes,
-    )
+    compute_dtype = mx.bfloat16 if config.dtype == "bfloat16" else mx.float32
+    if captions is not None:
+        train_step = make_multimodal_train_step(
+            model,
+            optimizer,
+            pad=captions.tokenizer.pad,
+            alpha=config.alpha,
+            grad_clip=config.grad_clip,
+            compute_dtype=compute_dtype,
+        )
+    else:
+        train_step = make_train_step(
+            model,
+            optimizer,
+            global_batch=config.batch_size,
+            rank=world.rank,
+            world_size=world.size,
+            grad_clip=config.grad_clip,
+            compute_dtype=compute_dtype,
+            paired_prefixes=config.paired_prefixes,
+        )
     previews = (
         Previews(run, val_subset or images.train, evaluation, encoder) if world.is_main else None
     )
@@ -450,16 +481,20 @@ class _Loop:
         self.last_preview_step = None
         self.initial_loss = self.initial_val_loss = self.final_loss = None
         self.window: list[float] = []  # train losses since the last logging step
+        self.parts_window: list[list[float]] = []  # aimv2: [image, text] losses, same steps
         self.images_per_second = 0.0
         self.interrupted = False
 
-    def _next_batches(self, batches: Iterator[dict]) -> list[mx.array]:
+    def _next_batches(self, batches: Iterator[dict]) -> list:
+        """Micro-batches: images, or (images, caption sequences) for --objective aimv2."""
         out = []
         for _ in range(self.ctx.config.grad_accum):
             try:
-                out.append(mx.array(next(batches)["images"]))
+                batch = next(batches)
             except ValueError as e:  # no readable image in a whole epoch
                 raise BadInputError(f"--data: {e}") from None
+            images = mx.array(batch["images"])
+            out.append((images, mx.array(batch["labels"])) if "labels" in batch else images)
         return out
 
     def run(self, stop: _StopFlag) -> None:
@@ -472,8 +507,9 @@ class _Loop:
                     self.interrupted = True
                     break
                 t0 = time.perf_counter()
-                loss, norm = self.train_step(self._next_batches(batches))
+                loss, norm, *parts = self.train_step(self._next_batches(batches))
                 loss, norm = loss.item(), norm.item()
+                self.parts_window.extend(p.tolist() for p in parts)
                 self.step += 1
                 if not first:  # the first step after a start compiles
                     timed_steps += 1
@@ -492,7 +528,7 @@ class _Loop:
                 self.ctx.reporter.advance(self.step, loss)
                 if self.step % config.log_every == 0 or self.step == config.steps:
                     self._log(norm, timed_steps, timed_seconds)
-                    self.window = []
+                    self.window, self.parts_window = [], []
                 if config.val_every and self.step % config.val_every == 0:
                     self.last_val = self.validation.evaluate(self.model, self.step)
                     self.last_val_step = self.step
@@ -507,6 +543,7 @@ class _Loop:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue the logging window and the initial losses of a checkpointed run."""
         self.window = list(state.get("window", []))
+        self.parts_window = list(state.get("parts_window", []))
         self.initial_loss = state.get("initial_loss")
         self.initial_val_loss = state.get("initial_val_loss")
 
@@ -530,6 +567,9 @@ class _Loop:
             "skipped_files": len(set(self.ctx.skipped)),
             "time": time.time(),
         }
+        if self.parts_window:
+            image, text = np.mean(self.parts_window, axis=0).tolist()
+            record.update(image_loss=image, text_loss=text)
         if self.ctx.world.is_main:
             self.ctx.metrics.append(record)
             self.ctx.reporter.step(self.step, {**record, "val_loss": self.last_val})
@@ -550,6 +590,7 @@ class _Loop:
                 "skipped_files": sorted(set(run.skipped)),
                 "loop": {
                     "window": self.window,
+                    "parts_window": self.parts_window,
                     "initial_loss": self.initial_loss,
                     "initial_val_loss": self.initial_val_loss,
                 },
