@@ -68,3 +68,4 @@ def main(
 # Sub-commands live in their own modules and register themselves on ``app``.
 for _module in ("convert", "probe", "embed", "bench", "train"):
     __import__(f"cli.{_module}")
+__import__("cli.caption").caption.register(app)
