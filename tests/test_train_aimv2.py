@@ -94,6 +94,8 @@ def test_a_resumed_run_continues_bit_for_bit(data, tmp_path):
         resumed = mx.load(str(checkpoints / "step-00000006" / name))
         assert resumed.keys() == arrays.keys()
         assert all(mx.array_equal(resumed[k], arrays[k]) for k in arrays), name
+    with pytest.raises(BadInputError, match="holds a run with --vocab-size 300"):
+        train(config(data, tmp_path, steps=8, vocab_size=290))  # the tokenizer cannot change
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ LOSS_CURVE_FILE = "loss.png"
 # batch composition); the others (schedule, intervals, ...) may change, and the change is logged.
 FIXED_ON_RESUME = (
     "data", "val_data", "val_fraction", "model", "head_blocks", "head_width", "batch_size",
-    "grad_accum", "seed", "objective",
+    "grad_accum", "seed", "objective", "vocab_size", "tokenizer",
 )  # fmt: skip
 # What a run writes into its output directory (anything else there makes preflight refuse it).
 OWN_FILES = frozenset(
@@ -402,11 +402,13 @@ def _restore(run: _Run, model: nn.Module, optimizer, model_config: dict) -> Chec
             raise BadInputError(f"--resume: no checkpoint in {run.output}")
         return None
     saved = checkpoint.state.get("config", {})
+    defaults = TrainConfig().to_dict()  # for settings added after the checkpoint was written
     for name in FIXED_ON_RESUME:
-        if saved.get(name) != getattr(config, name):
+        before = saved.get(name, defaults[name])
+        if before != getattr(config, name):
             flag = name.replace("_", "-")
             raise BadInputError(
-                f"{run.output} holds a run with --{flag} {saved.get(name)!r}, this command has "
+                f"{run.output} holds a run with --{flag} {before!r}, this command has "
                 f"{getattr(config, name)!r}; a resumed run keeps it (use another --output to start "
                 "a new run)"
             )
