@@ -24,6 +24,7 @@ COMMANDS = (
     "probe",
     "embed",
     "zero_shot",
+    "caption",
     "bench",
     "kernels",
 )

@@ -128,7 +128,8 @@ class ImageLoader:
     """Decode and transform images in background threads; iterate over batches.
 
     Each batch is ``{"images": float32 (B, H, W, C), "paths": [Path], "indices": int64 (B,)}``
-    plus ``"labels": int32 (B,)`` when items are ``(path, label)`` pairs or ``labels`` is given.
+    plus ``"labels": int32 (B,)`` when items are ``(path, label)`` pairs or ``labels`` is given
+    (``labels`` may also hold a row per item, e.g. token ids: then (B, ...)).
     ``transform(img, rng)`` receives an RGB ``PIL.Image`` and a ``numpy.random.Generator``
     (``Preprocessing`` and the other deterministic transforms ignore ``rng``).
 
@@ -137,6 +138,7 @@ class ImageLoader:
     epochs=1``: one pass in input order with a short last batch. ``num_workers`` threads decode
     (0: in the iterating thread), at most ``prefetch`` batches ahead of the consumer.
     ``on_error(ImageError)`` is called once per unreadable path (default: a logging warning).
+    ``opener(path)`` decodes an item (default ``open_image``; e.g. a reader of tar members).
 
     Every ``iter(loader)`` starts again from ``start``; ``state()`` is the position after the
     last batch yielded, and ``ImageLoader(..., start=state)`` continues exactly from there. The
@@ -161,6 +163,7 @@ class ImageLoader:
         labels: Sequence[int] | None = None,
         epochs: int | None = None,
         start: dict | None = None,
+        opener: Callable[[Path], Any] = open_image,
     ):
         paths, pair_labels = _unpack(items)
         if labels is not None and pair_labels is not None:
@@ -177,6 +180,7 @@ class ImageLoader:
         self.paths = [Path(p) for p in paths]
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
         self.transform = transform
+        self.opener = opener
         self.batch_size, self.seed, self.epochs = batch_size, seed, epochs
         self.shuffle, self.drop_last = shuffle, drop_last
         self.rank, self.world_size = rank, world_size
@@ -245,7 +249,7 @@ class ImageLoader:
         if path in self._bad:
             return self._bad[path]
         try:
-            img = open_image(path)
+            img = self.opener(path)
         except ImageError as e:
             self._bad[path] = e
             return e

@@ -1,5 +1,7 @@
 """Built-in datasets, materialised once as PNG class folders (numpy + Pillow only).
 
+``scenes``: generated captioned shapes (``scenes.py``) with labelled folders for probing.
+
 ``digits``: the UCI ML handwritten digits (E. Alpaydin, C. Kaynak, "Optical Recognition of
 Handwritten Digits", UCI Machine Learning Repository, 1998; CC BY 4.0), the 1797 8x8 images of
 scikit-learn's ``load_digits``, shipped as ``assets/digits.npz`` (``images`` uint8 0..16,
@@ -21,8 +23,9 @@ from PIL import Image
 from .errors import InputError
 from .images import PathLike
 from .io import atomic_directory, read_json, write_json
+from .scenes import write_scenes
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "scenes")
 DIGITS_SIZE = 32
 _ASSETS = Path(__file__).parent / "assets"
 _FORMAT_VERSION = 1
@@ -37,17 +40,18 @@ def cache_dir() -> Path:
 def builtin_dataset(name: str = "digits", root: PathLike | None = None) -> Path:
     """Return the folder of a built-in dataset, writing it first if needed.
 
-    The folder is ``<root or cache_dir()>/<name>`` with ``train/<class>/*.png`` and
-    ``val/<class>/*.png`` (readable by ``find_labeled_images``) and a ``dataset.json``
-    description. It is built in a hidden staging folder and swapped in whole, so an interrupted
-    run never leaves a partial dataset.
+    The folder is ``<root or cache_dir()>/<name>`` with a ``dataset.json`` description and, for
+    digits, ``train/<class>/*.png`` and ``val/<class>/*.png`` (readable by
+    ``find_labeled_images``); for scenes, see ``scenes.write_scenes``. It is built in a hidden
+    staging folder and swapped in whole, so an interrupted run never leaves a partial dataset.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown built-in dataset {name!r}; available: {', '.join(DATASETS)}")
     target = (Path(root).expanduser() if root is not None else cache_dir()) / name
     if not _is_complete(target):  # absent, or an older format: (re)build it
         with atomic_directory(target, overwrite=True) as staging:
-            _write_digits(staging)
+            info = _write_digits(staging) if name == "digits" else write_scenes(staging)
+            write_json(staging / "dataset.json", {**info, "format_version": _FORMAT_VERSION})
     return target
 
 
@@ -59,7 +63,7 @@ def _is_complete(folder: Path) -> bool:
     return isinstance(info, dict) and info.get("format_version") == _FORMAT_VERSION
 
 
-def _write_digits(folder: Path) -> None:
+def _write_digits(folder: Path) -> dict:
     with np.load(_ASSETS / "digits.npz") as data:
         images, labels, is_val = data["images"], data["labels"], data["val"]
     pixels = np.rint(images.astype(np.float32) * (255.0 / 16.0)).astype(np.uint8)
@@ -73,7 +77,6 @@ def _write_digits(folder: Path) -> None:
         img.save(folder / ("val" if val else "train") / str(label) / f"{i:04d}.png")
     info = {
         "name": "digits",
-        "format_version": _FORMAT_VERSION,
         "image_size": DIGITS_SIZE,
         "classes": classes,
         "train": int((~is_val).sum()),
@@ -84,4 +87,4 @@ def _write_digits(folder: Path) -> None:
             "UCI Machine Learning Repository, 1998 (scikit-learn load_digits)"
         ),
     }
-    write_json(folder / "dataset.json", info)
+    return info

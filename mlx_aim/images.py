@@ -73,9 +73,16 @@ def open_image(path: PathLike, *, min_side: int = MIN_SIDE) -> Image.Image:
     Raises:
         ImageError: for any file that cannot be decoded, with a human reason.
     """
+    path = Path(path)
+    return decode_image(_read_bytes(path), path, min_side=min_side)
+
+
+def decode_image(data: bytes, path: PathLike, *, min_side: int = MIN_SIDE) -> Image.Image:
+    """``open_image`` for bytes already read (e.g. a tar member); ``path`` names them in errors."""
     _silence_pillow()
     path = Path(path)
-    data = _read_bytes(path)
+    if not data:
+        raise ImageError(path, "empty file (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:

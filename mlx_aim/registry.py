@@ -47,11 +47,19 @@ def _aim_v1(dim: int, blocks: int, heads: int, size: int = 224, patch: int = 14)
     }
 
 
-def _aim_v2(dim: int, blocks: int, heads: int, hidden: int, size: int, pos: str = "absolute"):
+def _aim_v2(
+    dim: int,
+    blocks: int,
+    heads: int,
+    hidden: int,
+    size: int,
+    pos: str = "absolute",
+    patch: int = 14,
+):
     return {
         "model_type": "aim_v2",
         "image_size": size,
-        "patch_size": 14,
+        "patch_size": patch,
         "embed_dim": dim,
         "num_blocks": blocks,
         "num_heads": heads,
@@ -67,6 +75,22 @@ LAPTOP_ARCHITECTURES: dict[str, tuple[dict, dict]] = {
     "aim-tiny": (_aim_v1(192, 12, 3, patch=16), {"head_blocks": 4, "head_width": 512}),
     "aim-small": (_aim_v1(384, 12, 6, patch=16), {"head_blocks": 6, "head_width": 1024}),
     "aim-base": (_aim_v1(768, 12, 12, patch=16), {"head_blocks": 8, "head_width": 1536}),
+}
+
+# Laptop-sized AIMv2 trunks for multimodal pre-training (SwiGLU hidden = 2.75 x width, as the
+# released models), with their pixel-head (AIMv1 objective) and decoder (AIMv2 objective) defaults.
+LAPTOP_AIM_V2_ARCHITECTURES: dict[str, tuple[dict, dict, dict]] = {
+    # Pre-trains in minutes on a laptop CPU (the built-in scenes demo).
+    "aimv2-nano": (
+        _aim_v2(128, 4, 4, 352, size=32, patch=4),
+        {"head_blocks": 2, "head_width": 256},
+        {"decoder_width": 128, "decoder_depth": 2, "decoder_heads": 4},
+    ),
+    "aimv2-tiny": (
+        _aim_v2(192, 12, 3, 528, size=224, patch=16),
+        {"head_blocks": 4, "head_width": 512},
+        {"decoder_width": 256, "decoder_depth": 4, "decoder_heads": 4},
+    ),
 }
 
 _AIM_V1_RELEASES = {
@@ -118,6 +142,7 @@ class Entry:
     preprocessing: Preprocessing
     checkpoint: Checkpoint | None = None
     pretrain_head: dict[str, Any] = field(default_factory=dict)
+    pretrain_decoder: dict[str, Any] = field(default_factory=dict)
 
 
 def _build_registry() -> dict[str, Entry]:
@@ -125,6 +150,9 @@ def _build_registry() -> dict[str, Entry]:
     for name, (config, head) in LAPTOP_ARCHITECTURES.items():
         prep = aim_v1_preprocessing(config["image_size"])
         entries[name] = Entry(name, config, prep, pretrain_head=head)
+    for name, (config, head, decoder) in LAPTOP_AIM_V2_ARCHITECTURES.items():
+        prep = aim_v2_preprocessing(config["image_size"])
+        entries[name] = Entry(name, config, prep, pretrain_head=head, pretrain_decoder=decoder)
     for name, (config, stem, best) in _AIM_V1_RELEASES.items():
         base = "https://huggingface.co/apple/AIM/resolve/main/"
         ckpt = Checkpoint(
@@ -181,9 +209,18 @@ def pretrain_config(name: str, **head: Any) -> dict[str, Any]:
     return {"model_type": "aim_pretrain", "encoder": encoder, **entry.pretrain_head, **head}
 
 
+def multimodal_pretrain_config(name: str, **decoder: Any) -> dict[str, Any]:
+    """An ``aimv2_pretrain`` config: the named AIMv2 trunk plus its decoder defaults, overridable."""
+    entry = get_entry(name)
+    if entry.config["model_type"] != "aim_v2":
+        raise KeyError(f"{name!r} is not an AIMv2 architecture (e.g. aimv2-nano, aimv2-tiny)")
+    encoder = dict(entry.config)
+    return {"model_type": "aimv2_pretrain", "encoder": encoder, **entry.pretrain_decoder, **decoder}
+
+
 def default_preprocessing(config: dict[str, Any]) -> Preprocessing:
     """Preprocessing for a model with no ``preprocess.json``: its family's evaluation transform."""
-    if config.get("model_type") == "aim_pretrain":
+    if config.get("model_type") in ("aim_pretrain", "aimv2_pretrain"):
         config = config["encoder"]
     if config.get("model_type") == "aim_v2_lit":
         config = config["vision"]

@@ -12,6 +12,7 @@ MODEL_TYPES = {
     "aim_v2": "aim_v2",
     "aim_pretrain": "pretrain",
     "aim_v2_lit": "aim_v2_lit",
+    "aimv2_pretrain": "aimv2_pretrain",
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from mlx.utils import tree_flatten
 
+from ..random_key import unchanged_random_key
 from . import get_model_class, parse_model_args
 from .base import ConfigError
 
@@ -20,9 +21,14 @@ MIN_BYTES_PER_PARAMETER = 2  # bfloat16 / float16, the least any supported dtype
 
 
 def _count(config: dict[str, Any]) -> tuple[int, int]:
-    """(parameters, tensors) of a model built lazily: no parameter memory is allocated."""
+    """(parameters, tensors) of a model built lazily: no parameter memory is allocated.
+
+    Building draws initial values from MLX's global random key; the key is put back, so an
+    estimate never changes what a seeded run draws next (resumed training stays bit-exact).
+    """
     args = parse_model_args(config)
-    params = tree_flatten(get_model_class(args.model_type)(args).parameters())
+    with unchanged_random_key():
+        params = tree_flatten(get_model_class(args.model_type)(args).parameters())
     return sum(v.size for _, v in params), len(params)
 
 

@@ -22,6 +22,7 @@ from ..models.base import matches_type
 DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
 SEED_MAX = 2**32 - 1
+OBJECTIVES = ("aimv1", "aimv2")
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
@@ -80,6 +81,29 @@ class TrainConfig:
         "only where the loss reads: half the head's work, same loss. --no-paired-prefixes draws "
         "every length independently and predicts every patch.",
         "Model",
+    )
+    # AIMv2 objective
+    objective: str = _opt(
+        "aimv1",
+        "aimv1: next-patch prediction from the trunk (pixel MLP head). aimv2: the AIMv2 "
+        "multimodal objective on image-caption pairs (a causal decoder predicts the next patch, "
+        "then the caption's next token; --model aimv2-nano or aimv2-tiny; --data captioned "
+        "images, default the built-in scenes; use --hflip 0 when captions say left and right).",
+        "AIMv2",
+    )
+    alpha: float = _opt(0.4, "Weight of the image loss: L_text + alpha * L_img.", "AIMv2")
+    vocab_size: int = _opt(
+        1024, "Size of the byte-level BPE caption tokenizer trained on the captions.", "AIMv2"
+    )
+    tokenizer: str | None = _opt(
+        None,
+        "A tokenizer.json with [PAD], [BOS] and [EOS] to use instead of training one.",
+        "AIMv2",
+    )
+    decoder_width: int | None = _opt(None, "Decoder width (default: the architecture's).", "AIMv2")
+    decoder_depth: int | None = _opt(None, "Decoder blocks (default: the architecture's).", "AIMv2")
+    decoder_heads: int | None = _opt(
+        None, "Decoder attention heads (default: the architecture's).", "AIMv2"
     )
     # optimisation
     steps: int = _opt(100, "Optimizer steps.")
@@ -170,6 +194,13 @@ class TrainConfig:
             raise InputError(f"--min-crop-scale must be in (0, 1], got {self.min_crop_scale}")
         if not 0 <= self.hflip <= 1:
             raise InputError(f"--hflip must be in [0, 1], got {self.hflip}")
+        if self.objective not in OBJECTIVES:
+            raise InputError(
+                f"--objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}"
+            )
+        for name in ("decoder_width", "decoder_depth", "decoder_heads", "vocab_size"):
+            _check_range(name, getattr(self, name), 1, INT_MAX)
+        _check_range("alpha", self.alpha, 0, math.inf)
         if self.dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         return self

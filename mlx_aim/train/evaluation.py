@@ -48,6 +48,7 @@ class Validation:
         prefix = np.random.default_rng([seed, _PREFIX_SEED]).integers(1, num_patches, len(subset))
         mine = list(range(world.rank, len(subset), world.size))
         self.enabled = bool(subset)
+        self.parts: dict[str, float] = {}  # no separate loss terms (see CaptionValidation)
         self.images = np.zeros((0,), np.float32)
         self.prefix = np.zeros((0,), np.int32)
         if mine:

@@ -28,10 +28,12 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import io
+from ..caption_tokenizer import TOKENIZER_FILE
 from ..cpu.blas import blas_info
 from ..data import ImageLoader
 from ..errors import InputError, Interrupted, MlxAimError, NonFiniteError
 from ..models import build_model
+from ..random_key import random_key, set_random_key
 from ..transforms import Preprocessing, TrainTransform
 from ..weights import CONFIG_FILE, INDEX_FILE, PREPROCESS_FILE, WEIGHTS_FILE, save_model
 from .checkpoint import (
@@ -45,10 +47,12 @@ from .config import TrainConfig
 from .distributed import World, agree, broadcast, broadcast_ints, gather_ints, init_world
 from .evaluation import PREVIEWS, Previews, Validation
 from .inputs import Images, SkippedFiles, find_training_images, fixed_subset, resolve_model
+from .multimodal import CaptionInputs, CaptionValidation, prepare_captions
+from .multimodal_step import make_multimodal_train_step
 from .optim import build_optimizer, warmup_cosine
 from .output import LOCK_FILE, OutputLock, preflight, remove_leftovers
 from .report import LOG_FILE, METRICS_FILE, MetricsLog, Reporter, loss_curve_image, save_png
-from .resume import DATA_FILE, check_resumable, data_listing, restore, set_random_key
+from .resume import DATA_FILE, check_resumable, data_listing, restore
 from .step import make_train_step
 from .stopping import StopSignals
 
@@ -59,7 +63,7 @@ _EXPORT_STAGING = f".{WEIGHTS_FILE}.export{io.TEMP_SUFFIX}"
 # What a run writes into its output directory (anything else there makes preflight refuse it).
 OWN_FILES = frozenset(
     {RUN_FILE, LOSS_CURVE_FILE, PREVIEWS, CHECKPOINTS, LOCK_FILE, METRICS_FILE, LOG_FILE,
-     CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, PREPROCESS_FILE}
+     CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE, PREPROCESS_FILE, TOKENIZER_FILE}
 )  # fmt: skip
 T = TypeVar("T")
 
@@ -116,14 +120,21 @@ def _train(
 ) -> TrainResult:
     started = time.perf_counter()
     output = config.output_dir
-    model_config, preprocessing = resolve_model(config)
+    captions = _captions(config, world)  # --objective aimv2: captions, tokenizer, model config
+    model_config, preprocessing = (
+        (captions.model_config, captions.preprocessing) if captions else resolve_model(config)
+    )
     mx.random.seed(config.seed)
     model = build_model(model_config)
     model.set_grad_checkpoint(config.grad_checkpoint)
-    images = _on_every_rank(lambda: find_training_images(config), world)
+    images = (
+        captions.images if captions else _on_every_rank(lambda: find_training_images(config), world)
+    )
     listing = data_listing([*images.train, *images.val]) if world.is_main else {}
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
     _on_main(lambda: _open_output(config, model, reporter, cleanup), world)
+    if captions is not None:
+        captions.tokenizer.save(output / TOKENIZER_FILE)
 
     schedule = warmup_cosine(config.lr, config.warmup, config.steps, config.min_lr)
     optimizer = build_optimizer(
@@ -141,8 +152,12 @@ def _train(
     _check_same_image_count(images, world)
 
     encoder = model.encoder.args
-    loader = _training_loader(config, world, images, preprocessing, encoder, loader_starts, skipped)
-    validation, previews = _evaluators(config, world, images, preprocessing, encoder, skipped)
+    loader = _training_loader(
+        config, world, images, preprocessing, encoder, loader_starts, skipped, captions
+    )
+    validation, previews = _evaluators(
+        config, world, images, preprocessing, encoder, skipped, captions
+    )
     metrics = MetricsLog(output)
     if world.is_main:
         if start_step:
@@ -157,7 +172,7 @@ def _train(
         world,
         model,
         optimizer,
-        _compiled_step(config, world, model, optimizer),
+        _compiled_step(config, world, model, optimizer, captions),
         loader,
         start_step,
         validation=validation,
@@ -190,6 +205,15 @@ def _on_every_rank(fn: Callable[[], T], world: World) -> T:
 def _on_main(fn: Callable[[], T], world: World) -> T | None:
     """Run ``fn`` on rank 0 only (None elsewhere); a failure there stops every rank."""
     return _on_every_rank(fn if world.is_main else lambda: None, world)
+
+
+def _captions(config: TrainConfig, world: World) -> CaptionInputs | None:
+    """The captions, tokenizer and model config of an ``--objective aimv2`` run, else None."""
+    if config.objective != "aimv2":
+        return None
+    if world.size > 1:
+        raise InputError("--objective aimv2 trains in one process only")
+    return prepare_captions(config, config.output_dir)
 
 
 def _open_output(
@@ -281,8 +305,11 @@ def _training_loader(
     encoder,
     starts: list[dict | None],
     skipped: SkippedFiles,
+    captions: CaptionInputs | None = None,
 ) -> ImageLoader:
-    """This rank's shuffled, augmented share of every global batch."""
+    """This rank's shuffled, augmented share of every global batch (with caption tokens for
+    ``--objective aimv2``)."""
+    paired = {"labels": captions.train_sequences, "opener": captions.open_image} if captions else {}
     transform = TrainTransform(
         encoder.image_size,
         preprocessing.mean,
@@ -301,6 +328,7 @@ def _training_loader(
             num_workers=config.workers,
             on_error=skipped,
             start=starts[world.rank],
+            **paired,
         )
     except ValueError as e:
         raise InputError(f"--data {images.description}: {e}") from None
@@ -323,19 +351,33 @@ def _evaluators(
     preprocessing: Preprocessing,
     encoder,
     skipped: SkippedFiles,
-) -> tuple[Validation, Previews | None]:
+    captions: CaptionInputs | None = None,
+) -> tuple[Validation | CaptionValidation, Previews | None]:
     """The validation loss on a fixed subset and the previews (rank 0, when asked for)."""
     evaluation = _evaluation_preprocess(preprocessing, encoder)
     val_subset = fixed_subset(images.val, config.val_images, config.seed)
-    validation = Validation(
-        val_subset,
-        evaluation,
-        encoder.num_patches,
-        config.batch_size // world.size,
-        seed=config.seed,
-        world=world,
-        workers=config.workers,
-        on_error=skipped,
+    validation = (
+        CaptionValidation(
+            captions,
+            config.val_images,
+            evaluation,
+            config.batch_size,
+            seed=config.seed,
+            alpha=config.alpha,
+            workers=config.workers,
+            on_error=skipped,
+        )
+        if captions
+        else Validation(
+            val_subset,
+            evaluation,
+            encoder.num_patches,
+            config.batch_size // world.size,
+            seed=config.seed,
+            world=world,
+            workers=config.workers,
+            on_error=skipped,
+        )
     )
     previews = None
     if world.is_main and config.preview_every:
@@ -350,8 +392,25 @@ def _evaluators(
     return validation, previews
 
 
-def _compiled_step(config: TrainConfig, world: World, model: nn.Module, optimizer):
-    """The compiled optimizer step of this rank (``step.make_train_step``)."""
+def _compiled_step(
+    config: TrainConfig,
+    world: World,
+    model: nn.Module,
+    optimizer,
+    captions: CaptionInputs | None = None,
+):
+    """The compiled optimizer step of this rank (``step.make_train_step``, or the multimodal
+    step of ``--objective aimv2``)."""
+    compute_dtype = mx.bfloat16 if config.dtype == "bfloat16" else mx.float32
+    if captions is not None:
+        return make_multimodal_train_step(
+            model,
+            optimizer,
+            pad=captions.tokenizer.pad,
+            alpha=config.alpha,
+            grad_clip=config.grad_clip,
+            compute_dtype=compute_dtype,
+        )
     return make_train_step(
         model,
         optimizer,
@@ -359,7 +418,7 @@ def _compiled_step(config: TrainConfig, world: World, model: nn.Module, optimize
         rank=world.rank,
         world_size=world.size,
         grad_clip=config.grad_clip,
-        compute_dtype=mx.bfloat16 if config.dtype == "bfloat16" else mx.float32,
+        compute_dtype=compute_dtype,
         paired_prefixes=config.paired_prefixes,
     )
 
@@ -479,6 +538,7 @@ class _Loop:
         self.last_preview_step = None
         self.initial_loss = self.initial_val_loss = self.final_loss = None
         self.window: list[float] = []  # train losses since the last logging step
+        self.parts_window: list[list[float]] = []  # aimv2: [image, text] losses, same steps
         self.images_per_second: float | None = None
         self.stopped_by: int | None = None  # the signal that stopped the loop
 
@@ -493,8 +553,9 @@ class _Loop:
                     self.stopped_by = stop.requested
                     break
                 t0 = time.perf_counter()
-                loss, norm = self.train_step(self._next_batches(batches))
+                loss, norm, *parts = self.train_step(self._next_batches(batches))
                 loss, norm = loss.item(), norm.item()
+                self.parts_window.extend(p.tolist() for p in parts)
                 self.step += 1
                 if not first:  # the first step after a start compiles
                     timed_steps += 1
@@ -505,13 +566,16 @@ class _Loop:
         finally:
             batches.close()
 
-    def _next_batches(self, batches: Iterator[dict]) -> list[mx.array]:
+    def _next_batches(self, batches: Iterator[dict]) -> list:
+        """Micro-batches: images, or (images, caption sequences) for --objective aimv2."""
         out = []
         for _ in range(self.config.grad_accum):
             try:
-                out.append(mx.array(next(batches)["images"]))
+                batch = next(batches)
             except ValueError as e:  # no readable image in a whole epoch
                 raise InputError(f"--data: {e}") from None
+            images = mx.array(batch["images"])
+            out.append((images, mx.array(batch["labels"])) if "labels" in batch else images)
         return out
 
     def _check_finite(self, loss: float, norm: float) -> None:
@@ -532,7 +596,7 @@ class _Loop:
         self.reporter.advance(step, loss)
         if step % config.log_every == 0 or step == config.steps:
             self._log(norm, timed_steps, timed_seconds)
-            self.window = []
+            self.window, self.parts_window = [], []
         if config.val_every and step % config.val_every == 0:
             self.validate()
         if self.previews is not None and step % config.preview_every == 0:
@@ -543,6 +607,7 @@ class _Loop:
     def restore(self, state: dict[str, Any]) -> None:
         """Continue the logging window and the losses of a checkpointed run."""
         self.window = list(state.get("window", []))
+        self.parts_window = list(state.get("parts_window", []))
         self.initial_loss = state.get("initial_loss")
         self.initial_val_loss = state.get("initial_val_loss")
         self.final_loss = state.get("final_loss")
@@ -557,8 +622,12 @@ class _Loop:
             self.initial_val_loss = loss
         self.last_val, self.last_val_step = loss, self.step
         if self.world.is_main:
-            self.metrics.append({"split": "val", "step": self.step, "loss": loss})
-            self.reporter.log(f"step {self.step} validation loss {loss:.4f}")
+            parts = self.validation.parts
+            self.metrics.append({"split": "val", "step": self.step, "loss": loss, **parts})
+            detail = ", ".join(f"{k.removesuffix('_loss')} {v:.4f}" for k, v in parts.items())
+            self.reporter.log(
+                f"step {self.step} validation loss {loss:.4f}" + (f" ({detail})" if detail else "")
+            )
 
     def preview(self) -> None:
         self.previews.write(self.model, self.step)
@@ -582,6 +651,9 @@ class _Loop:
             "skipped_files": len(self.skipped.paths),
             "time": time.time(),
         }
+        if self.parts_window:
+            image, text = np.mean(self.parts_window, axis=0).tolist()
+            record.update(image_loss=image, text_loss=text)
         if self.world.is_main:
             self.metrics.append(record)
             self.reporter.step(self.step, {**record, "val_loss": self.last_val})
@@ -594,11 +666,12 @@ class _Loop:
         if self.world.is_main:
             state = {
                 **self.documents[STATE_FILE],
-                "random_state": np.array(mx.random.state[0]).tolist(),
+                "random_state": random_key(),
                 "loaders": loaders,
                 "skipped_files": sorted(self.skipped.paths),
                 "loop": {
                     "window": self.window,
+                    "parts_window": self.parts_window,
                     "initial_loss": self.initial_loss,
                     "initial_val_loss": self.initial_val_loss,
                     "final_loss": self.final_loss,

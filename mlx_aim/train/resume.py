@@ -13,13 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import InputError
+from ..random_key import set_random_key
 from .checkpoint import Checkpoint
 from .config import TrainConfig
 
@@ -28,7 +27,7 @@ DATA_FILE = "data.json"
 # batch composition).
 FIXED_ON_RESUME = (
     "data", "val_data", "val_fraction", "model", "head_blocks", "head_width", "batch_size",
-    "grad_accum", "seed",
+    "grad_accum", "seed", "objective", "vocab_size", "tokenizer",
 )  # fmt: skip
 # Settings that say where and how to run, not what: never reported as changed.
 _NOT_SETTINGS = ("resume", "output", "allow_data_change", "quiet")
@@ -78,11 +77,13 @@ def check_resumable(
 ) -> list[str]:
     """Refuse a checkpoint this run cannot continue (``InputError``); the settings that changed."""
     saved = checkpoint.state["config"]
+    defaults = TrainConfig().to_dict()  # for settings added after the checkpoint was written
     output = config.output_dir
     for name in FIXED_ON_RESUME:
-        if saved.get(name) != getattr(config, name):
+        before = saved.get(name, defaults[name])
+        if before != getattr(config, name):
             raise InputError(
-                f"{output} holds a run with --{_flag(name)} {saved.get(name)!r}, this command "
+                f"{output} holds a run with --{_flag(name)} {before!r}, this command "
                 f"has {getattr(config, name)!r}; a resumed run keeps it (use another --output to "
                 "start a new run)"
             )
@@ -124,13 +125,6 @@ def restore(checkpoint: Checkpoint, model: nn.Module, optimizer: optim.Optimizer
         set_random_key(checkpoint.state["random_state"])
     except (KeyError, ValueError) as e:
         raise InputError(f"{checkpoint.path}: cannot restore this checkpoint ({e})") from None
-
-
-def set_random_key(key: list[int]) -> None:
-    """Set MLX's global random key (two uint32); ``seed(s)`` makes it ``(s >> 32, s % 2**32)``."""
-    mx.random.seed((int(key[0]) << 32) | int(key[1]))
-    if np.array(mx.random.state[0]).tolist() != [int(k) for k in key]:
-        raise ValueError("this MLX version seeds differently; cannot restore the random state")
 
 
 def _flag(name: str) -> str:

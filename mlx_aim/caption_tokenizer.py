@@ -1,0 +1,103 @@
+"""The caption tokenizer of AIMv2 pre-training: byte-level BPE with [PAD], [BOS] and [EOS].
+
+A run trains one on its training captions (``CaptionTokenizer.train``, the ``tokenizers``
+library's BPE trainer over bytes, so any text encodes) or loads a ``tokenizer.json``
+(``CaptionTokenizer.load``) that defines the three special tokens, and keeps it as
+``tokenizer.json`` in the run directory. ``tokenizers`` is an optional dependency
+(``pip install 'mlx-aim[text]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+from .io import read_text, write_text
+from .multimodal_objective import caption_sequences
+
+PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
+SPECIAL_TOKENS = (PAD, BOS, EOS)
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def _tokenizers() -> Any:
+    try:
+        import tokenizers
+    except ModuleNotFoundError:
+        raise InputError(
+            "captions need the 'tokenizers' package: pip install 'mlx-aim[text]'"
+        ) from None
+    return tokenizers
+
+
+class CaptionTokenizer:
+    """A ``tokenizers.Tokenizer`` with the ids of [PAD], [BOS] and [EOS]."""
+
+    def __init__(self, tokenizer: Any, source: str = "tokenizer"):
+        ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
+        missing = [t for t, i in zip(SPECIAL_TOKENS, ids, strict=True) if i is None]
+        if missing:
+            raise InputError(f"{source}: no special token(s) {', '.join(missing)}")
+        self.tokenizer = tokenizer
+        self.pad, self.bos, self.eos = ids
+
+    @classmethod
+    def train(cls, captions: Sequence[str], vocab_size: int) -> CaptionTokenizer:
+        """Byte-level BPE of at most ``vocab_size`` tokens (the 3 special ones first) on ``captions``."""
+        tk = _tokenizers()
+        alphabet = tk.pre_tokenizers.ByteLevel.alphabet()
+        if vocab_size < len(alphabet) + len(SPECIAL_TOKENS):
+            raise InputError(
+                f"--vocab-size must be at least {len(alphabet) + len(SPECIAL_TOKENS)} (the 256 "
+                f"bytes and 3 special tokens), got {vocab_size}"
+            )
+        tokenizer = tk.Tokenizer(tk.models.BPE())
+        tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = tk.decoders.ByteLevel()
+        trainer = tk.trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=alphabet,
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator(captions, trainer=trainer, length=len(captions))
+        return cls(tokenizer, "trained tokenizer")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CaptionTokenizer:
+        """A tokenizer saved as ``tokenizer.json``; InputError naming the file if unusable."""
+        tk = _tokenizers()
+        try:
+            tokenizer = tk.Tokenizer.from_str(read_text(path))
+        except Exception as e:  # the library raises a bare Exception on malformed JSON
+            if isinstance(e, InputError):
+                raise
+            raise InputError(f"{path}: not a tokenizers tokenizer.json ({e})") from None
+        return cls(tokenizer, str(path))
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` atomically."""
+        write_text(path, self.tokenizer.to_str(pretty=True))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, captions: Sequence[str]) -> list[list[int]]:
+        """Token ids of each caption, without special tokens."""
+        encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)
+        return [e.ids for e in encodings]
+
+    def sequences(self, captions: Sequence[str], max_text_tokens: int) -> np.ndarray:
+        """``[BOS] caption [EOS]`` rows, cut or padded to ``max_text_tokens + 1``: int32 (N, T+1)."""
+        return caption_sequences(
+            self.encode(captions), max_text_tokens, self.bos, self.eos, self.pad
+        )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of token ids; special tokens are dropped."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)

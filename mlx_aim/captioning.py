@@ -1,0 +1,111 @@
+"""Captions from an AIMv2 pre-training run: its encoder and multimodal decoder, decoding tokens.
+
+``Captioner.from_run(run)`` reads a ``mlx-aim train --objective aimv2`` output directory: the model
+config and preprocessing from ``run.json``, the caption tokenizer from ``tokenizer.json`` and the
+full pre-training model (encoder and decoder) from its newest intact checkpoint (the exported
+trunk at the root has no decoder).
+
+Decoding starts from ``[BOS]`` and stops at ``[EOS]`` or after ``max_tokens`` tokens (at most the
+decoder's text positions), greedy (``temperature`` 0) or sampled from
+``softmax(logits / temperature)``. The encoder runs with a prefix of K - 1 patches, the most
+bidirectional attention it saw in training; every step re-runs the decoder over the whole
+sequence (no KV cache: captions are short and the decoder small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
+from .errors import InputError
+from .io import read_json
+from .models import build_model
+from .models.base import ConfigError
+from .models.layers import prefix_causal_mask
+from .train.checkpoint import list_checkpoints, verify_checkpoint
+from .transforms import Preprocessing
+
+RUN_FILE = "run.json"
+
+
+@dataclass
+class Captioner:
+    """An ``aimv2_pretrain`` model, its tokenizer and the images' preprocessing."""
+
+    model: nn.Module
+    tokenizer: CaptionTokenizer
+    preprocess: Preprocessing
+
+    @classmethod
+    def from_run(cls, run: str | Path) -> Captioner:
+        """Load the newest intact checkpoint of an AIMv2 training run (see the module docstring)."""
+        run = Path(run).expanduser()
+        if not (run / RUN_FILE).is_file():
+            raise InputError(f"{run}: not an `mlx-aim train --objective aimv2` output directory")
+        info = read_json(run / RUN_FILE)
+        config = info.get("model_config", {})
+        if not isinstance(config, dict) or config.get("model_type") != "aimv2_pretrain":
+            raise InputError(f"{run}: a run of another objective (captions need --objective aimv2)")
+        tokenizer = CaptionTokenizer.load(run / TOKENIZER_FILE)
+        try:
+            model = build_model(config)
+        except ConfigError as e:
+            raise InputError(f"{run / RUN_FILE}: {e}") from None
+        model.load_weights(list(_newest_weights(run).items()), strict=True)
+        model.eval()
+        size = model.encoder.args.image_size
+        prep = Preprocessing.from_dict(info["preprocessing"])
+        return cls(model, tokenizer, Preprocessing(size, size, prep.mean, prep.std))
+
+    @property
+    def max_tokens(self) -> int:
+        """The most tokens a caption can have (the decoder's text positions)."""
+        return self.model.args.max_text_tokens
+
+    def generate(
+        self,
+        images: mx.array,
+        max_tokens: int | None = None,
+        temperature: float = 0.0,
+        key: mx.array | None = None,
+    ) -> list[str]:
+        """Captions of normalized NHWC images (see the module docstring)."""
+        tk, model = self.tokenizer, self.model
+        steps = min(max_tokens or self.max_tokens, self.max_tokens)
+        batch, num_patches = images.shape[0], model.encoder.args.num_patches
+        mask = prefix_causal_mask(mx.full((batch,), num_patches - 1), num_patches)
+        features = model.encoder.trunk(model.encoder.preprocessor(images), mask)
+        tokens = mx.full((batch, 1), tk.bos, mx.int32)
+        done = mx.zeros((batch,), mx.bool_)
+        for _ in range(steps):
+            _, logits = model.decoder(features, tokens)
+            logits = logits[:, -1].astype(mx.float32)
+            if temperature > 0:
+                key, sub = mx.random.split(key) if key is not None else (None, None)
+                token = mx.random.categorical(logits / temperature, key=sub)
+            else:
+                token = logits.argmax(axis=-1)
+            token = mx.where(done, tk.pad, token).astype(mx.int32)
+            tokens = mx.concatenate([tokens, token[:, None]], axis=1)
+            done = done | (token == tk.eos)
+            if done.all().item():
+                break
+        return [tk.decode(_until_eos(row, tk.eos)) for row in tokens[:, 1:].tolist()]
+
+
+def _until_eos(ids: list[int], eos: int) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
+
+
+def _newest_weights(run: Path) -> dict[str, mx.array]:
+    for _, path in list_checkpoints(run):
+        try:
+            verify_checkpoint(path)
+        except ValueError:
+            continue
+        return mx.load(str(path / "model.safetensors"))
+    raise InputError(f"{run}: no intact checkpoint (the decoder is only in checkpoints/)")
