@@ -57,6 +57,7 @@ def test_every_command_module_registers_itself_without_importing_main():
         "probe",
         "embed",
         "zero-shot",
+        "caption",
         "bench",
         "build-kernels",
     ]
@@ -64,7 +65,17 @@ def test_every_command_module_registers_itself_without_importing_main():
 
 @pytest.mark.parametrize(
     "command",
-    ["models", "convert", "train", "probe", "embed", "zero-shot", "bench", "build-kernels"],
+    [
+        "models",
+        "convert",
+        "train",
+        "probe",
+        "embed",
+        "zero-shot",
+        "caption",
+        "bench",
+        "build-kernels",
+    ],
 )
 def test_every_help_ends_with_the_one_exit_code_table(command):
     result = invoke(command, "--help", env={"COLUMNS": "250"})
