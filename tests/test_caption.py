@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import TINY_AIMV2_TRUNK
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -18,15 +19,7 @@ from mlx_aim.train.optim import build_optimizer, warmup_cosine
 
 pytest.importorskip("tokenizers")
 
-TRUNK = {
-    "model_type": "aim_v2",
-    "image_size": 16,
-    "patch_size": 4,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 64,
-}
+TRUNK = TINY_AIMV2_TRUNK
 CAPTIONS = {"red": "a red square", "green": "one green circle", "blue": "two blue shapes"}
 COLOURS = {"red": (1.5, -1, -1), "green": (-1, 1.5, -1), "blue": (-1, -1, 1.5)}
 

@@ -38,6 +38,19 @@ def command_names() -> list[str]:
 # --- wiring and help ----------------------------------------------------------------------------
 
 
+COMMAND_NAMES = [
+    "models",
+    "convert",
+    "train",
+    "probe",
+    "embed",
+    "zero-shot",
+    "caption",
+    "bench",
+    "build-kernels",
+]
+
+
 def test_every_command_module_registers_itself_without_importing_main():
     for name in COMMANDS:
         source = (CLI / f"{name}.py").read_text()
@@ -50,33 +63,10 @@ def test_every_command_module_registers_itself_without_importing_main():
         fresh = typer.Typer()
         importlib.import_module(f"cli.{name}").register(fresh)
         assert len(fresh.registered_commands) == 1, name
-    assert command_names() == [
-        "models",
-        "convert",
-        "train",
-        "probe",
-        "embed",
-        "zero-shot",
-        "caption",
-        "bench",
-        "build-kernels",
-    ]
+    assert command_names() == COMMAND_NAMES
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        "models",
-        "convert",
-        "train",
-        "probe",
-        "embed",
-        "zero-shot",
-        "caption",
-        "bench",
-        "build-kernels",
-    ],
-)
+@pytest.mark.parametrize("command", COMMAND_NAMES)
 def test_every_help_ends_with_the_one_exit_code_table(command):
     result = invoke(command, "--help", env={"COLUMNS": "250"})
     assert result.exit_code == 0

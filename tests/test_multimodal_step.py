@@ -4,6 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+from train_helpers import TINY_AIMV2_TRUNK
 
 import mlx_aim
 from mlx_aim.models import build_model
@@ -17,15 +18,7 @@ from mlx_aim.weights import save_model
 PAD, BOS, EOS = 0, 1, 2
 TINY = {
     "model_type": "aimv2_pretrain",
-    "encoder": {
-        "model_type": "aim_v2",
-        "image_size": 16,
-        "patch_size": 4,
-        "embed_dim": 32,
-        "num_blocks": 2,
-        "num_heads": 2,
-        "mlp_hidden_dim": 64,
-    },
+    "encoder": TINY_AIMV2_TRUNK,
     "vocab_size": 16,
     "max_text_tokens": 6,
     "decoder_width": 32,

@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import TINY_AIMV2_TRUNK
 
 import mlx_aim
 from mlx_aim.caption_tokenizer import CaptionTokenizer
@@ -15,15 +16,7 @@ from mlx_aim.train import TrainConfig, train
 
 pytest.importorskip("tokenizers")
 
-TRUNK = {
-    "model_type": "aim_v2",
-    "image_size": 16,
-    "patch_size": 4,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 64,
-}
+TRUNK = TINY_AIMV2_TRUNK
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
 
 
