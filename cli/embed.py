@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -346,22 +346,36 @@ def embed_command(
             return _embed_texts(texts, model, output, normalize, dtype, as_json, quiet)
         if not paths:
             raise InputError("give image paths (or --text / --text-file with a LiT model)")
-    options = dict(pool=_pooling(pool, tokens, layers), layers=layers, normalize=normalize)
-    options.update(dtype=dtype, quantize=quantize, batch_size=batch_size, output=output)
-    _embed_images(paths, model, options, as_json=as_json, workers=workers, quiet=quiet)
+    embedder_options = {
+        "dtype": dtype,
+        "quantize": quantize,
+        "pool": _pooling(pool, tokens, layers),
+        "layers": layers,
+        "normalize": normalize,
+        "batch_size": batch_size,
+        "output": output,
+    }
+    _embed_images(paths, model, embedder_options, as_json=as_json, workers=workers, quiet=quiet)
 
 
 def _embed_images(
-    paths: list[str], model: str, options: dict, *, as_json: bool, workers: int, quiet: bool
+    paths: list[str],
+    model: str,
+    embedder_options: dict[str, Any],
+    *,
+    as_json: bool,
+    workers: int,
+    quiet: bool,
 ) -> None:
-    """Embed the image files of ``paths`` and print or write them (``options``: the Embedder's)."""
+    """Embed the image files of ``paths`` and print or write them; ``embedder_options`` are the
+    keyword arguments of :func:`_load_embedder` (``output`` among them)."""
     skipped, report = skip_reporter()
-    output = options["output"]
+    output = embedder_options["output"]
     with reported_errors():
         files = find_files(paths, output, report)
-        _warn_if_slow(options["dtype"], options["quantize"])
+        _warn_if_slow(embedder_options["dtype"], embedder_options["quantize"])
         with working(f"loading {model}", enabled=not quiet):
-            embedder = _load_embedder(model, **options)
+            embedder = _load_embedder(model, **embedder_options)
         result = _embed(embedder, files, report, workers, quiet)
         if as_json or output is None:
             _print(result, as_json)
