@@ -145,7 +145,7 @@ class TrainConfig:
     probe_data: str | None = _opt(
         None,
         "Labelled images (class folders, optionally split in train/ and val/; digits: the "
-        "built-in digits) for a quick attentive probe of the trunk every --probe-every steps; its "
+        "built-in digits) for a quick linear probe of the trunk every --probe-every steps; its "
         "top-1 goes to metrics.jsonl and loss.png.",
         "Output",
     )

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -53,7 +53,9 @@ from .report import LOG_FILE, METRICS_FILE, MetricsLog, Reporter, loss_curve_ima
 from .resume import DATA_FILE, check_resumable, data_listing, restore, set_random_key
 from .step import make_train_step
 from .stopping import StopSignals
-from .tracking import DownstreamProbe
+
+if TYPE_CHECKING:
+    from .tracking import DownstreamProbe
 
 RUN_FILE = "run.json"
 LOSS_CURVE_FILE = "loss.png"
@@ -377,6 +379,8 @@ def _downstream_probe(
     """The quick probe on ``--probe-data`` (rank 0), if asked for."""
     if config.probe_data is None or not world.is_main:
         return None
+    from .tracking import DownstreamProbe  # mlx_aim.probe imports this package
+
     return DownstreamProbe(
         config.probe_data,
         _evaluation_preprocess(preprocessing, encoder),

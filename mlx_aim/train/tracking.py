@@ -1,7 +1,7 @@
 """Downstream tracking during a run: a quick probe of the current trunk (``--probe-data``).
 
 The paper's first claim is that the pre-training loss tracks downstream quality. To watch it
-happen, a run can train an attentive probe on the frozen trunk of the current step every
+happen, a run can train a linear probe on the frozen trunk of the current step every
 ``--probe-every`` steps (``mlx_aim.probe.train_probe``, with the fixed ``PROBE_SETTINGS``) and log
 its top-1 next to the validation loss. Nothing is cached across steps (the trunk changes), and
 the probe neither changes the model nor draws from the run's random state.
@@ -25,7 +25,9 @@ from ..transforms import Preprocessing
 from .resume import set_random_key
 
 # Fixed probe settings (the same for every run and every step, so their top-1s compare).
-PROBE_SETTINGS = ProbeConfig(head="attentive", epochs=10, seed=0, cache=False)
+# Linear (BatchNorm + linear on the token mean): a few seconds on small data, and further from its
+# ceiling than the attentive probe on easy data (digits: ~75 % vs ~86 % on a random trunk).
+PROBE_SETTINGS = ProbeConfig(head="linear", epochs=10, seed=0, cache=False)
 
 
 class DownstreamProbe:
