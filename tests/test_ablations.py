@@ -24,7 +24,7 @@ from mlx_aim.patch_order import (
     spiral_order,
 )
 from mlx_aim.train.config import TrainConfig
-from mlx_aim.train.loop import objective_variant
+from mlx_aim.train.loop import objective_label, objective_variant
 from mlx_aim.train.step import make_train_step, packed_next_patch_loss
 
 # ---- patch orders -----------------------------------------------------------------------------
@@ -170,6 +170,16 @@ def test_the_default_settings_are_the_papers_and_raster_permutes_nothing():
     assert spiral.order == tuple(spiral_order(4, 4).tolist())
     seeded = [objective_variant(TrainConfig(patch_order="random", seed=s), encoder) for s in (0, 1)]
     assert seeded[0].order != seeded[1].order  # one fixed permutation per run, from its seed
+
+
+def test_previews_and_the_loss_curve_name_the_switches():
+    assert (
+        objective_label(TrainConfig()) == "norm-pixels, prefix attention, raster order, crop 0.4-1"
+    )
+    changed = TrainConfig(target="pixels", attention="causal", patch_order="spiral", head_blocks=1)
+    assert objective_label(changed) == (
+        "pixels, causal attention, spiral order, crop 0.4-1, 1 head block"
+    )
 
 
 @pytest.mark.parametrize(

@@ -333,8 +333,15 @@ def objective_variant(config: TrainConfig, encoder) -> Variant:
 
 
 def objective_label(config: TrainConfig) -> str:
-    """The objective in a few words, for titles: "norm-pixels, prefix attention, raster order"."""
-    return f"{config.target}, {config.attention} attention, {config.patch_order} order"
+    """The switches in a few words, for titles: "norm-pixels, prefix attention, raster order,
+    crop 0.4-1" (and the pixel head's depth and width when set)."""
+    label = f"{config.target}, {config.attention} attention, {config.patch_order} order"
+    label += f", crop {config.min_crop_scale:g}-1"
+    if config.head_blocks is not None:
+        label += f", {_plural(config.head_blocks, 'head block')}"
+    if config.head_width is not None:
+        label += f", head width {config.head_width}"
+    return label
 
 
 def _evaluators(
