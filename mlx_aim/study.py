@@ -187,7 +187,8 @@ def mean_and_spread(values: Sequence[float]) -> tuple[float, float]:
 def correlations(points: list[Checkpoint]) -> dict[str, tuple[float, int]]:
     """Spearman(validation loss, probe top-1) with its number of checkpoints, over: every trained
     checkpoint of every run; those of the cells trained on the paper's objective (same targets,
-    attention and order, so their losses compare); every run's final checkpoint."""
+    attention and order, so their losses compare); every run's final checkpoint; and within each
+    run, every checkpoint from step 0 (the mean over runs)."""
     trained = [p for p in points if p.step > 0]
     same_objective = [p for p in trained if p.cell in ("default", "shallow-head")]
     last = max((p.step for p in points), default=0)
@@ -199,6 +200,13 @@ def correlations(points: list[Checkpoint]) -> dict[str, tuple[float, int]]:
         ("final checkpoints", final),
     ):
         out[name] = (spearman([p.val_loss for p in subset], [p.top1 for p in subset]), len(subset))
+    runs: dict[tuple[str, int], list[Checkpoint]] = {}
+    for p in points:
+        runs.setdefault((p.cell, p.seed), []).append(p)
+    within = [spearman([p.val_loss for p in r], [p.top1 for p in r]) for r in runs.values()]
+    within = [rho for rho in within if not math.isnan(rho)]
+    name = f"within each run, mean over {len(within)} runs"
+    out[name] = (float(np.mean(within)) if within else float("nan"), len(points))
     return out
 
 
@@ -310,7 +318,7 @@ def study_image(config: StudyConfig, points: list[Checkpoint]) -> Image.Image:
         draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour[p.cell])
     draw.text(
         (540, 26),
-        "probe top-1 (%) against validation loss, every checkpoint",
+        "probe top-1 (%) against validation loss, every trained checkpoint (colours as left)",
         fill=_TEXT,
         font=font,
     )
