@@ -64,6 +64,14 @@ def test_a_run_probes_its_trunk_at_the_start_every_n_steps_and_at_the_end(
     assert (tmp_path / "loss.png").is_file()
 
 
+def test_unusable_probe_data_is_refused_before_the_output_is_created(tmp_path, tiny_model, images):
+    with pytest.raises(InputError, match="--probe-data .*missing: not a folder"):
+        train(
+            run_config(tmp_path / "run", tiny_model, images, probe_data=str(tmp_path / "missing"))
+        )
+    assert not (tmp_path / "run").exists()
+
+
 def test_probing_changes_neither_the_training_nor_the_model(tmp_path, tiny_model, images):
     plain = train(run_config(tmp_path / "plain", tiny_model, images))
     probed = train(run_config(tmp_path / "probed", tiny_model, images, probe_data=images))

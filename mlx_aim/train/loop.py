@@ -127,6 +127,7 @@ def _train(
     model.set_grad_checkpoint(config.grad_checkpoint)
     images = _on_every_rank(lambda: find_training_images(config), world)
     listing = data_listing([*images.train, *images.val]) if world.is_main else {}
+    probe = _on_main(lambda: _downstream_probe(config, preprocessing, model, reporter), world)
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
     _on_main(lambda: _open_output(config, model, reporter, cleanup), world)
 
@@ -148,7 +149,6 @@ def _train(
     encoder = model.encoder.args
     loader = _training_loader(config, world, images, preprocessing, encoder, loader_starts, skipped)
     validation, previews = _evaluators(config, world, images, preprocessing, encoder, skipped)
-    probe = _downstream_probe(config, world, preprocessing, encoder, reporter)
     metrics = MetricsLog(output)
     if world.is_main:
         if start_step:
@@ -381,16 +381,16 @@ def _evaluators(
 
 
 def _downstream_probe(
-    config: TrainConfig, world: World, preprocessing: Preprocessing, encoder, reporter: Reporter
+    config: TrainConfig, preprocessing: Preprocessing, model: nn.Module, reporter: Reporter
 ) -> DownstreamProbe | None:
-    """The quick probe on ``--probe-data`` (rank 0), if asked for."""
-    if config.probe_data is None or not world.is_main:
+    """The quick probe on ``--probe-data``, if asked for (rank 0)."""
+    if config.probe_data is None:
         return None
     from .tracking import DownstreamProbe  # mlx_aim.probe imports this package
 
     return DownstreamProbe(
         config.probe_data,
-        _evaluation_preprocess(preprocessing, encoder),
+        _evaluation_preprocess(preprocessing, model.encoder.args),
         workers=config.workers,
         on_error=lambda e: reporter.log(f"--probe-data: skipping unreadable image {e}"),
     )

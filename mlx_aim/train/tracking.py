@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..datasets import builtin_dataset
+from ..errors import InputError
 from ..images import ImageError
 from ..probe import Hooks, ProbeConfig, check_classes, load_dataset, train_probe
 from ..transforms import Preprocessing
@@ -48,8 +49,11 @@ class DownstreamProbe:
         self.settings = dataclasses.replace(PROBE_SETTINGS, workers=workers)
         if root == "digits" and not Path(root).exists():
             root = str(builtin_dataset("digits"))
-        self.data = load_dataset(root, self.settings.val_fraction, self.settings.seed)
-        check_classes(self.data)
+        try:
+            self.data = load_dataset(root, self.settings.val_fraction, self.settings.seed)
+            check_classes(self.data)
+        except InputError as e:
+            raise InputError(f"--probe-data {e}") from None
         self.preprocessing = preprocessing
         self.on_error = on_error
         self.reported: set[str] = set()  # unreadable files are reported once per run
