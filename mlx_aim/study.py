@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from . import io
 from .errors import InputError
 from .train.config import TrainConfig
-from .train.report import METRICS_FILE, save_png
+from .train.report import METRICS_FILE, chart_font, save_png
+from .train.tracking import PROBE_SETTINGS
 from .weights import CONFIG_FILE
 
 # cell name: (what it changes, the settings it changes)
@@ -214,7 +215,8 @@ def markdown(config: StudyConfig, points: list[Checkpoint]) -> str:
     """The study's table and correlations as markdown."""
     lines = [
         f"{config.model}, {config.steps} steps, batch {config.batch_size}, seeds "
-        f"0..{config.seeds - 1}; probe: linear, 10 epochs, on {config.probe_data}. "
+        f"0..{config.seeds - 1}; probe: {PROBE_SETTINGS.head}, {PROBE_SETTINGS.epochs} epochs, "
+        f"on {config.probe_data}. "
         "Mean ± half-range over seeds.",
         "",
         "| cell | change | probe top-1 (%) | val loss | paper (IN-1k, linear / attentive) |",
@@ -265,13 +267,6 @@ _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 
 _TEXT, _GREY = (20, 20, 20), (160, 160, 160)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _scale(low: float, high: float, start: float, end: float) -> Callable[[float], float]:
     span = (high - low) or 1.0
     return lambda v: start + (v - low) / span * (end - start)
@@ -282,12 +277,12 @@ def study_image(config: StudyConfig, points: list[Checkpoint]) -> Image.Image:
     loss against probe top-1 for every trained checkpoint, coloured by cell."""
     canvas = Image.new("RGB", (960, 420), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    font = _font(11)
+    font = chart_font(11)
     draw.text(
         (16, 8),
         f"{config.model}: the paper's ablations at laptop scale",
         fill=_TEXT,
-        font=_font(13),
+        font=chart_font(13),
     )
     trained = [p for p in points if p.step > 0]
     if not trained:

@@ -166,7 +166,8 @@ _GREY = (128, 128, 128)
 _TEXT = (20, 20, 20)
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
+def chart_font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` (where Pillow can scale it)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
@@ -243,9 +244,9 @@ def preview_image(
     height = header + len(images) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), title, fill=_TEXT, font=_font(13))
+    draw.text((pad, 4), title, fill=_TEXT, font=chart_font(13))
     for j, name in enumerate(columns):
-        draw.text((pad + j * (cell + pad), 22), name, fill=_TEXT, font=_font(11))
+        draw.text((pad + j * (cell + pad), 22), name, fill=_TEXT, font=chart_font(11))
     for i, (image, pred, original) in enumerate(zip(images, predictions, originals, strict=True)):
         y = header + i * (cell + pad)
         panels = prediction_panels(
@@ -299,8 +300,8 @@ def loss_curve_image(
     left, right, top, bottom = 64, (56 if probe else 16), 32, 40
     canvas = Image.new("RGB", size, _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = _font(11)
-    draw.text((left, 8), title, fill=_TEXT, font=_font(13))
+    font = chart_font(11)
+    draw.text((left, 8), title, fill=_TEXT, font=chart_font(13))
     train, val = ([p for p in s if math.isfinite(p[1]) and p[1] > 0] for s in (train, val))
     points = [*train, *val]
     if not points:
