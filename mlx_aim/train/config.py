@@ -93,7 +93,8 @@ class TrainConfig:
     attention: str = _opt(
         "prefix",
         "Trunk attention in pre-training: prefix (causal after a random bidirectional prefix) or "
-        "causal (no prefix; the loss reads every next-patch prediction).",
+        "causal (no prefix; the loss reads every next-patch prediction, and the pixel head runs "
+        "at every position).",
         "Objective",
     )
     patch_order: str = _opt(
