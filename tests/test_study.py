@@ -13,6 +13,7 @@ from mlx_aim.errors import InputError
 from mlx_aim.study import Checkpoint, StudyConfig, spearman
 from mlx_aim.train import TrainConfig, train
 from mlx_aim.train.checkpoint import CheckpointStore
+from mlx_aim.train.report import loss_curve_image
 from mlx_aim.train.resume import DATA_FILE, check_resumable
 
 
@@ -62,6 +63,18 @@ def test_a_run_probes_its_trunk_at_the_start_every_n_steps_and_at_the_end(
     assert [r["step"] for r in probes] == [0, 2, 4, 5]
     assert all(0 <= r["top1"] <= 1 and math.isfinite(r["loss"]) for r in probes)
     assert (tmp_path / "loss.png").is_file()
+
+
+def test_the_loss_curve_draws_the_probe_top1_in_green_on_a_second_axis():
+    green = np.array([44, 160, 44])
+    loss = [(0, 1.0), (10, 0.5)]
+
+    def green_pixels(**probe) -> int:
+        image = np.asarray(loss_curve_image(loss, loss, **probe)).astype(int)
+        return int((np.abs(image - green).sum(-1) == 0).sum())
+
+    assert green_pixels() == 0
+    assert green_pixels(probe=[(0, 0.5), (10, 0.9)]) > 100
 
 
 def test_unusable_probe_data_is_refused_before_the_output_is_created(tmp_path, tiny_model, images):

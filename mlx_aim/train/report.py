@@ -335,6 +335,8 @@ def loss_curve_image(
     if probe:
         _draw_accuracy_axis(draw, (width - right, top, height - bottom), font)
     accuracy_y = lambda v: top + (1 - v) * (height - top - bottom)  # noqa: E731
+    # top right, above a falling loss; bottom left with the probe's top-1 (high, along the top)
+    legend = (left + 10, height - bottom - 50) if probe else (width - right - 60, top)
     for series, colour, label, dy in (
         (train, (31, 119, 180), "train", 0),
         (val, (255, 127, 14), "val", 14),
@@ -346,9 +348,9 @@ def loss_curve_image(
         for x, y in line if len(line) <= 50 or series is not train else []:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
         if line:
-            lx = width - right - 96
-            draw.line((lx, top + 10 + dy, lx + 16, top + 10 + dy), fill=colour, width=2)
-            draw.text((lx + 20, top + 4 + dy), label, fill=_TEXT, font=font)
+            lx, ly = legend
+            draw.line((lx, ly + 10 + dy, lx + 16, ly + 10 + dy), fill=colour, width=2)
+            draw.text((lx + 20, ly + 4 + dy), label, fill=_TEXT, font=font)
     return canvas
 
 
