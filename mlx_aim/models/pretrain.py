@@ -84,8 +84,8 @@ class PixelPredictionHead(nn.Module):
 class Model(nn.Module):
     """``encoder`` (an AIM trunk) + ``head``; ``model(images, prefix_lengths)`` -> (B, K, p*p*C).
 
-    ``predictions[:, k]`` predicts patch k + 1 in raster order; trunk attention is prefix-causal with
-    the per-image prefix lengths. ``encode`` and ``head`` are the two halves, for a caller that runs
+    ``predictions[:, k]`` predicts patch k + 1 in raster order (or step k + 1 of ``order``); trunk
+    attention is prefix-causal with the per-image prefix lengths (0: plain causal). ``encode`` and ``head`` are the two halves, for a caller that runs
     the head on only some positions (the training step).
     """
 
@@ -110,15 +110,25 @@ class Model(nn.Module):
         self.encoder.trunk.checkpoint_blocks = enabled
         self.head.checkpoint_blocks = enabled
 
-    def encode(self, images: mx.array, prefix_lengths: mx.array) -> mx.array:
-        """The head's input (B, K, D): prefix-causal trunk tokens with the positions added again."""
+    def encode(
+        self, images: mx.array, prefix_lengths: mx.array, order: mx.array | None = None
+    ) -> mx.array:
+        """The head's input (B, K, D): prefix-causal trunk tokens with the positions added again.
+
+        ``order`` (K,) permutes the patch tokens after their positions are added, so the mask
+        and the output follow that order (None: raster order).
+        """
         tokens = self.encoder.preprocessor(images)
+        p = self.encoder.args.patch_size
+        positions = sincos_pos_embed(images.shape[1] // p, images.shape[2] // p, tokens.shape[-1])
+        if order is not None:
+            tokens, positions = tokens[:, order], positions[order]
         mask = prefix_causal_mask(prefix_lengths, tokens.shape[1])
         z = self.encoder.trunk(tokens, mask)
-        p = self.encoder.args.patch_size
-        positions = sincos_pos_embed(images.shape[1] // p, images.shape[2] // p, z.shape[-1])
         return z + positions.astype(z.dtype)
 
-    def __call__(self, images: mx.array, prefix_lengths: mx.array) -> mx.array:
-        """Next-patch predictions (B, K, p*p*C)."""
-        return self.head(self.encode(images, prefix_lengths))
+    def __call__(
+        self, images: mx.array, prefix_lengths: mx.array, order: mx.array | None = None
+    ) -> mx.array:
+        """Next-patch predictions (B, K, p*p*C); ``[:, k]`` predicts the patch at step k + 1."""
+        return self.head(self.encode(images, prefix_lengths, order))

@@ -18,6 +18,8 @@ from typing import Any
 from .. import io
 from ..errors import InputError
 from ..models.base import matches_type
+from ..objective import ATTENTIONS, TARGETS
+from ..patch_order import PATCH_ORDERS
 
 DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
@@ -105,6 +107,26 @@ class TrainConfig:
     decoder_heads: int | None = _opt(
         None, "Decoder attention heads (default: the architecture's).", "AIMv2"
     )
+    # objective (the paper's ablations; each default is the paper's choice)
+    target: str = _opt(
+        "norm-pixels",
+        "Next-patch targets: norm-pixels (each patch normalized by its own mean and variance) or "
+        "pixels (raw).",
+        "Objective",
+    )
+    attention: str = _opt(
+        "prefix",
+        "Trunk attention in pre-training: prefix (causal after a random bidirectional prefix) or "
+        "causal (no prefix; the loss reads every next-patch prediction, and the pixel head runs "
+        "at every position).",
+        "Objective",
+    )
+    patch_order: str = _opt(
+        "raster",
+        "Order in which patches are predicted: raster, spiral, checkerboard or random (one fixed "
+        "permutation per run, from --seed).",
+        "Objective",
+    )
     # optimisation
     steps: int = _opt(100, "Optimizer steps.")
     batch_size: int = _opt(
@@ -145,6 +167,16 @@ class TrainConfig:
         50, "Write a prediction preview PNG every N steps (0: never).", "Output"
     )
     preview_images: int = _opt(4, "Images shown in each preview.", "Output")
+    probe_data: str | None = _opt(
+        None,
+        "Labelled images (class folders, optionally split in train/ and val/; digits: the "
+        "built-in digits) for a quick linear probe of the trunk every --probe-every steps; its "
+        "top-1 goes to metrics.jsonl and loss.png.",
+        "Output",
+    )
+    probe_every: int = _opt(
+        50, "Probe the trunk on --probe-data every N steps (0: at the end only).", "Output"
+    )
     quiet: bool = _opt(False, "No progress display; errors and the final summary only.", "Output")
 
     # ---- derived ------------------------------------------------------------------------------
@@ -174,7 +206,8 @@ class TrainConfig:
         positive += ("log_every", "preview_images", "val_images", "head_width")
         for name in positive:
             _check_range(name, getattr(self, name), 1, INT_MAX)
-        for name in ("val_every", "preview_every", "workers", "head_blocks", "warmup_steps"):
+        zero_or_more = ("val_every", "preview_every", "probe_every", "workers", "head_blocks")
+        for name in (*zero_or_more, "warmup_steps"):
             _check_range(name, getattr(self, name), 0, INT_MAX)
         for name in ("weight_decay", "min_lr", "grad_clip"):
             _check_range(name, getattr(self, name), 0, math.inf)
@@ -201,8 +234,24 @@ class TrainConfig:
         for name in ("decoder_width", "decoder_depth", "decoder_heads", "vocab_size"):
             _check_range(name, getattr(self, name), 1, INT_MAX)
         _check_range("alpha", self.alpha, 0, math.inf)
-        if self.dtype not in DTYPES:
-            raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.objective == "aimv2":
+            ablations = ("target", "attention", "patch_order")
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [f"--{_flag(n)}" for n in ablations if getattr(self, n) != defaults[n]]
+            if changed:
+                raise InputError(
+                    f"{', '.join(changed)}: AIMv1-objective switches; --objective aimv2 keeps the paper's choices"
+                )
+        choices = (
+            ("dtype", DTYPES), ("target", TARGETS), ("attention", ATTENTIONS),
+            ("patch_order", PATCH_ORDERS),
+        )  # fmt: skip
+        for name, allowed in choices:
+            if getattr(self, name) not in allowed:
+                raise InputError(
+                    f"--{_flag(name)} must be one of {', '.join(allowed)}, "
+                    f"got {getattr(self, name)!r}"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..data import ImageLoader
 from ..images import ImageError, open_image
-from ..objective import next_patch_loss
+from ..objective import PAPER_VARIANT, Variant, next_patch_loss, predicted_patches
 from .distributed import World
 from .report import preview_image, save_png
 
@@ -26,7 +26,8 @@ _PREFIX_SEED, _PREVIEW_COUNT_MAX = 7, 16
 class Validation:
     """The loss on a fixed validation subset with fixed prefix lengths, split over the ranks.
 
-    The images are decoded once, here; unreadable ones go to ``on_error`` and are left out.
+    The images are decoded once, here; unreadable ones go to ``on_error`` and are left out. The
+    loss is the training objective's (``variant``; causal attention: no prefix).
     """
 
     def __init__(
@@ -40,12 +41,16 @@ class Validation:
         world: World,
         workers: int,
         on_error: Callable[[ImageError], None],
+        variant: Variant = PAPER_VARIANT,
     ):
         self.subset = subset
         self.num_patches = num_patches
         self.batch = batch
         self.world = world
+        self.variant = variant
         prefix = np.random.default_rng([seed, _PREFIX_SEED]).integers(1, num_patches, len(subset))
+        if variant.causal:
+            prefix[:] = 0
         mine = list(range(world.rank, len(subset), world.size))
         self.enabled = bool(subset)
         self.parts: dict[str, float] = {}  # no separate loss terms (see CaptionValidation)
@@ -76,11 +81,13 @@ class Validation:
             return None
         total, count = mx.array(0.0), mx.array(0.0)
         patch = model.encoder.args.patch_size
+        order = self.variant.order_index()
         for i in range(0, len(self.prefix), self.batch):
             x = mx.array(self.images[i : i + self.batch])
             s = mx.array(self.prefix[i : i + self.batch])
-            n = (self.num_patches - s).sum().astype(mx.float32)
-            total = total + next_patch_loss(model(x, s), x, s, patch) * n
+            n = predicted_patches(s, self.num_patches).sum().astype(mx.float32)
+            loss = next_patch_loss(model(x, s, order), x, s, patch, self.variant)
+            total = total + loss * n
             count = count + n
             mx.eval(total, count)
         sums = mx.stack([total, count])
@@ -95,13 +102,22 @@ class Validation:
 class Previews:
     """Prediction previews of ``count`` fixed images, evenly spaced in ``candidates`` (rank 0).
 
-    Each is written to ``folder/step-NNNNNNNN.png`` under a title starting with ``title``.
+    Each is written to ``folder/step-NNNNNNNN.png`` under a title starting with ``title``. The
+    shown prefix is the first half of the patches in the ``variant``'s order.
     """
 
     def __init__(
-        self, candidates: list[Path], preprocess, encoder, count: int, folder: Path, title: str
+        self,
+        candidates: list[Path],
+        preprocess,
+        encoder,
+        count: int,
+        folder: Path,
+        title: str,
+        variant: Variant = PAPER_VARIANT,
     ):
         self.encoder = encoder
+        self.variant = variant
         self.folder = folder
         self.title = title
         self.prefix = encoder.num_patches // 2
@@ -126,8 +142,11 @@ class Previews:
         if self.images is None:
             return
         x = mx.array(self.images)
-        prefix = mx.full((len(self.images),), self.prefix, dtype=mx.int32)
-        predictions = np.array(model(x, prefix).astype(mx.float32))
+        attended = 0 if self.variant.causal else self.prefix  # causal: no bidirectional prefix
+        prefix = mx.full((len(self.images),), attended, dtype=mx.int32)
+        order = self.variant.order_index()
+        predictions = np.array(model(x, prefix, order).astype(mx.float32))
+        variant = self.variant
         image = preview_image(
             self.images,
             predictions,
@@ -138,5 +157,7 @@ class Previews:
             self.originals,
             title=f"{self.title}  step {step}  (next-patch predictions after a "
             f"{self.prefix}-patch prefix, teacher-forced)",
+            order=None if variant.order is None else np.array(variant.order),
+            normalized=variant.target == "norm-pixels",
         )
         save_png(image, self.folder / f"step-{step:08d}.png")

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -33,6 +33,8 @@ from ..cpu.blas import blas_info
 from ..data import ImageLoader
 from ..errors import InputError, Interrupted, MlxAimError, NonFiniteError
 from ..models import build_model
+from ..objective import Variant
+from ..patch_order import patch_order
 from ..random_key import random_key, set_random_key
 from ..transforms import Preprocessing, TrainTransform
 from ..weights import CONFIG_FILE, INDEX_FILE, PREPROCESS_FILE, WEIGHTS_FILE, save_model
@@ -55,6 +57,9 @@ from .report import LOG_FILE, METRICS_FILE, MetricsLog, Reporter, loss_curve_ima
 from .resume import DATA_FILE, check_resumable, data_listing, restore
 from .step import make_train_step
 from .stopping import StopSignals
+
+if TYPE_CHECKING:
+    from .tracking import DownstreamProbe
 
 RUN_FILE = "run.json"
 LOSS_CURVE_FILE = "loss.png"
@@ -131,6 +136,7 @@ def _train(
         captions.images if captions else _on_every_rank(lambda: find_training_images(config), world)
     )
     listing = data_listing([*images.train, *images.val]) if world.is_main else {}
+    probe = _on_main(lambda: _downstream_probe(config, preprocessing, model, reporter), world)
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
     _on_main(lambda: _open_output(config, model, reporter, cleanup), world)
     if captions is not None:
@@ -177,6 +183,7 @@ def _train(
         start_step,
         validation=validation,
         previews=previews,
+        probe=probe,
         reporter=reporter,
         metrics=metrics,
         store=store,
@@ -185,8 +192,8 @@ def _train(
     )
     if resumed is not None:
         loop.restore(resumed.state.get("loop", {}))
-    elif validation.enabled:
-        loop.validate()
+    else:
+        loop.evaluate_start()
     _run_loop(loop, stop, store)
     return _finish(loop, config, preprocessing, reporter, start_step, started)
 
@@ -344,6 +351,27 @@ def _evaluation_preprocess(preprocessing: Preprocessing, encoder) -> Preprocessi
     )
 
 
+def objective_variant(config: TrainConfig, encoder) -> Variant:
+    """The objective ``config`` asks for (targets, attention, patch order) on ``encoder``'s grid."""
+    grid = encoder.image_size // encoder.patch_size
+    order = None
+    if config.patch_order != "raster":  # raster order permutes nothing
+        order = tuple(patch_order(config.patch_order, grid, grid, config.seed).tolist())
+    return Variant(target=config.target, attention=config.attention, order=order)
+
+
+def objective_label(config: TrainConfig) -> str:
+    """The switches in a few words, for titles: "norm-pixels, prefix attention, raster order,
+    crop 0.4-1" (and the pixel head's depth and width when set)."""
+    label = f"{config.target}, {config.attention} attention, {config.patch_order} order"
+    label += f", crop {config.min_crop_scale:g}-1"
+    if config.head_blocks is not None:
+        label += f", {_plural(config.head_blocks, 'head block')}"
+    if config.head_width is not None:
+        label += f", head width {config.head_width}"
+    return label
+
+
 def _evaluators(
     config: TrainConfig,
     world: World,
@@ -366,6 +394,7 @@ def _evaluators(
             alpha=config.alpha,
             workers=config.workers,
             on_error=skipped,
+            variant=objective_variant(config, encoder),
         )
         if captions
         else Validation(
@@ -377,6 +406,7 @@ def _evaluators(
             world=world,
             workers=config.workers,
             on_error=skipped,
+            variant=objective_variant(config, encoder),
         )
     )
     previews = None
@@ -387,9 +417,26 @@ def _evaluators(
             encoder,
             config.preview_images,
             config.output_dir / PREVIEWS,
-            config.model_name,
+            f"{config.model_name} ({objective_label(config)})",
+            objective_variant(config, encoder),
         )
     return validation, previews
+
+
+def _downstream_probe(
+    config: TrainConfig, preprocessing: Preprocessing, model: nn.Module, reporter: Reporter
+) -> DownstreamProbe | None:
+    """The quick probe on ``--probe-data``, if asked for (rank 0)."""
+    if config.probe_data is None:
+        return None
+    from .tracking import DownstreamProbe  # mlx_aim.probe imports this package
+
+    return DownstreamProbe(
+        config.probe_data,
+        _evaluation_preprocess(preprocessing, model.encoder.args),
+        workers=config.workers,
+        on_error=lambda e: reporter.log(f"--probe-data: skipping unreadable image {e}"),
+    )
 
 
 def _compiled_step(
@@ -420,6 +467,7 @@ def _compiled_step(
         grad_clip=config.grad_clip,
         compute_dtype=compute_dtype,
         paired_prefixes=config.paired_prefixes,
+        variant=objective_variant(config, model.encoder.args),
     )
 
 
@@ -520,6 +568,7 @@ class _Loop:
         *,
         validation: Validation,
         previews: Previews | None,
+        probe: DownstreamProbe | None = None,
         reporter: Reporter,
         metrics: MetricsLog,
         store: CheckpointStore,
@@ -529,13 +578,13 @@ class _Loop:
         self.config, self.world = config, world
         self.model, self.optimizer = model, optimizer
         self.train_step, self.loader = train_step, loader
-        self.validation, self.previews = validation, previews
+        self.validation, self.previews, self.probe = validation, previews, probe
         self.reporter, self.metrics, self.store = reporter, metrics, store
         self.documents, self.skipped = documents, skipped
         self.step = step
         self.last_checkpoint = step if step else None
         self.last_val, self.last_val_step = None, None
-        self.last_preview_step = None
+        self.last_preview_step = self.last_probe_step = None
         self.initial_loss = self.initial_val_loss = self.final_loss = None
         self.window: list[float] = []  # train losses since the last logging step
         self.parts_window: list[list[float]] = []  # aimv2: [image, text] losses, same steps
@@ -601,6 +650,8 @@ class _Loop:
             self.validate()
         if self.previews is not None and step % config.preview_every == 0:
             self.preview()
+        if self.probe is not None and config.probe_every and step % config.probe_every == 0:
+            self.probe_trunk()
         if step % config.checkpoint_every == 0:
             self.checkpoint()
 
@@ -612,6 +663,13 @@ class _Loop:
         self.initial_val_loss = state.get("initial_val_loss")
         self.final_loss = state.get("final_loss")
         self.last_val, self.last_val_step = state.get("last_val") or (None, None)
+
+    def evaluate_start(self) -> None:
+        """The validation loss and the probe of the initial (untrained) model."""
+        if self.validation.enabled:
+            self.validate()
+        if self.probe is not None:
+            self.probe_trunk()
 
     def validate(self) -> None:
         """The validation loss of the current step, recorded on rank 0."""
@@ -628,6 +686,13 @@ class _Loop:
             self.reporter.log(
                 f"step {self.step} validation loss {loss:.4f}" + (f" ({detail})" if detail else "")
             )
+
+    def probe_trunk(self) -> None:
+        """Probe the trunk of the current step on ``--probe-data`` and record its top-1 (rank 0)."""
+        result = self.probe.evaluate(self.model)
+        self.last_probe_step = self.step
+        self.metrics.append({"split": "probe", "step": self.step, **result})
+        self.reporter.log(f"step {self.step} probe top-1 {100 * result['top1']:.2f}%")
 
     def preview(self) -> None:
         self.previews.write(self.model, self.step)
@@ -723,11 +788,14 @@ def _finish(
         loop.validate()
     if loop.previews is not None and loop.last_preview_step != loop.step:
         loop.preview()
+    if loop.probe is not None and loop.last_probe_step != loop.step:
+        loop.probe_trunk()
     if loop.last_checkpoint != loop.step:
         loop.checkpoint()
     if world.is_main:
         _export(loop.model.encoder, output, preprocessing)
-        _draw_loss_curve(loop.metrics, output / LOSS_CURVE_FILE, config.model_name)
+        title = f"{config.model_name} next-patch loss ({objective_label(config)})"
+        _draw_loss_curve(loop.metrics, output / LOSS_CURVE_FILE, title)
     if loop.stopped_by is not None:
         raise Interrupted(
             f"{_signal_name(loop.stopped_by)} at step {loop.step}; checkpoint and model written "
@@ -781,11 +849,12 @@ def _export(encoder: nn.Module, output: Path, preprocessing: Preprocessing) -> N
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _draw_loss_curve(metrics: MetricsLog, path: Path, model_name: str) -> None:
+def _draw_loss_curve(metrics: MetricsLog, path: Path, title: str) -> None:
     records = metrics.read()
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
     val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val"]
-    save_png(loss_curve_image(train, val, title=f"{model_name} next-patch loss"), path)
+    probe = [(r["step"], r["top1"]) for r in records if r.get("split") == "probe"]
+    save_png(loss_curve_image(train, val, title=title, probe=probe), path)
 
 
 def summary(result: TrainResult) -> str:

@@ -166,7 +166,8 @@ _GREY = (128, 128, 128)
 _TEXT = (20, 20, 20)
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont:
+def chart_font(size: int = 12) -> ImageFont.ImageFont:
+    """Pillow's default font at ``size`` (where Pillow can scale it)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
@@ -196,21 +197,28 @@ def prediction_panels(
     mean: Sequence[float],
     std: Sequence[float],
     eps: float = 1e-6,
+    order: np.ndarray | None = None,
+    normalized: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(prefix, prediction, truth) uint8 images for one normalized (H, W, C) input.
 
-    Predicted patches are per-patch-normalized pixels; they are mapped back with the true patch's
-    mean and standard deviation (as MAE shows its reconstructions), then de-normalized.
+    ``predictions[t]`` predicts the patch at step t + 1 of ``order`` (raster indices; None:
+    raster order), and the prefix is the first ``prefix`` patches of that order. Per-patch-
+    normalized predictions (``normalized``) are mapped back with the true patch's mean and
+    standard deviation (as MAE shows its reconstructions); then all are de-normalized.
     """
     grid = image.shape[0] // patch_size
     truth_patches = patchify_np(image, patch_size)
-    mu = truth_patches.mean(-1, keepdims=True)
-    sigma = np.sqrt(truth_patches.var(-1, ddof=1, keepdims=True) + eps)
+    hidden = np.arange(len(truth_patches))[prefix:] if order is None else order[prefix:]
     predicted = truth_patches.copy()
-    predicted[prefix:] = predictions[prefix - 1 : -1] * sigma[prefix:] + mu[prefix:]
+    predicted[hidden] = predictions[prefix - 1 : -1]
+    if normalized:
+        mu = truth_patches[hidden].mean(-1, keepdims=True)
+        sigma = np.sqrt(truth_patches[hidden].var(-1, ddof=1, keepdims=True) + eps)
+        predicted[hidden] = predicted[hidden] * sigma + mu
     masked = truth_patches.copy()
     grey = (np.asarray(_GREY, np.float32) / 255 - np.asarray(mean)) / np.asarray(std)
-    masked[prefix:] = np.tile(grey, patch_size**2)
+    masked[hidden] = np.tile(grey, patch_size**2)
     to_image = lambda p: denormalize(unpatchify(p, grid, patch_size), mean, std)  # noqa: E731
     return to_image(masked), to_image(predicted), to_image(truth_patches)
 
@@ -225,20 +233,25 @@ def preview_image(
     originals: Sequence[Image.Image | None],
     title: str,
     cell: int = 128,
+    order: np.ndarray | None = None,
+    normalized: bool = True,
 ) -> Image.Image:
-    """A grid with one row per image: input file, prefix, next-patch predictions, truth."""
+    """A grid with one row per image: input file, prefix, next-patch predictions, truth
+    (``order`` and ``normalized`` as in ``prediction_panels``)."""
     columns = ("input", f"prefix ({prefix} patches)", "prediction", "truth")
     pad, header = 8, 40
     width = pad + len(columns) * (cell + pad)
     height = header + len(images) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    draw.text((pad, 4), title, fill=_TEXT, font=_font(13))
+    draw.text((pad, 4), title, fill=_TEXT, font=chart_font(13))
     for j, name in enumerate(columns):
-        draw.text((pad + j * (cell + pad), 22), name, fill=_TEXT, font=_font(11))
+        draw.text((pad + j * (cell + pad), 22), name, fill=_TEXT, font=chart_font(11))
     for i, (image, pred, original) in enumerate(zip(images, predictions, originals, strict=True)):
         y = header + i * (cell + pad)
-        panels = prediction_panels(image, pred, prefix, patch_size, mean, std)
+        panels = prediction_panels(
+            image, pred, prefix, patch_size, mean, std, order=order, normalized=normalized
+        )
         if original is not None:
             scale = cell / max(original.size)
             size = (max(1, round(original.width * scale)), max(1, round(original.height * scale)))
@@ -275,24 +288,27 @@ def loss_curve_image(
     val: Sequence[tuple[int, float]],
     title: str = "loss",
     size: tuple[int, int] = (720, 420),
+    probe: Sequence[tuple[int, float]] = (),
 ) -> Image.Image:
     """A line chart of the train (blue) and validation (orange) loss against the step.
 
     The loss axis is logarithmic with round tick values; values that are not positive and
-    finite are left out.
+    finite are left out. ``probe`` (step, top-1 in [0, 1]) is drawn in green against a second
+    axis on the right, 0 to 100 %.
     """
     width, height = size
-    left, right, top, bottom = 64, 16, 32, 40
+    left, right, top, bottom = 64, (56 if probe else 16), 32, 40
     canvas = Image.new("RGB", size, _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
-    font = _font(11)
-    draw.text((left, 8), title, fill=_TEXT, font=_font(13))
+    font = chart_font(11)
+    draw.text((left, 8), title, fill=_TEXT, font=chart_font(13))
     train, val = ([p for p in s if math.isfinite(p[1]) and p[1] > 0] for s in (train, val))
     points = [*train, *val]
     if not points:
         draw.text((left, height // 2), "no finite loss recorded", fill=_TEXT, font=font)
         return canvas
-    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    probe = [p for p in probe if math.isfinite(p[1])]
+    x0, x1 = min(p[0] for p in [*points, *probe]), max(p[0] for p in [*points, *probe])
     x1 = max(x1, x0 + 1)
     ticks = log_ticks(min(p[1] for p in points), max(p[1] for p in points))
     if len(ticks) == 1:  # one loss value: an axis around it
@@ -316,20 +332,37 @@ def loss_curve_image(
         draw.text((x - 12, height - bottom + 6), f"{step:.0f}", fill=_TEXT, font=font)
     draw.text((width // 2 - 12, height - 16), "step", fill=_TEXT, font=font)
     draw.text((4, height - 16), "loss: log scale", fill=_TEXT, font=font)
+    if probe:
+        _draw_accuracy_axis(draw, (width - right, top, height - bottom), font)
+    accuracy_y = lambda v: top + (1 - v) * (height - top - bottom)  # noqa: E731
+    # top right, above a falling loss; bottom left with the probe's top-1 (high, along the top)
+    legend = (left + 10, height - bottom - 50) if probe else (width - right - 60, top)
     for series, colour, label, dy in (
         (train, (31, 119, 180), "train", 0),
         (val, (255, 127, 14), "val", 14),
+        (probe, (44, 160, 44), "probe top-1", 28),
     ):
-        line = [xy(s, v) for s, v in series]
+        line = [(xy(s, 1.0)[0], accuracy_y(v)) if series is probe else xy(s, v) for s, v in series]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
-        for x, y in line if len(line) <= 50 or series is val else []:
+        for x, y in line if len(line) <= 50 or series is not train else []:
             draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=colour)
         if line:
-            lx = width - right - 60
-            draw.line((lx, top + 10 + dy, lx + 16, top + 10 + dy), fill=colour, width=2)
-            draw.text((lx + 20, top + 4 + dy), label, fill=_TEXT, font=font)
+            lx, ly = legend
+            draw.line((lx, ly + 10 + dy, lx + 16, ly + 10 + dy), fill=colour, width=2)
+            draw.text((lx + 20, ly + 4 + dy), label, fill=_TEXT, font=font)
     return canvas
+
+
+def _draw_accuracy_axis(
+    draw: ImageDraw.ImageDraw, axis: tuple[float, float, float], font: ImageFont.ImageFont
+) -> None:
+    """Ticks 0, 25, ..., 100 % on the vertical line ``x`` from ``top`` (100 %) to ``bottom``."""
+    x, top, bottom = axis
+    for k in range(5):
+        y = bottom - k / 4 * (bottom - top)
+        draw.line((x, y, x + 4, y), fill=_GREY)
+        draw.text((x + 6, y - 6), f"{25 * k}%", fill=_TEXT, font=font)
 
 
 def save_png(image: Image.Image, path: Path) -> None:

@@ -8,6 +8,7 @@ the other settings may change, and the change is logged.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,11 +25,13 @@ from .config import TrainConfig
 
 DATA_FILE = "data.json"
 # Settings a resumed run must share with the run that wrote the checkpoint (data order, model,
-# batch composition).
+# batch composition, objective). A checkpoint older than a setting was written with its default.
 FIXED_ON_RESUME = (
     "data", "val_data", "val_fraction", "model", "head_blocks", "head_width", "batch_size",
-    "grad_accum", "seed", "objective", "vocab_size", "tokenizer",
+    "grad_accum", "seed", "objective", "vocab_size", "tokenizer", "target", "attention",
+    "patch_order", "min_crop_scale",
 )  # fmt: skip
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # Settings that say where and how to run, not what: never reported as changed.
 _NOT_SETTINGS = ("resume", "output", "allow_data_change", "quiet")
 
@@ -77,13 +80,12 @@ def check_resumable(
 ) -> list[str]:
     """Refuse a checkpoint this run cannot continue (``InputError``); the settings that changed."""
     saved = checkpoint.state["config"]
-    defaults = TrainConfig().to_dict()  # for settings added after the checkpoint was written
     output = config.output_dir
     for name in FIXED_ON_RESUME:
-        before = saved.get(name, defaults[name])
-        if before != getattr(config, name):
+        value = saved.get(name, _DEFAULTS[name])
+        if value != getattr(config, name):
             raise InputError(
-                f"{output} holds a run with --{_flag(name)} {before!r}, this command "
+                f"{output} holds a run with --{_flag(name)} {value!r}, this command "
                 f"has {getattr(config, name)!r}; a resumed run keeps it (use another --output to "
                 "start a new run)"
             )

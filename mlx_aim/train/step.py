@@ -32,13 +32,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
-from ..objective import (
-    mean_patch_error,
-    next_patch_loss,
-    next_patch_targets,
-    sample_paired_prefix_lengths,
-    sample_prefix_lengths,
-)
+from ..objective import PAPER_VARIANT, Variant, mean_patch_error, next_patch_loss, predicted_patches
 
 
 def packed_prediction_index(
@@ -81,7 +75,12 @@ def packed_prediction_index(
 
 
 def packed_next_patch_loss(
-    model: nn.Module, inputs: mx.array, images: mx.array, prefix_lengths: mx.array, first: int = 0
+    model: nn.Module,
+    inputs: mx.array,
+    images: mx.array,
+    prefix_lengths: mx.array,
+    first: int = 0,
+    variant: Variant = PAPER_VARIANT,
 ) -> mx.array:
     """``next_patch_loss`` of a pre-training model, its pixel head run only where the loss reads.
 
@@ -91,11 +90,12 @@ def packed_next_patch_loss(
         images: the normalized NHWC images (B, H, W, C) the targets are cut from.
         prefix_lengths: int (B,), paired as ``sample_paired_prefix_lengths`` draws them.
         first: the global index of image 0 (the pairs run across the global batch).
+        variant: the targets and the patch order (prefix attention only).
     """
-    tokens = model.encode(inputs, prefix_lengths)
+    tokens = model.encode(inputs, prefix_lengths, variant.order_index())
     index, weights = packed_prediction_index(prefix_lengths, tokens.shape[1], first)
     predictions = model.head(tokens.reshape(-1, tokens.shape[-1])[index])
-    targets = next_patch_targets(images, model.encoder.args.patch_size)
+    targets = variant.targets(images, model.encoder.args.patch_size)
     targets = targets.reshape(-1, targets.shape[-1])[index + 1]  # patch k + 1, same image
     return mean_patch_error(predictions, targets, weights)
 
@@ -121,6 +121,7 @@ def make_train_step(
     grad_clip: float = 1.0,
     compute_dtype: mx.Dtype = mx.float32,
     paired_prefixes: bool = True,
+    variant: Variant = PAPER_VARIANT,
 ) -> Callable[[list[mx.array]], tuple[mx.array, mx.array]]:
     """Build ``train_step(micro_batches) -> (loss, grad_norm)``, one optimizer update.
 
@@ -129,31 +130,38 @@ def make_train_step(
     ``grad_clip`` (0: no clipping) and applied. ``loss`` is the mean micro-batch loss over the
     global batch and ``grad_norm`` the norm before clipping, both identical on every process;
     they and the model and optimizer state are evaluated when the call returns. (Set
-    ``MLX_DISABLE_COMPILE=1`` to debug the step uncompiled.)
+    ``MLX_DISABLE_COMPILE=1`` to debug the step uncompiled.) ``variant`` selects the objective
+    (targets, attention, patch order); causal attention has no prefix to pair, so its step runs
+    the head at every position.
     """
     encoder = model.encoder.args
     patch_size = encoder.patch_size
     num_patches = encoder.num_patches
     local_batch = global_batch // world_size
     state = [model.state, optimizer.state, mx.random.state]
-    sample = sample_paired_prefix_lengths if paired_prefixes else sample_prefix_lengths
+    packed = paired_prefixes and not variant.causal
+    order = variant.order_index()
 
     def loss_fn(params, images, prefix, weight):
         model.update(_cast(params, compute_dtype) if compute_dtype != mx.float32 else params)
         inputs = images.astype(compute_dtype)
-        if paired_prefixes:
-            loss = packed_next_patch_loss(model, inputs, images, prefix, first=rank * local_batch)
+        if packed:
+            loss = packed_next_patch_loss(
+                model, inputs, images, prefix, first=rank * local_batch, variant=variant
+            )
         else:
-            loss = next_patch_loss(model(inputs, prefix), images, prefix, patch_size)
+            predictions = model(inputs, prefix, order)
+            loss = next_patch_loss(predictions, images, prefix, patch_size, variant)
         return loss * weight  # float32 targets
 
     value_and_grad = mx.value_and_grad(loss_fn)
 
     def micro_step(images, accumulated, update, accum_steps):
-        prefix_all = sample(global_batch, num_patches)
+        prefix_all = variant.prefix_lengths(global_batch, num_patches, paired=paired_prefixes)
         prefix = prefix_all[rank * local_batch : (rank + 1) * local_batch]
         # this process's share of the predicted patches of the global batch, times world size
-        weight = (num_patches - prefix).sum() * world_size / (num_patches - prefix_all).sum()
+        counts, counts_all = (predicted_patches(s, num_patches) for s in (prefix, prefix_all))
+        weight = counts.sum() * world_size / counts_all.sum()
         params = model.trainable_parameters()
         loss, grads = value_and_grad(params, images, prefix, weight.astype(mx.float32))
         model.update(params)  # back to the float32 masters (the loss function swapped in copies)
