@@ -100,6 +100,7 @@ def test_a_resumed_run_continues_bit_for_bit(data, tmp_path):
         ({"decoder_heads": 0}, r"--decoder-heads must be in \[1, "),
         ({"decoder_heads": 5}, "divisible"),
         ({"vocab_size": 10}, "--vocab-size must be at least 259"),
+        ({"patch_order": "spiral"}, "--patch-order: AIMv1-objective switches"),
     ],
 )
 def test_unusable_settings_name_the_flag(data, tmp_path, changes, message):

@@ -394,7 +394,6 @@ def _evaluators(
             alpha=config.alpha,
             workers=config.workers,
             on_error=skipped,
-            variant=objective_variant(config, encoder),
         )
         if captions
         else Validation(
