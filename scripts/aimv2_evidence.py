@@ -1,7 +1,7 @@
 """Does the AIMv2 objective help at laptop scale? The README's table, reproduced by one command.
 
     python scripts/aimv2_evidence.py                # 300 steps of batch 32, seed 0 -> runs/evidence
-    python scripts/aimv2_evidence.py --steps 100 -o runs/evidence-100
+    python scripts/aimv2_evidence.py --seed 1 -o runs/evidence-seed1
 
 On the built-in scenes (``mlx-aim train --objective aimv2`` generates them once), with the same
 trunk architecture (``aimv2-nano``), steps, batch, seed and augmentation (no flips, no crops):
@@ -9,7 +9,8 @@ trunk architecture (``aimv2-nano``), steps, batch, seed and augmentation (no fli
 1. ``mlx-aim train --objective aimv2``: the multimodal objective on the captioned training scenes;
 2. ``mlx-aim train --objective aimv1``: next-patch prediction alone, on the same images;
 3. ``mlx-aim probe`` (default settings) of both trunks and of a random ``aimv2-nano`` trunk on the
-   ``count/``, ``colour/`` and ``shape/`` folders: trained on their train/ split, top-1 on val/;
+   ``count/``, ``colour/`` and ``shape/`` folders: trained on their train/ split, top-1 on val/
+   (``--seed`` seeds the runs, the probes and the random trunk);
 4. the AIMv2 run's captions of the 500 validation scenes: greedy exact match and teacher-forced
    next-token accuracy (``mlx_aim.captioning.score_captions``).
 
@@ -70,8 +71,9 @@ def pretrain(objective: str, output: Path, scenes: Path, args: argparse.Namespac
     return [r for r in records if r["split"] == "train"][-1]["images_per_s"]
 
 
-def probe(trunk: str, task: str, output: Path, scenes: Path) -> float:
-    """Top-1 on ``task``'s val/ split of a default attentive probe (trained unless already there)."""
+def probe(trunk: str, task: str, output: Path, scenes: Path, seed: int) -> float:
+    """Top-1 on ``task``'s val/ split of a default attentive probe (trained unless already there);
+    ``seed`` seeds the probe (and the random trunk)."""
     report = output / "probe_report.json"
     if not report.is_file():
         random_init = ["--random-init"] if trunk == MODEL else []
@@ -82,6 +84,8 @@ def probe(trunk: str, task: str, output: Path, scenes: Path) -> float:
             *random_init,
             "--data",
             str(scenes / task),
+            "--seed",
+            str(seed),
             "-q",
             "-o",
             str(output),
@@ -146,7 +150,10 @@ def main() -> None:
     results["images_per_s"] = {o: pretrain(o, out / o, scenes, args) for o in ("aimv2", "aimv1")}
     trunks = {"aimv2": str(out / "aimv2"), "aimv1": str(out / "aimv1"), "random": MODEL}
     results["probes"] = {
-        key: {task: probe(trunk, task, out / f"probe-{key}-{task}", scenes) for task in TASKS}
+        key: {
+            task: probe(trunk, task, out / f"probe-{key}-{task}", scenes, args.seed)
+            for task in TASKS
+        }
         for key, trunk in trunks.items()
     }
     results["majority"] = {task: majority(task, scenes) for task in TASKS}
