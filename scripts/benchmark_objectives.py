@@ -82,7 +82,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per objective")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--vocab-size", type=int, default=512, help="caption vocabulary")
+    parser.add_argument(
+        "--vocab-size", type=int, default=349, help="caption vocabulary (the scenes tokenizer's)"
+    )
     args = parser.parse_args()
     blas = blas_info()
     print(
