@@ -130,7 +130,9 @@ def score_captions(
 ) -> CaptionScores:
     """Greedy exact match and teacher-forced token accuracy of normalized NHWC ``images``
     against their ``references`` (whitespace-normalized before comparing)."""
-    if len(references) != images.shape[0] or not references:
+    if not references:
+        raise InputError("no reference captions to score")
+    if len(references) != images.shape[0]:
         raise InputError(f"{images.shape[0]} images but {len(references)} reference captions")
     matches = hits = tokens = 0
     for start in range(0, len(references), batch_size):
