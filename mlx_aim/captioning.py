@@ -10,6 +10,11 @@ decoder's text positions), greedy (``temperature`` 0) or sampled from
 ``softmax(logits / temperature)``. The encoder runs with a prefix of K - 1 patches, the most
 bidirectional attention it saw in training; every step re-runs the decoder over the whole
 sequence (no KV cache: captions are short and the decoder small).
+
+``score_captions`` measures a run against reference captions: the fraction of greedy captions
+equal to their reference, and the teacher-forced next-token accuracy (the decoder reads
+``[BOS]`` and the reference's tokens; each argmax is compared with the next reference token,
+``[EOS]`` included, ``[PAD]`` not).
 """
 
 from __future__ import annotations
@@ -76,11 +81,9 @@ class Captioner:
         """Captions of normalized NHWC images (see the module docstring)."""
         tk, model = self.tokenizer, self.model
         steps = min(max_tokens or self.max_tokens, self.max_tokens)
-        batch, num_patches = images.shape[0], model.encoder.args.num_patches
-        mask = prefix_causal_mask(mx.full((batch,), num_patches - 1), num_patches)
-        features = model.encoder.trunk(model.encoder.preprocessor(images), mask)
-        tokens = mx.full((batch, 1), tk.bos, mx.int32)
-        done = mx.zeros((batch,), mx.bool_)
+        features = self.features(images)
+        tokens = mx.full((images.shape[0], 1), tk.bos, mx.int32)
+        done = mx.zeros((images.shape[0],), mx.bool_)
         for _ in range(steps):
             _, logits = model.decoder(features, tokens)
             logits = logits[:, -1].astype(mx.float32)
@@ -95,6 +98,51 @@ class Captioner:
             if done.all().item():
                 break
         return [tk.decode(_until_eos(row, tk.eos)) for row in tokens[:, 1:].tolist()]
+
+    def features(self, images: mx.array) -> mx.array:
+        """The decoder's image input: encoder tokens with a prefix of K - 1 patches."""
+        num_patches = self.model.encoder.args.num_patches
+        mask = prefix_causal_mask(mx.full((images.shape[0],), num_patches - 1), num_patches)
+        return self.model.encoder.trunk(self.model.encoder.preprocessor(images), mask)
+
+    def next_token_hits(self, images: mx.array, captions: list[str]) -> tuple[int, int]:
+        """Teacher-forced next-token predictions equal to the reference: (hits, target tokens)."""
+        sequences = mx.array(self.tokenizer.sequences(captions, self.max_tokens))
+        _, logits = self.model.decoder(self.features(images), sequences[:, :-1])
+        targets = sequences[:, 1:]
+        counted = targets != self.tokenizer.pad
+        hits = ((logits.argmax(axis=-1) == targets) & counted).sum()
+        return int(hits.item()), int(counted.sum().item())
+
+
+@dataclass(frozen=True)
+class CaptionScores:
+    """How a run's captions match the references (see the module docstring)."""
+
+    images: int
+    exact_match: float  # fraction of greedy captions equal to their reference
+    token_accuracy: float  # teacher-forced next-token accuracy over the reference tokens
+    tokens: int  # reference tokens scored ([EOS] included)
+
+
+def score_captions(
+    captioner: Captioner, images: mx.array, references: list[str], batch_size: int = 64
+) -> CaptionScores:
+    """Greedy exact match and teacher-forced token accuracy of normalized NHWC ``images``
+    against their ``references`` (whitespace-normalized before comparing)."""
+    if not references:
+        raise InputError("no reference captions to score")
+    if len(references) != images.shape[0]:
+        raise InputError(f"{images.shape[0]} images but {len(references)} reference captions")
+    matches = hits = tokens = 0
+    for start in range(0, len(references), batch_size):
+        batch = images[start : start + batch_size]
+        truth = [" ".join(r.split()) for r in references[start : start + batch_size]]
+        generated = captioner.generate(batch)
+        matches += sum(" ".join(g.split()) == t for g, t in zip(generated, truth, strict=True))
+        batch_hits, batch_tokens = captioner.next_token_hits(batch, truth)
+        hits, tokens = hits + batch_hits, tokens + batch_tokens
+    return CaptionScores(len(references), matches / len(references), hits / tokens, tokens)
 
 
 def _until_eos(ids: list[int], eos: int) -> list[int]:

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from mlx_aim.caption_tokenizer import CaptionTokenizer
-from mlx_aim.captioning import Captioner
+from mlx_aim.captioning import Captioner, CaptionScores, score_captions
+from mlx_aim.errors import InputError
 from mlx_aim.models import build_model
 from mlx_aim.train import TrainConfig, train
 from mlx_aim.train.multimodal_step import make_multimodal_train_step
@@ -24,7 +25,9 @@ CAPTIONS = {"red": "a red square", "green": "one green circle", "blue": "two blu
 COLOURS = {"red": (1.5, -1, -1), "green": (-1, 1.5, -1), "blue": (-1, -1, 1.5)}
 
 
-def test_greedy_decoding_recovers_the_captions_of_an_overfit_model():
+@pytest.fixture(scope="module")
+def overfit():
+    """A tiny AIMv2 model trained to caption three coloured images: (captioner, images)."""
     tokenizer = CaptionTokenizer.train(list(CAPTIONS.values()) * 10, vocab_size=280)
     config = {"model_type": "aimv2_pretrain", "encoder": TRUNK, "vocab_size": tokenizer.vocab_size}
     config |= {"max_text_tokens": 8, "decoder_width": 32, "decoder_depth": 1, "decoder_heads": 2}
@@ -38,12 +41,34 @@ def test_greedy_decoding_recovers_the_captions_of_an_overfit_model():
     sequences = mx.array(tokenizer.sequences(list(CAPTIONS.values()), 8))
     for _ in range(150):
         step([(images, sequences)])
-    captioner = Captioner(model, tokenizer, preprocess=None)
+    return Captioner(model, tokenizer, preprocess=None), images
+
+
+def test_greedy_decoding_recovers_the_captions_of_an_overfit_model(overfit):
+    captioner, images = overfit
+    tokenizer = captioner.tokenizer
     assert captioner.generate(images) == list(CAPTIONS.values())
     first_two = [tokenizer.decode(ids[:2]) for ids in tokenizer.encode(list(CAPTIONS.values()))]
     assert captioner.generate(images, max_tokens=2) == first_two
     sampled = captioner.generate(images, temperature=1.0, key=mx.random.key(3))
     assert sampled == captioner.generate(images, temperature=1.0, key=mx.random.key(3))
+
+
+def test_scores_count_exact_captions_and_teacher_forced_tokens(overfit):
+    captioner, images = overfit
+    truth = list(CAPTIONS.values())
+    target_tokens = sum(len(ids) + 1 for ids in captioner.tokenizer.encode(truth))  # + [EOS]
+    perfect = score_captions(captioner, images, [f"  {c} " for c in truth], batch_size=2)
+    assert perfect == CaptionScores(3, 1.0, 1.0, target_tokens)
+
+    wrong = truth[:2] + ["two blue squares"]
+    scores = score_captions(captioner, images, wrong, batch_size=2)
+    assert scores.exact_match == pytest.approx(2 / 3)
+    # a caption longer than the decoder's 8 text positions is cut (and loses its [EOS])
+    assert scores.tokens == sum(min(len(ids) + 1, 8) for ids in captioner.tokenizer.encode(wrong))
+    assert scores.token_accuracy < 1.0
+    with pytest.raises(InputError, match="3 images but 2 reference captions"):
+        score_captions(captioner, images, truth[:2])
 
 
 @pytest.fixture(scope="module")
