@@ -106,3 +106,19 @@ def test_a_resumed_run_continues_bit_for_bit(data, tmp_path):
 def test_unusable_settings_name_the_flag(data, tmp_path, changes, message):
     with pytest.raises(InputError, match=message):
         train(config(data, tmp_path, **changes))
+
+
+def test_previews_show_greedy_captions_next_to_the_true_ones(data, tmp_path, monkeypatch):
+    from mlx_aim.train import evaluation
+
+    drawn = []
+    original = evaluation.preview_image
+    monkeypatch.setattr(
+        evaluation, "preview_image", lambda *a, **k: drawn.append(k) or original(*a, **k)
+    )
+    train(config(data, tmp_path))
+    assert drawn and all(len(k["captions"]) == 4 for k in drawn)  # preview_images rows
+    for caption in drawn[-1]["captions"]:
+        generated, truth = caption.split("\n")
+        assert truth.removeprefix("truth: ") in {f"a {c} square" for c in COLOURS}
+    assert "AIMv2 objective" in drawn[-1]["title"]

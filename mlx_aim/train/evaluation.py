@@ -12,6 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from PIL import Image
 
 from ..data import ImageLoader
 from ..images import ImageError, open_image
@@ -103,7 +104,9 @@ class Previews:
     """Prediction previews of ``count`` fixed images, evenly spaced in ``candidates`` (rank 0).
 
     Each is written to ``folder/step-NNNNNNNN.png`` under a title starting with ``title``. The
-    shown prefix is the first half of the patches in the ``variant``'s order.
+    shown prefix is the first half of the patches in the ``variant``'s order. With ``describe``
+    (AIMv2 runs: ``describe(model, images)`` -> generated captions) and ``truth`` (the caption of a
+    path), each row also shows the generated caption next to the true one.
     """
 
     def __init__(
@@ -115,12 +118,18 @@ class Previews:
         folder: Path,
         title: str,
         variant: Variant = PAPER_VARIANT,
+        *,
+        opener: Callable[[Path], Image.Image] = open_image,
+        describe: Callable[[nn.Module, mx.array], list[str]] | None = None,
+        truth: Callable[[Path], str] | None = None,
     ):
         self.encoder = encoder
         self.variant = variant
         self.folder = folder
         self.title = title
         self.prefix = encoder.num_patches // 2
+        self.describe = describe
+        self.truths: list[str] = []
         self.mean, self.std = preprocess.mean, preprocess.std
         self.originals, arrays = [], []
         n = min(count, _PREVIEW_COUNT_MAX)
@@ -130,10 +139,11 @@ class Previews:
                 break
             path = candidates[i]
             try:
-                original = open_image(path)
+                original = opener(path)
             except ImageError:
                 continue
             self.originals.append(original)
+            self.truths.append(truth(path) if truth is not None else "")
             arrays.append(preprocess(original))
         self.images = np.stack(arrays) if arrays else None
 
@@ -147,6 +157,10 @@ class Previews:
         order = self.variant.order_index()
         predictions = np.array(model(x, prefix, order).astype(mx.float32))
         variant = self.variant
+        captions = None
+        if self.describe is not None:
+            generated = self.describe(model, x)
+            captions = [f"{g}\ntruth: {t}" for g, t in zip(generated, self.truths, strict=True)]
         image = preview_image(
             self.images,
             predictions,
@@ -159,5 +173,6 @@ class Previews:
             f"{self.prefix}-patch prefix, teacher-forced)",
             order=None if variant.order is None else np.array(variant.order),
             normalized=variant.target == "norm-pixels",
+            captions=captions,
         )
         save_png(image, self.folder / f"step-{step:08d}.png")

@@ -363,7 +363,10 @@ def objective_variant(config: TrainConfig, encoder) -> Variant:
 def objective_label(config: TrainConfig) -> str:
     """The switches in a few words, for titles: "norm-pixels, prefix attention, raster order,
     crop 0.4-1" (and the pixel head's depth and width when set)."""
-    label = f"{config.target}, {config.attention} attention, {config.patch_order} order"
+    if config.objective == "aimv2":
+        label = f"AIMv2 objective, alpha {config.alpha:g}"
+    else:
+        label = f"{config.target}, {config.attention} attention, {config.patch_order} order"
     label += f", crop {config.min_crop_scale:g}-1"
     if config.head_blocks is not None:
         label += f", {_plural(config.head_blocks, 'head block')}"
@@ -418,8 +421,23 @@ def _evaluators(
             config.output_dir / PREVIEWS,
             f"{config.model_name} ({objective_label(config)})",
             objective_variant(config, encoder),
+            **(_caption_previews(captions, evaluation) if captions else {}),
         )
     return validation, previews
+
+
+def _caption_previews(captions: CaptionInputs, evaluation: Preprocessing) -> dict[str, Any]:
+    """The arguments that make AIMv2 previews show greedy captions next to the true ones."""
+    from ..captioning import Captioner  # it reads checkpoints: mlx_aim.train is imported first
+
+    def describe(model: nn.Module, images: mx.array) -> list[str]:
+        return Captioner(model, captions.tokenizer, evaluation).generate(images)
+
+    return {
+        "opener": captions.open_image,
+        "describe": describe,
+        "truth": lambda path: captions.captions.get(path, ""),
+    }
 
 
 def _downstream_probe(

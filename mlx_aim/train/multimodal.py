@@ -52,6 +52,7 @@ class CaptionInputs:
     model_config: dict[str, Any]
     preprocessing: Preprocessing
     open_image: Callable  # an ImageLoader opener reading files and tar members
+    captions: dict[Path, str]  # the caption of every training and validation image
 
 
 def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
@@ -83,6 +84,7 @@ def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
         model_config=model_config,
         preprocessing=preprocessing,
         open_image=train.open_image,
+        captions=dict(train_items + val_items),
     )
 
 

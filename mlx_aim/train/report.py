@@ -235,12 +235,15 @@ def preview_image(
     cell: int = 128,
     order: np.ndarray | None = None,
     normalized: bool = True,
+    captions: Sequence[str] | None = None,
 ) -> Image.Image:
     """A grid with one row per image: input file, prefix, next-patch predictions, truth
-    (``order`` and ``normalized`` as in ``prediction_panels``)."""
+    (``order`` and ``normalized`` as in ``prediction_panels``), and with ``captions`` a text
+    column (one caption per row; lines split at newlines)."""
     columns = ("input", f"prefix ({prefix} patches)", "prediction", "truth")
     pad, header = 8, 40
-    width = pad + len(columns) * (cell + pad)
+    text_width = 3 * cell if captions is not None else 0
+    width = pad + len(columns) * (cell + pad) + text_width
     height = header + len(images) * (cell + pad) + pad
     canvas = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(canvas)
@@ -260,6 +263,16 @@ def preview_image(
         for j, panel in enumerate(panels, 1):
             big = Image.fromarray(panel).resize((cell, cell), Image.Resampling.NEAREST)
             canvas.paste(big, (pad + j * (cell + pad), y))
+        if captions is not None:
+            x = pad + len(columns) * (cell + pad)
+            draw.text((x, y + cell // 3), captions[i], fill=_TEXT, font=chart_font(11), spacing=6)
+    if captions is not None:
+        draw.text(
+            (pad + len(columns) * (cell + pad), 22),
+            "caption (generated, greedy)",
+            fill=_TEXT,
+            font=chart_font(11),
+        )
     return canvas
 
 
