@@ -89,7 +89,10 @@ def _embed_texts(
 
     with working(f"loading {model}", enabled=not quiet):
         net = mlx_aim.load(model, dtype=getattr(mx, dtype))
-    vectors = embed_texts(net, texts, normalize=normalize)
+    try:
+        vectors = embed_texts(net, texts, normalize=normalize)
+    except ValueError as e:  # a model without a text tower
+        raise InputError(f"--model {model}: {e}") from None
     for string, vector in zip(texts, vectors, strict=True):
         if as_json:
             typer.echo(json.dumps({"text": string, "embedding": vector.tolist()}))

@@ -126,3 +126,13 @@ def test_out_of_range_settings_are_one_line_naming_the_flag(args, message, captu
     assert result.exit_code == ExitCode.BAD_INPUT, result.output
     assert not captured and "Traceback" not in result.output
     assert result.output.startswith("error: ") and message in " ".join(result.output.split())
+
+
+def test_defaults_follow_the_objective():
+    aimv1, aimv2 = TrainConfig(), TrainConfig(objective="aimv2")
+    assert (aimv1.model, aimv1.hflip, aimv1.min_crop_scale) == ("aim-nano", 0.5, 0.4)
+    # the built-in scenes' captions say left and right and name every shape: no flips, no crops
+    assert (aimv2.model, aimv2.hflip, aimv2.min_crop_scale) == ("aimv2-nano", 0.0, 1.0)
+    own_data = TrainConfig(objective="aimv2", data="~/captioned")
+    assert (own_data.hflip, own_data.min_crop_scale) == (0.5, 0.4)
+    assert TrainConfig(objective="aimv2", model="aimv2-tiny", hflip=0.25).hflip == 0.25

@@ -248,3 +248,10 @@ def test_missing_tokenizers_package_is_one_line(lit_dir, images, monkeypatch):
     result = run(["zero-shot", images[0], "-m", lit_dir, "-l", "cat"])
     assert result.exit_code == 1 and "pip install 'mlx-aim[text]'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_embed_text_with_a_vision_model_is_one_line(images, tmp_path):
+    vision = save_model(build_model(lit_config(10)["vision"]), tmp_path / "vision")
+    result = run(["embed", "--text", "a cat", "-m", vision])
+    assert result.exit_code == 1 and "has no text tower" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -50,15 +50,24 @@ class TrainConfig:
     )
     val_images: int = _opt(256, "Size of the fixed validation subset.", "Data")
     workers: int = _opt(2, "Threads decoding and augmenting images in the background.", "Data")
-    min_crop_scale: float = _opt(
-        0.4, "Smallest RandomResizedCrop area fraction (the largest is 1.0).", "Data"
+    min_crop_scale: float | None = _opt(
+        None,
+        "Smallest RandomResizedCrop area fraction, the largest being 1.0 (default 0.4; 1.0 for "
+        "--objective aimv2 on the built-in scenes, whose captions name every shape).",
+        "Data",
     )
-    hflip: float = _opt(0.5, "Probability of a horizontal flip.", "Data")
+    hflip: float | None = _opt(
+        None,
+        "Probability of a horizontal flip (default 0.5; 0 for --objective aimv2 on the built-in "
+        "scenes, whose captions say left and right).",
+        "Data",
+    )
     # model
-    model: str = _opt(
-        "aim-nano",
+    model: str | None = _opt(
+        None,
         "Architecture: a name from `mlx-aim models` (aim-nano, aim-tiny, ...) or a JSON model "
-        "config file (an aim_pretrain config, or an aim_v1/aim_v2 trunk).",
+        "config file (an aim_pretrain config, or an aim_v1/aim_v2 trunk). Default: aim-nano, or "
+        "aimv2-nano for --objective aimv2.",
         "Model",
     )
     head_blocks: int | None = _opt(
@@ -187,6 +196,17 @@ class TrainConfig:
         if self.warmup_steps is None:
             return max(1, math.ceil(0.1 * self.steps))
         return self.warmup_steps
+
+    def __post_init__(self) -> None:
+        """Fill the defaults that depend on the objective (recorded as filled, so a resumed run
+        compares concrete values)."""
+        builtin_scenes = self.objective == "aimv2" and self.data is None
+        if self.model is None:
+            self.model = "aimv2-nano" if self.objective == "aimv2" else "aim-nano"
+        if self.hflip is None:
+            self.hflip = 0.0 if builtin_scenes else 0.5
+        if self.min_crop_scale is None:
+            self.min_crop_scale = 1.0 if builtin_scenes else 0.4
 
     @property
     def model_name(self) -> str:

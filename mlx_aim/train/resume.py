@@ -8,7 +8,6 @@ the other settings may change, and the change is logged.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,7 +30,6 @@ FIXED_ON_RESUME = (
     "grad_accum", "seed", "objective", "vocab_size", "tokenizer", "target", "attention",
     "patch_order", "min_crop_scale",
 )  # fmt: skip
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 # Settings that say where and how to run, not what: never reported as changed.
 _NOT_SETTINGS = ("resume", "output", "allow_data_change", "quiet")
 
@@ -80,9 +78,11 @@ def check_resumable(
 ) -> list[str]:
     """Refuse a checkpoint this run cannot continue (``InputError``); the settings that changed."""
     saved = checkpoint.state["config"]
+    # a setting the checkpoint predates: the default it ran with (some depend on these two)
+    defaults = TrainConfig(**{k: saved[k] for k in ("objective", "data") if k in saved}).to_dict()
     output = config.output_dir
     for name in FIXED_ON_RESUME:
-        value = saved.get(name, _DEFAULTS[name])
+        value = saved.get(name, defaults[name])
         if value != getattr(config, name):
             raise InputError(
                 f"{output} holds a run with --{_flag(name)} {value!r}, this command "
