@@ -148,9 +148,9 @@ class CaptionValidation:
     images, split over the ranks.
 
     The images are decoded once, here, with fixed prefix lengths drawn from the run's seed;
-    unreadable images go to ``on_error`` and are left out. Each rank evaluates every ``world.size``-th
-    image of the subset and the sums are all-reduced, so every rank gets the loss of the whole
-    subset. After ``evaluate``, ``parts`` holds the image and text losses.
+    unreadable images go to ``on_error`` and are left out. Each rank evaluates every
+    ``world.size``-th image of the subset and the sums are all-reduced, so every rank gets the
+    loss of the whole subset. After ``evaluate``, ``parts`` holds the image and text losses.
     """
 
     def __init__(
