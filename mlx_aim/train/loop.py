@@ -11,6 +11,7 @@ trunk at the root of the output directory (``config.json``, ``model.safetensors`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 import shutil
@@ -28,7 +29,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import io
-from ..caption_tokenizer import TOKENIZER_FILE
+from ..caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
 from ..cpu.blas import blas_info
 from ..data import ImageLoader
 from ..errors import InputError, Interrupted, MlxAimError, NonFiniteError
@@ -139,7 +140,7 @@ def _train(
     probe = _on_main(lambda: _downstream_probe(config, preprocessing, model, reporter), world)
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
     _on_main(lambda: _open_output(config, model, reporter, cleanup), world)
-    if captions is not None:
+    if captions is not None and world.is_main:
         captions.tokenizer.save(output / TOKENIZER_FILE)
 
     schedule = warmup_cosine(config.lr, config.warmup, config.steps, config.min_lr)
@@ -218,9 +219,20 @@ def _captions(config: TrainConfig, world: World) -> CaptionInputs | None:
     """The captions, tokenizer and model config of an ``--objective aimv2`` run, else None."""
     if config.objective != "aimv2":
         return None
-    if world.size > 1:
-        raise InputError("--objective aimv2 trains in one process only")
-    return prepare_captions(config, config.output_dir)
+    captions = _on_every_rank(lambda: prepare_captions(config, config.output_dir), world)
+    _check_same_tokenizer(captions.tokenizer, world)
+    return captions
+
+
+def _check_same_tokenizer(tokenizer: CaptionTokenizer, world: World) -> None:
+    """Refuse a run whose ranks built different caption tokenizers (they would train apart)."""
+    digest = hashlib.sha256(tokenizer.tokenizer.to_str().encode()).digest()
+    fingerprints = gather_ints([int.from_bytes(digest[i : i + 3], "big") for i in (0, 3)], world)
+    if any(f != fingerprints[0] for f in fingerprints):
+        raise InputError(
+            "the processes built different caption tokenizers; give every machine the same "
+            "--data, or the same --tokenizer"
+        )
 
 
 def _open_output(
@@ -392,9 +404,10 @@ def _evaluators(
             captions,
             config.val_images,
             evaluation,
-            config.batch_size,
+            config.batch_size // world.size,
             seed=config.seed,
             alpha=config.alpha,
+            world=world,
             workers=config.workers,
             on_error=skipped,
         )
@@ -471,6 +484,8 @@ def _compiled_step(
             model,
             optimizer,
             pad=captions.tokenizer.pad,
+            rank=world.rank,
+            world_size=world.size,
             alpha=config.alpha,
             grad_clip=config.grad_clip,
             compute_dtype=compute_dtype,

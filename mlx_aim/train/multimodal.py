@@ -6,7 +6,7 @@
   ``--vocab-size``) and the ``aimv2_pretrain`` model config (``--model`` an AIMv2 trunk, decoder
   flags, the tokenizer's vocabulary);
 - ``CaptionValidation``: image, text and total loss on a fixed validation subset with fixed
-  prefix lengths.
+  prefix lengths, split over the ranks.
 
 The training loader is the ordinary ``ImageLoader`` with each image's caption sequence as its
 label row (``labels=``) and ``CaptionedImages.open_image`` as opener (tar members).
@@ -36,6 +36,7 @@ from ..multimodal_objective import multimodal_loss
 from ..registry import REGISTRY, default_preprocessing, multimodal_pretrain_config
 from ..transforms import Preprocessing
 from .config import TrainConfig
+from .distributed import World
 from .inputs import Images, fixed_subset
 
 _PREFIX_SEED = 11
@@ -144,11 +145,12 @@ def _resolve_model(config: TrainConfig, vocab_size: int) -> tuple[dict[str, Any]
 
 class CaptionValidation:
     """``L_img``, ``L_text`` and their weighted sum on a fixed subset of ``size`` validation
-    images (one process).
+    images, split over the ranks.
 
     The images are decoded once, here, with fixed prefix lengths drawn from the run's seed;
-    unreadable images go to ``on_error`` and are left out. After ``evaluate``, ``parts`` holds
-    the image and text losses.
+    unreadable images go to ``on_error`` and are left out. Each rank evaluates every
+    ``world.size``-th image of the subset and the sums are all-reduced, so every rank gets the
+    loss of the whole subset. After ``evaluate``, ``parts`` holds the image and text losses.
     """
 
     def __init__(
@@ -160,38 +162,45 @@ class CaptionValidation:
         *,
         seed: int,
         alpha: float,
+        world: World,
         workers: int,
         on_error: Callable[[ImageError], None],
     ):
-        self.batch, self.alpha = batch, alpha
+        self.batch, self.alpha, self.world = batch, alpha, world
         self.subset = fixed_subset(list(range(len(inputs.images.val))), size, seed)
         self.enabled = bool(self.subset)
         self.parts: dict[str, float] = {}
+        self.pad = inputs.tokenizer.pad
+        num_patches = build_model_args(inputs.model_config).encoder_args.num_patches
+        rng = np.random.default_rng([seed, _PREFIX_SEED])
+        prefix = rng.integers(1, num_patches, len(self.subset)).astype(np.int32)
+        mine = [self.subset[i] for i in range(world.rank, len(self.subset), world.size)]
         self.images = np.zeros((0,), np.float32)
         self.sequences = inputs.val_sequences[:0]
-        if not self.subset:
+        self.prefix = prefix[:0]
+        if not mine:
             return
         loader = ImageLoader(
-            [inputs.images.val[i] for i in self.subset],
+            [inputs.images.val[i] for i in mine],
             preprocess,
-            min(64, len(self.subset)),
+            min(64, len(mine)),
             shuffle=False,
             drop_last=False,
             epochs=1,
             num_workers=workers,
             on_error=on_error,
-            labels=inputs.val_sequences[self.subset],
+            labels=inputs.val_sequences[mine],
             opener=inputs.open_image,
         )
-        batches = list(loader)
-        self.enabled = bool(batches)
+        try:
+            batches = list(loader)
+        except ValueError:
+            batches = []  # none of this rank's validation images could be read
         if batches:
+            kept = np.concatenate([b["indices"] for b in batches])
             self.images = np.concatenate([b["images"] for b in batches])
             self.sequences = np.concatenate([b["labels"] for b in batches])
-        num_patches = build_model_args(inputs.model_config).encoder_args.num_patches
-        rng = np.random.default_rng([seed, _PREFIX_SEED])
-        self.prefix = rng.integers(1, num_patches, len(self.images)).astype(np.int32)
-        self.pad = inputs.tokenizer.pad
+            self.prefix = prefix[world.rank :: world.size][kept]
 
     def evaluate(self, model: nn.Module) -> float | None:
         """The total loss (image part: mean over predicted patches; text: over target tokens)."""
@@ -210,6 +219,10 @@ class CaptionValidation:
             patches = (args.num_patches - s).sum()
             tokens = (seq[:, 1:] != self.pad).sum()
             sums += np.array(mx.stack([image * patches, patches, text * tokens, tokens]).tolist())
+        if self.world.size > 1:
+            sums = np.array(mx.distributed.all_sum(mx.array(sums, mx.float32)).tolist())
+        if sums[1] == 0:
+            return None
         image, text = sums[0] / sums[1], sums[2] / max(sums[3], 1)
         self.parts = {"image_loss": float(image), "text_loss": float(text)}
         return float(text + self.alpha * image)
