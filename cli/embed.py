@@ -324,8 +324,7 @@ def embed_command(
         None, "--text-file", help="Embed each line of this file as a text (LiT models)."
     ),
 ) -> None:
-    """Embed images (or texts, with a LiT model) and print or save the vectors (in input order,
-    with their paths).
+    """Embed images (or texts, with a LiT model) and print or save the vectors in input order.
 
     Examples:
 

@@ -8,7 +8,7 @@ import typer
 
 app = typer.Typer(
     name="mlx-aim",
-    help="AIM and AIMv2 image models in MLX: pre-train, probe, embed, convert.",
+    help="AIM and AIMv2 image models in MLX: pre-train, probe, embed, zero-shot, caption, convert.",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",

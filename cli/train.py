@@ -46,7 +46,7 @@ def _parameters() -> list[inspect.Parameter]:
 
 
 def train_command(ctx: typer.Context, config_file: Path | None = None, **flags: Any) -> None:
-    """Pre-train an AIM model (next-patch prediction of normalized pixels) on your images.
+    """Pre-train an AIM trunk on your images (AIMv1 next-patch, or AIMv2 with captions).
 
     With no arguments: pre-trains [bold]aim-nano[/bold] on the built-in digits in a few minutes.
     The output directory (default runs/<model>) gets checkpoints/, metrics.jsonl, previews/,
