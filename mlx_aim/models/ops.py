@@ -1,11 +1,11 @@
-"""GELU, attention and LayerNorm, the model's backend-dependent ops: the same math on every backend.
+"""GELU, attention and LayerNorm, the model's backend-dependent ops: the same math everywhere.
 
 GPU backends (Metal, CUDA) run MLX's fused ``nn.gelu``, ``mx.fast.scaled_dot_product_attention``
 and ``mx.fast.layer_norm``. On the CPU, where those are slow scalar loops, the native C++ kernels
 of ``mlx_aim.cpu.native`` run where they could be built (Linux, float32), else the float32-accurate
-compiled kernels of ``mlx_aim.cpu.kernels`` (GELU, attention) or ``mx.fast.layer_norm``. Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend;
-float64 inputs always do. The choice is made when an op is called, so a compiled function keeps the
-one made while it was traced.
+compiled kernels of ``mlx_aim.cpu.kernels`` (GELU, attention) or ``mx.fast.layer_norm``. Set
+``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend; float64 inputs always do. The choice is
+made when an op is called, so a compiled function keeps the one made while it was traced.
 """
 
 from __future__ import annotations

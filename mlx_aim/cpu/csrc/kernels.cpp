@@ -276,7 +276,9 @@ mx::array layer_norm(
       x.shape(),
       mx::float32,
       std::make_shared<LayerNorm>(mx::to_stream(s), eps),
-      {mx::contiguous(x, false, s), mx::contiguous(weight, false, s), mx::contiguous(bias, false, s)});
+      {mx::contiguous(x, false, s),
+       mx::contiguous(weight, false, s),
+       mx::contiguous(bias, false, s)});
 }
 
 void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
