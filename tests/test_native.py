@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from mlx_aim.cpu import kernels as compiled_kernels
 from mlx_aim.cpu import native
 from mlx_aim.models import ops
-from mlx_aim.models.layers import layer_norm, prefix_causal_mask
+from mlx_aim.models.layers import layer_norm, prefix_causal_mask, rms_norm
 
 LOWEST = np.finfo(np.float32).min
 
@@ -180,6 +180,31 @@ def test_layer_norm_and_its_gradients_match_float64_and_mlx(kernels, shape):
         assert_parity(grad, mlx_grad, rel=1e-5, name=f"{name} vs mx.fast")
 
 
+def rms_norm_and_grads64(x, weight, cotangent, eps):
+    """RMSNorm of the last axis in float64 and its gradients (x, weight)."""
+    x, weight, g = (np.array(a, np.float64) for a in (x, weight, cotangent))
+    inv_rms = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    x_hat = x * inv_rms
+    gw = g * weight
+    dx = inv_rms * (gw - x_hat * (gw * x_hat).mean(-1, keepdims=True))
+    return x_hat * weight, (dx, (g * x_hat).sum(tuple(range(x.ndim - 1))))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (301, 257)], ids=str)
+def test_rms_norm_and_its_gradients_match_float64_and_mlx(kernels, shape):
+    x, weight, _, cotangent = _layer_norm_inputs(shape, offset=1.0)
+    (y,), grads = mx.vjp(lambda *a: kernels.rms_norm(*a, 1e-5), [x, weight], [cotangent])
+    expected, expected_grads = rms_norm_and_grads64(x, weight, cotangent, 1e-5)
+    (mlx_y,), mlx_grads = mx.vjp(lambda *a: mx.fast.rms_norm(*a, 1e-5), [x, weight], [cotangent])
+    assert_parity(y, expected, rel=2e-6, name="rms_norm")
+    assert_parity(y, mlx_y, rel=5e-6, name="rms_norm vs mx.fast")
+    for name, grad, grad64, mlx_grad in zip(
+        ("dx", "dweight"), grads, expected_grads, mlx_grads, strict=True
+    ):
+        assert_parity(grad, grad64, rel=1e-5, name=name)
+        assert_parity(grad, mlx_grad, rel=1e-5, name=f"{name} vs mx.fast")
+
+
 def test_layer_norm_variance_is_sound_far_from_zero(kernels):
     # a mean of 1000 rounds by 6e-5, 2e-5 of the spread; E[x^2] - E[x]^2 would be off by 3e-3
     x, weight, bias, _ = _layer_norm_inputs((64, 96), offset=1000.0)
@@ -205,6 +230,41 @@ def test_layer_norm_works_compiled_and_checkpointed(kernels):
     assert_parity(value, ref_value, rel=1e-5)
     for grad, ref_grad in zip(grads, ref_grads, strict=True):
         assert_parity(grad, ref_grad, rel=1e-5)
+
+
+def test_rms_norm_works_compiled_and_checkpointed(kernels):
+    x, weight = mx.random.normal((5, 11, 24)), mx.random.normal((24,))
+    proj = mx.random.normal((24, 24)) * 0.3
+
+    def loss(norm, x, weight):
+        h = norm(x @ proj, weight, 1e-5)
+        return (norm(h * h, weight, 1e-5) * x).sum()
+
+    step = mx.compile(
+        mx.value_and_grad(mx.checkpoint(lambda *a: loss(kernels.rms_norm, *a)), argnums=(0, 1))
+    )
+    value, grads = step(x, weight)
+    ref_value, ref_grads = mx.value_and_grad(lambda *a: loss(mx.fast.rms_norm, *a), argnums=(0, 1))(
+        x, weight
+    )
+    assert_parity(value, ref_value, rel=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert_parity(grad, ref_grad, rel=1e-5)
+
+
+def test_rms_norm_module_is_native_for_float32_only(kernels, monkeypatch):
+    monkeypatch.setattr(native, "_state", {"module": kernels})
+    monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
+    norm = rms_norm(33)
+    norm.update({"weight": mx.random.normal((33,))})
+    assert [k for k, _ in tree_flatten(norm.parameters())] == ["weight"]
+    x = mx.random.normal((4, 9, 33)) * 2
+    with mx.stream(mx.cpu):
+        assert mx.array_equal(norm(x), kernels.rms_norm(x, norm.weight, 1e-5)).item()
+        norm.set_dtype(mx.bfloat16)
+        x_half = x.astype(mx.bfloat16)
+        expected = mx.fast.rms_norm(x_half, norm.weight, 1e-5)
+        assert mx.array_equal(norm(x_half), expected).item()
 
 
 def test_layer_norm_module_is_native_for_float32_only(kernels, monkeypatch):

@@ -34,9 +34,16 @@ def layer_norm(dim: int) -> LayerNorm:
     return LayerNorm(dim, eps=1e-6)
 
 
-def rms_norm(dim: int) -> nn.RMSNorm:
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameter) computed by ``ops.rms_norm``: native on the CPU."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(dim: int) -> RMSNorm:
     """AIMv2 RMSNorm: weight only, eps 1e-5."""
-    return nn.RMSNorm(dim, eps=1e-5)
+    return RMSNorm(dim, eps=1e-5)
 
 
 @lru_cache(maxsize=32)

@@ -35,6 +35,13 @@ mx::array layer_norm(
     float eps,
     mx::StreamOrDevice s = {});
 
+// RMSNorm over the last axis of float32 x: x / sqrt(mean(x^2) + eps) * weight.
+mx::array rms_norm(
+    const mx::array& x,
+    const mx::array& weight,
+    float eps,
+    mx::StreamOrDevice s = {});
+
 class Gelu : public mx::UnaryPrimitive {
  public:
   explicit Gelu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
@@ -128,7 +135,8 @@ class SoftmaxVJP : public mx::UnaryPrimitive {
   }
 };
 
-// Inputs (x, weight, bias), all contiguous; the mean and variance of each row in float32, two-pass.
+// Inputs (x, weight, bias): LayerNorm, the mean and variance of each row in float32, two-pass; or
+// (x, weight): RMSNorm. All contiguous.
 class LayerNorm : public mx::UnaryPrimitive {
  public:
   LayerNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
@@ -154,11 +162,13 @@ class LayerNorm : public mx::UnaryPrimitive {
   float eps_;
 };
 
-// The gradients of LayerNorm: inputs (x, weight, cotangent), outputs (dx, dweight, dbias). Each
-// row's mean and variance are recomputed; dweight and dbias are summed per thread, then added.
+// The gradients of LayerNorm: inputs (x, weight, cotangent), outputs (dx, dweight, dbias), or of
+// RMSNorm: outputs (dx, dweight). Each row's moments are recomputed; dweight and dbias are summed
+// per thread, then added.
 class LayerNormVJP : public mx::Primitive {
  public:
-  LayerNormVJP(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+  LayerNormVJP(mx::Stream stream, float eps, bool centered)
+      : mx::Primitive(stream), eps_(eps), centered_(centered) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -166,14 +176,19 @@ class LayerNormVJP : public mx::Primitive {
     return "MlxAimLayerNormVJP";
   }
   bool is_equivalent(const mx::Primitive& other) const override {
-    return eps_ == static_cast<const LayerNormVJP&>(other).eps_;
+    const auto& vjp = static_cast<const LayerNormVJP&>(other);
+    return eps_ == vjp.eps_ && centered_ == vjp.centered_;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    if (!centered_) {
+      return {inputs[0].shape(), inputs[1].shape()};
+    }
     return {inputs[0].shape(), inputs[1].shape(), inputs[1].shape()};
   }
 
  private:
   float eps_;
+  bool centered_;  // LayerNorm (dbias too), else RMSNorm
 };
 
 }  // namespace mlx_aim
