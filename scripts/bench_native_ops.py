@@ -1,5 +1,5 @@
-"""Forward + backward time of masked softmax, GELU and LayerNorm on the CPU: the native kernels
-(mlx_aim/cpu/native.py), the portable ones (mlx_aim.cpu.kernels; mx.fast.layer_norm), PyTorch eager.
+"""Forward + backward time of masked softmax, GELU, LayerNorm and RMSNorm on the CPU: the native
+kernels (mlx_aim/cpu/native.py), the portable ones (mlx_aim.cpu.kernels; mx.fast), PyTorch eager.
 
 Each cell: median wall time / median CPU time of this process (all its threads), which a busy
 machine disturbs less. ``taskset -c 0`` with ``OMP_NUM_THREADS=1`` measures one core.
@@ -107,7 +107,7 @@ def main() -> None:
 
 
 def op_table(kernels, config: dict, b: int, repeats: int) -> None:
-    """Masked softmax, GELU and LayerNorm at the config's shapes: native, portable, torch."""
+    """Masked softmax, GELU and the norms at the config's shapes: native, portable, torch."""
     trunk = config.get("encoder", config)
     width, heads = trunk["embed_dim"], trunk["num_heads"]
     tokens = (trunk["image_size"] // trunk["patch_size"]) ** 2
@@ -138,6 +138,12 @@ def op_table(kernels, config: dict, b: int, repeats: int) -> None:
             lambda x: kernels.layer_norm(x, weight, bias, 1e-6),
             lambda x: mx.fast.layer_norm(x, weight, bias, 1e-6),
             lambda x: torch.nn.functional.layer_norm(x, (width,), weight_t, bias_t, 1e-6),
+        ),
+        f"RMSNorm {tuple(residual.shape)}, gradient of the input": (
+            residual,
+            lambda x: kernels.rms_norm(x, weight, 1e-5),
+            lambda x: mx.fast.rms_norm(x, weight, 1e-5),
+            lambda x: torch.nn.functional.rms_norm(x, (width,), weight_t, 1e-5),
         ),
     }
     print("| op, forward + backward (wall / CPU) | native | portable (compiled) | torch eager |")
