@@ -1,5 +1,5 @@
-"""Forward + backward time of masked softmax and GELU on the CPU: the native kernels
-(mlx_aim/cpu/native.py), the portable compiled kernels of mlx_aim.models.ops, and PyTorch eager.
+"""Forward + backward time of masked softmax, GELU, LayerNorm and RMSNorm on the CPU: the native
+kernels (mlx_aim/cpu/native.py), the portable ones (mlx_aim.cpu.kernels; mx.fast), PyTorch eager.
 
 Each cell: median wall time / median CPU time of this process (all its threads), which a busy
 machine disturbs less. ``taskset -c 0`` with ``OMP_NUM_THREADS=1`` measures one core.
@@ -21,9 +21,10 @@ import mlx.core as mx
 import numpy as np
 import torch
 
-from mlx_aim.bench import resolve_config
+from mlx_aim.benchmark.suite import resolve_config
+from mlx_aim.cpu import kernels as portable
 from mlx_aim.cpu.native import native_kernels, native_status
-from mlx_aim.models import build_model, ops
+from mlx_aim.models import build_model
 from mlx_aim.models.layers import prefix_causal_mask
 from mlx_aim.train.optim import build_optimizer, warmup_cosine
 from mlx_aim.train.step import make_train_step
@@ -106,7 +107,7 @@ def main() -> None:
 
 
 def op_table(kernels, config: dict, b: int, repeats: int) -> None:
-    """Masked softmax and GELU at the config's shapes: native, portable, torch."""
+    """Masked softmax, GELU and the norms at the config's shapes: native, portable, torch."""
     trunk = config.get("encoder", config)
     width, heads = trunk["embed_dim"], trunk["num_heads"]
     tokens = (trunk["image_size"] // trunk["patch_size"]) ** 2
@@ -115,19 +116,34 @@ def op_table(kernels, config: dict, b: int, repeats: int) -> None:
     mask_t = torch.tensor(np.array(mask))
     scores = mx.random.normal((b, heads, tokens, tokens)) * 3
     hidden = mx.random.normal((b, tokens, 4 * width))  # the MLP's hidden layer
+    residual = mx.random.normal((b, tokens, width)) * 2 + 0.5  # a LayerNorm's input
+    weight, bias = mx.random.normal((width,)), mx.random.normal((width,))
+    weight_t, bias_t = torch.tensor(np.array(weight)), torch.tensor(np.array(bias))
     lowest = torch.finfo(torch.float32).min
     cases = {
         f"masked softmax {tuple(scores.shape)}": (
             scores,
             lambda s: kernels.softmax(s, mask),
-            lambda s: ops._softmax_cpu(ops._masked(s, mask)),
+            lambda s: portable._softmax(portable._masked(s, mask)),
             lambda s: torch.softmax(s.masked_fill(~mask_t, lowest), -1),
         ),
         f"GELU {tuple(hidden.shape)}": (
             hidden,
             kernels.gelu,
-            ops._gelu_cpu,
+            portable.gelu,
             torch.nn.functional.gelu,
+        ),
+        f"LayerNorm {tuple(residual.shape)}, gradient of the input": (
+            residual,
+            lambda x: kernels.layer_norm(x, weight, bias, 1e-6),
+            lambda x: mx.fast.layer_norm(x, weight, bias, 1e-6),
+            lambda x: torch.nn.functional.layer_norm(x, (width,), weight_t, bias_t, 1e-6),
+        ),
+        f"RMSNorm {tuple(residual.shape)}, gradient of the input": (
+            residual,
+            lambda x: kernels.rms_norm(x, weight, 1e-5),
+            lambda x: mx.fast.rms_norm(x, weight, 1e-5),
+            lambda x: torch.nn.functional.rms_norm(x, (width,), weight_t, 1e-5),
         ),
     }
     print("| op, forward + backward (wall / CPU) | native | portable (compiled) | torch eager |")

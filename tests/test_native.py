@@ -1,5 +1,6 @@
 """Native CPU kernels (mlx_aim/cpu/native.py): exact math, gradients, masks, mx.compile, the
-seam in ops.gelu/ops.attention, and the fallback when they are off or cannot be built."""
+seam in ops.gelu/ops.attention/ops.layer_norm, and the fallback when they are off or cannot be
+built."""
 
 import logging
 import math
@@ -9,6 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from parity import assert_parity
 from test_ops import gelu64, gelu_slope64
 from typer.testing import CliRunner
@@ -16,7 +18,7 @@ from typer.testing import CliRunner
 from mlx_aim.cpu import kernels as compiled_kernels
 from mlx_aim.cpu import native
 from mlx_aim.models import ops
-from mlx_aim.models.layers import prefix_causal_mask
+from mlx_aim.models.layers import layer_norm, prefix_causal_mask, rms_norm
 
 LOWEST = np.finfo(np.float32).min
 
@@ -143,6 +145,151 @@ def test_ops_use_the_kernels_on_the_cpu_and_the_portable_ones_when_off(kernels, 
         assert mx.array_equal(ops.gelu(x), compiled_kernels.gelu(x)).item()
         portable_out = ops.attention(q, k, v, 0.5, mask)
     assert_parity(portable_out, native_out, rel=1e-6)
+
+
+def layer_norm_and_grads64(x, weight, bias, cotangent, eps):
+    """LayerNorm of the last axis in float64 and its gradients (x, weight, bias)."""
+    x, weight, bias, g = (np.array(a, np.float64) for a in (x, weight, bias, cotangent))
+    inv_std = 1 / np.sqrt(x.var(-1, keepdims=True) + eps)
+    x_hat = (x - x.mean(-1, keepdims=True)) * inv_std
+    gw = g * weight
+    dx = inv_std * (gw - gw.mean(-1, keepdims=True) - x_hat * (gw * x_hat).mean(-1, keepdims=True))
+    rows = tuple(range(x.ndim - 1))
+    return x_hat * weight + bias, (dx, (g * x_hat).sum(rows), g.sum(rows))
+
+
+def _layer_norm_inputs(shape, offset):
+    x = mx.random.normal(shape) * 3 + offset
+    return x, mx.random.normal(shape[-1:]), mx.random.normal(shape[-1:]), mx.random.normal(shape)
+
+
+# (301, 257): 301 rows split unevenly over 2 threads, 257 not a multiple of any vector width
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (301, 257)], ids=str)
+def test_layer_norm_and_its_gradients_match_float64_and_mlx(kernels, shape):
+    x, weight, bias, cotangent = _layer_norm_inputs(shape, offset=1.0)
+    (y,), grads = mx.vjp(lambda *a: kernels.layer_norm(*a, 1e-6), [x, weight, bias], [cotangent])
+    expected, expected_grads = layer_norm_and_grads64(x, weight, bias, cotangent, 1e-6)
+    (mlx_y,), mlx_grads = mx.vjp(
+        lambda *a: mx.fast.layer_norm(*a, 1e-6), [x, weight, bias], [cotangent]
+    )
+    assert_parity(y, expected, rel=2e-6, name="layer_norm")
+    assert_parity(y, mlx_y, rel=5e-6, name="layer_norm vs mx.fast")
+    names = ("dx", "dweight", "dbias")
+    for name, grad, grad64, mlx_grad in zip(names, grads, expected_grads, mlx_grads, strict=True):
+        assert_parity(grad, grad64, rel=1e-5, name=name)
+        assert_parity(grad, mlx_grad, rel=1e-5, name=f"{name} vs mx.fast")
+
+
+def rms_norm_and_grads64(x, weight, cotangent, eps):
+    """RMSNorm of the last axis in float64 and its gradients (x, weight)."""
+    x, weight, g = (np.array(a, np.float64) for a in (x, weight, cotangent))
+    inv_rms = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    x_hat = x * inv_rms
+    gw = g * weight
+    dx = inv_rms * (gw - x_hat * (gw * x_hat).mean(-1, keepdims=True))
+    return x_hat * weight, (dx, (g * x_hat).sum(tuple(range(x.ndim - 1))))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (301, 257)], ids=str)
+def test_rms_norm_and_its_gradients_match_float64_and_mlx(kernels, shape):
+    x, weight, _, cotangent = _layer_norm_inputs(shape, offset=1.0)
+    (y,), grads = mx.vjp(lambda *a: kernels.rms_norm(*a, 1e-5), [x, weight], [cotangent])
+    expected, expected_grads = rms_norm_and_grads64(x, weight, cotangent, 1e-5)
+    (mlx_y,), mlx_grads = mx.vjp(lambda *a: mx.fast.rms_norm(*a, 1e-5), [x, weight], [cotangent])
+    assert_parity(y, expected, rel=2e-6, name="rms_norm")
+    assert_parity(y, mlx_y, rel=5e-6, name="rms_norm vs mx.fast")
+    for name, grad, grad64, mlx_grad in zip(
+        ("dx", "dweight"), grads, expected_grads, mlx_grads, strict=True
+    ):
+        assert_parity(grad, grad64, rel=1e-5, name=name)
+        assert_parity(grad, mlx_grad, rel=1e-5, name=f"{name} vs mx.fast")
+
+
+def test_layer_norm_variance_is_sound_far_from_zero(kernels):
+    # a mean of 1000 rounds by 6e-5, 2e-5 of the spread; E[x^2] - E[x]^2 would be off by 3e-3
+    x, weight, bias, _ = _layer_norm_inputs((64, 96), offset=1000.0)
+    expected, _ = layer_norm_and_grads64(x, weight, bias, mx.zeros_like(x), 1e-6)
+    assert_parity(kernels.layer_norm(x, weight, bias, 1e-6), expected, rel=1e-4)
+
+
+def test_layer_norm_works_compiled_and_checkpointed(kernels):
+    x = mx.random.normal((5, 11, 24))
+    weight, bias = mx.random.normal((24,)), mx.random.normal((24,))
+    proj = mx.random.normal((24, 24)) * 0.3
+
+    def loss(norm, x, weight, bias):
+        h = norm(x @ proj, weight, bias, 1e-5)
+        return (norm(h * h, weight, bias, 1e-5) * x).sum()
+
+    step = mx.compile(
+        mx.value_and_grad(mx.checkpoint(lambda *a: loss(kernels.layer_norm, *a)), argnums=(0, 1, 2))
+    )
+    value, grads = step(x, weight, bias)
+    reference = mx.value_and_grad(lambda *a: loss(mx.fast.layer_norm, *a), argnums=(0, 1, 2))
+    ref_value, ref_grads = reference(x, weight, bias)
+    assert_parity(value, ref_value, rel=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert_parity(grad, ref_grad, rel=1e-5)
+
+
+def test_rms_norm_works_compiled_and_checkpointed(kernels):
+    x, weight = mx.random.normal((5, 11, 24)), mx.random.normal((24,))
+    proj = mx.random.normal((24, 24)) * 0.3
+
+    def loss(norm, x, weight):
+        h = norm(x @ proj, weight, 1e-5)
+        return (norm(h * h, weight, 1e-5) * x).sum()
+
+    step = mx.compile(
+        mx.value_and_grad(mx.checkpoint(lambda *a: loss(kernels.rms_norm, *a)), argnums=(0, 1))
+    )
+    value, grads = step(x, weight)
+    ref_value, ref_grads = mx.value_and_grad(lambda *a: loss(mx.fast.rms_norm, *a), argnums=(0, 1))(
+        x, weight
+    )
+    assert_parity(value, ref_value, rel=1e-5)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert_parity(grad, ref_grad, rel=1e-5)
+
+
+def test_rms_norm_module_is_native_for_float32_only(kernels, monkeypatch):
+    monkeypatch.setattr(native, "_state", {"module": kernels})
+    monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
+    norm = rms_norm(33)
+    norm.update({"weight": mx.random.normal((33,))})
+    assert [k for k, _ in tree_flatten(norm.parameters())] == ["weight"]
+    x = mx.random.normal((4, 9, 33)) * 2
+    with mx.stream(mx.cpu):
+        assert mx.array_equal(norm(x), kernels.rms_norm(x, norm.weight, 1e-5)).item()
+        norm.set_dtype(mx.bfloat16)
+        x_half = x.astype(mx.bfloat16)
+        expected = mx.fast.rms_norm(x_half, norm.weight, 1e-5)
+        assert mx.array_equal(norm(x_half), expected).item()
+
+
+def test_layer_norm_module_is_native_for_float32_only(kernels, monkeypatch):
+    monkeypatch.setattr(native, "_state", {"module": kernels})
+    monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
+    norm = layer_norm(33)
+    norm.update({"weight": mx.random.normal((33,)), "bias": mx.random.normal((33,))})
+    assert sorted(k for k, _ in tree_flatten(norm.parameters())) == ["bias", "weight"]
+    x = mx.random.normal((4, 9, 33)) * 2
+    with mx.stream(mx.cpu):
+        native_out = norm(x)
+        assert mx.array_equal(
+            native_out, kernels.layer_norm(x, norm.weight, norm.bias, 1e-6)
+        ).item()
+        half = layer_norm(33)
+        half.update(norm.parameters())
+        half.set_dtype(mx.bfloat16)
+        x_half = x.astype(mx.bfloat16)
+        expected = mx.fast.layer_norm(x_half, half.weight, half.bias, 1e-6)
+        assert mx.array_equal(half(x_half), expected).item()
+
+        monkeypatch.setenv("MLX_AIM_NATIVE", "0")
+        off_out = norm(x)
+        assert mx.array_equal(off_out, mx.fast.layer_norm(x, norm.weight, norm.bias, 1e-6)).item()
+    assert_parity(off_out, native_out, rel=1e-6)
 
 
 def test_off_switch_and_status(fresh, monkeypatch):

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import ops
 from .ops import attention, gelu
 
 if TYPE_CHECKING:
@@ -19,14 +20,30 @@ Mask = mx.array | str | None
 NormFactory = Callable[[int], nn.Module]
 
 
-def layer_norm(dim: int) -> nn.LayerNorm:
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters) computed by ``ops.layer_norm``: native on the CPU."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        weight = self.weight if "weight" in self else None
+        bias = self.bias if "bias" in self else None
+        return ops.layer_norm(x, weight, bias, self.eps)
+
+
+def layer_norm(dim: int) -> LayerNorm:
     """AIMv1 LayerNorm: weight and bias, eps 1e-6."""
-    return nn.LayerNorm(dim, eps=1e-6)
+    return LayerNorm(dim, eps=1e-6)
 
 
-def rms_norm(dim: int) -> nn.RMSNorm:
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (same parameter) computed by ``ops.rms_norm``: native on the CPU."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(dim: int) -> RMSNorm:
     """AIMv2 RMSNorm: weight only, eps 1e-5."""
-    return nn.RMSNorm(dim, eps=1e-5)
+    return RMSNorm(dim, eps=1e-5)
 
 
 @lru_cache(maxsize=32)

@@ -1,11 +1,12 @@
-"""GELU and attention, the model's two backend-dependent ops: the same math on every backend.
+"""GELU, attention and the norms, the model's backend-dependent ops: the same math everywhere.
 
-GPU backends (Metal, CUDA) run MLX's fused ``nn.gelu`` and ``mx.fast.scaled_dot_product_attention``.
-On the CPU, where those are slow scalar loops, the native C++ kernels of ``mlx_aim.cpu.native``
-run where they could be built (Linux, float32), else the float32-accurate compiled kernels of
-``mlx_aim.cpu.kernels``. Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend;
-float64 inputs always do. The choice is made when an op is called, so a compiled function keeps the
-one made while it was traced.
+GPU backends (Metal, CUDA) run MLX's fused ``nn.gelu``, ``mx.fast.scaled_dot_product_attention``,
+``mx.fast.layer_norm`` and ``mx.fast.rms_norm``. On the CPU, where those are slow scalar loops,
+the native C++ kernels of ``mlx_aim.cpu.native`` run where they could be built (Linux, float32),
+else the float32-accurate compiled kernels of ``mlx_aim.cpu.kernels`` (GELU, attention) or
+``mx.fast`` (the norms). Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend; float64
+inputs always do. The choice is made when an op is called, so a compiled function keeps the one
+made while it was traced.
 """
 
 from __future__ import annotations
@@ -50,3 +51,22 @@ def attention(
     if fast_math_enabled(q):
         return kernels.attention(q, k, v, scale, mask, native=native_kernels())
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def layer_norm(x: mx.array, weight: mx.array | None, bias: mx.array | None, eps: float) -> mx.array:
+    """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+    affine = weight is not None and bias is not None
+    if affine and fast_math_enabled(x) and x.dtype == weight.dtype == bias.dtype == mx.float32:
+        native = native_kernels()
+        if native is not None:
+            return native.layer_norm(x, weight, bias, eps)
+    return mx.fast.layer_norm(x, weight, bias, eps)
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """RMSNorm over the last axis: ``x / sqrt(mean(x^2) + eps) * weight``."""
+    if weight is not None and fast_math_enabled(x) and x.dtype == weight.dtype == mx.float32:
+        native = native_kernels()
+        if native is not None:
+            return native.rms_norm(x, weight, eps)
+    return mx.fast.rms_norm(x, weight, eps)

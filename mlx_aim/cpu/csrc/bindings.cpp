@@ -27,4 +27,25 @@ NB_MODULE(mlx_aim_kernels, m) {
       "stream"_a = nb::none(),
       "Softmax over the last axis of float32 scores; a boolean mask (True = keep) or an\n"
       "additive one broadcasts to the scores. With its gradient.");
+  m.def(
+      "layer_norm",
+      &mlx_aim::layer_norm,
+      "x"_a,
+      "weight"_a,
+      "bias"_a,
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "LayerNorm over the last axis of float32 x with float32 weight and bias, and its\n"
+      "gradients (x, weight, bias).");
+  m.def(
+      "rms_norm",
+      &mlx_aim::rms_norm,
+      "x"_a,
+      "weight"_a,
+      "eps"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "RMSNorm over the last axis of float32 x with a float32 weight, and its gradients\n"
+      "(x, weight).");
 }

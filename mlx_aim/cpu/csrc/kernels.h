@@ -1,5 +1,5 @@
-// Multithreaded, vectorized float32 CPU primitives for mlx-aim: exact GELU and (masked) row
-// softmax, each with a native backward pass.
+// Multithreaded, vectorized float32 CPU primitives for mlx-aim: exact GELU, (masked) row softmax
+// and LayerNorm, each with a native backward pass.
 
 #pragma once
 
@@ -24,6 +24,22 @@ mx::array gelu(const mx::array& x, mx::StreamOrDevice s = {});
 mx::array softmax(
     const mx::array& scores,
     const std::optional<mx::array>& mask,
+    mx::StreamOrDevice s = {});
+
+// LayerNorm over the last axis of float32 x: (x - mean) / sqrt(var + eps) * weight + bias, with
+// float32 weight and bias of the last axis' size.
+mx::array layer_norm(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array& bias,
+    float eps,
+    mx::StreamOrDevice s = {});
+
+// RMSNorm over the last axis of float32 x: x / sqrt(mean(x^2) + eps) * weight.
+mx::array rms_norm(
+    const mx::array& x,
+    const mx::array& weight,
+    float eps,
     mx::StreamOrDevice s = {});
 
 class Gelu : public mx::UnaryPrimitive {
@@ -117,6 +133,62 @@ class SoftmaxVJP : public mx::UnaryPrimitive {
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape()};
   }
+};
+
+// Inputs (x, weight, bias): LayerNorm, the mean and variance of each row in float32, two-pass; or
+// (x, weight): RMSNorm. All contiguous.
+class LayerNorm : public mx::UnaryPrimitive {
+ public:
+  LayerNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimLayerNorm";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const LayerNorm&>(other).eps_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  float eps_;
+};
+
+// The gradients of LayerNorm: inputs (x, weight, cotangent), outputs (dx, dweight, dbias), or of
+// RMSNorm: outputs (dx, dweight). Each row's moments are recomputed; dweight and dbias are summed
+// per thread, then added.
+class LayerNormVJP : public mx::Primitive {
+ public:
+  LayerNormVJP(mx::Stream stream, float eps, bool centered)
+      : mx::Primitive(stream), eps_(eps), centered_(centered) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimLayerNormVJP";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& vjp = static_cast<const LayerNormVJP&>(other);
+    return eps_ == vjp.eps_ && centered_ == vjp.centered_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    if (!centered_) {
+      return {inputs[0].shape(), inputs[1].shape()};
+    }
+    return {inputs[0].shape(), inputs[1].shape(), inputs[1].shape()};
+  }
+
+ private:
+  float eps_;
+  bool centered_;  // LayerNorm (dbias too), else RMSNorm
 };
 
 }  // namespace mlx_aim
