@@ -28,11 +28,10 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
 
 from ..multimodal_objective import IMAGE_LOSS_WEIGHT, multimodal_loss
 from ..objective import predicted_patches, sample_prefix_lengths
-from .step import _cast, global_norm
+from .step import accumulate_or_update, cast_floats
 
 Batch = tuple[mx.array, mx.array]  # normalized NHWC images (B, H, W, C), int32 sequences (B, T+1)
 
@@ -64,7 +63,7 @@ def make_multimodal_train_step(
     state = [model.state, optimizer.state, mx.random.state]
 
     def loss_fn(params, images, prefix, sequences, weights):
-        model.update(_cast(params, compute_dtype) if compute_dtype != mx.float32 else params)
+        model.update(cast_floats(params, compute_dtype) if compute_dtype != mx.float32 else params)
         pixels, logits = model(images.astype(compute_dtype), prefix, sequences[:, :-1])
         _, image, text = multimodal_loss(
             pixels, logits, images, prefix, sequences[:, 1:], patch_size=patch_size, pad=pad,
@@ -96,20 +95,8 @@ def make_multimodal_train_step(
         if world_size > 1:
             loss = mx.distributed.all_sum(loss) / world_size
             parts = mx.distributed.all_sum(parts) / world_size
-        if accumulated is not None:
-            grads = tree_map(mx.add, grads, accumulated)
-        if not update:
-            return loss, parts, grads
-        if accum_steps > 1:
-            grads = tree_map(lambda g: g / accum_steps, grads)
-        if world_size > 1:
-            grads = nn.average_gradients(grads)
-        if grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, grad_clip)
-        else:
-            norm = global_norm(grads)
-        optimizer.update(model, grads)
-        return loss, parts, norm
+        update_args = (accumulated, update, accum_steps, world_size, grad_clip)
+        return loss, parts, accumulate_or_update(model, optimizer, grads, *update_args)
 
     micro_step = partial(mx.compile, inputs=state, outputs=state)(micro_step)
 

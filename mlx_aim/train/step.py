@@ -100,7 +100,8 @@ def packed_next_patch_loss(
     return mean_patch_error(predictions, targets, weights)
 
 
-def _cast(params, dtype: mx.Dtype):
+def cast_floats(params, dtype: mx.Dtype):
+    """``params`` with every floating-point array cast to ``dtype`` (mixed precision)."""
     return tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p, params)
 
 
@@ -109,6 +110,35 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(
         tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, 0.0)
     )
+
+
+def accumulate_or_update(
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    grads,
+    accumulated,
+    update: bool,
+    accum_steps: int,
+    world_size: int,
+    grad_clip: float,
+):
+    """Add the micro-batch's ``grads`` to ``accumulated``; on the last micro-batch (``update``)
+    average them over the micro-batches and the processes, clip (``grad_clip`` 0: no clipping)
+    and apply them. Returns the running sum, or the gradient norm before clipping."""
+    if accumulated is not None:
+        grads = tree_map(mx.add, grads, accumulated)
+    if not update:
+        return grads
+    if accum_steps > 1:
+        grads = tree_map(lambda g: g / accum_steps, grads)
+    if world_size > 1:
+        grads = nn.average_gradients(grads)
+    if grad_clip > 0:
+        grads, norm = optim.clip_grad_norm(grads, grad_clip)
+    else:
+        norm = global_norm(grads)
+    optimizer.update(model, grads)
+    return norm
 
 
 def make_train_step(
@@ -143,7 +173,7 @@ def make_train_step(
     order = variant.order_index()
 
     def loss_fn(params, images, prefix, weight):
-        model.update(_cast(params, compute_dtype) if compute_dtype != mx.float32 else params)
+        model.update(cast_floats(params, compute_dtype) if compute_dtype != mx.float32 else params)
         inputs = images.astype(compute_dtype)
         if packed:
             loss = packed_next_patch_loss(
@@ -167,20 +197,8 @@ def make_train_step(
         model.update(params)  # back to the float32 masters (the loss function swapped in copies)
         if world_size > 1:
             loss = mx.distributed.all_sum(loss) / world_size
-        if accumulated is not None:
-            grads = tree_map(mx.add, grads, accumulated)
-        if not update:
-            return loss, grads
-        if accum_steps > 1:
-            grads = tree_map(lambda g: g / accum_steps, grads)
-        if world_size > 1:
-            grads = nn.average_gradients(grads)
-        if grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, grad_clip)
-        else:
-            norm = global_norm(grads)
-        optimizer.update(model, grads)
-        return loss, norm
+        update_args = (accumulated, update, accum_steps, world_size, grad_clip)
+        return loss, accumulate_or_update(model, optimizer, grads, *update_args)
 
     micro_step = partial(mx.compile, inputs=state, outputs=state)(micro_step)
 
