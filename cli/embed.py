@@ -12,9 +12,10 @@ import typer
 
 from mlx_aim.errors import InputError, OutputError
 from mlx_aim.io import check_destination
+from mlx_aim.text import plural
 
 from .errors import EXIT_CODES_HELP, ExitCode, err_console, reported_errors, warn, warn_if_slow_blas
-from .progress import plural, progress_bars, working
+from .progress import progress_bars, working
 
 if TYPE_CHECKING:
     from mlx_aim.embed import Embedder, EmbedResult

@@ -33,10 +33,11 @@ from mlx_aim.probe import (
     train_probe,
 )
 from mlx_aim.registry import LAPTOP_ARCHITECTURES
+from mlx_aim.text import plural
 
 from .errors import err_console, reported_errors, warn, warn_if_slow_blas
 from .options import config_options
-from .progress import plural, progress_bars
+from .progress import progress_bars
 
 _SHORT = {"epochs": "-e", "batch_size": "-b"}
 

@@ -17,11 +17,6 @@ from rich.progress import (
 from .errors import err_console
 
 
-def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
-    """``"1 file"``, ``"3 files"`` (``plural_noun`` for irregular nouns)."""
-    return f"{count} {noun if count == 1 else plural_noun or noun + 's'}"
-
-
 def _progress(enabled: bool, *columns) -> Progress:
     return Progress(
         TextColumn("{task.description}"),

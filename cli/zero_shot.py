@@ -9,10 +9,11 @@ import typer
 
 from mlx_aim.errors import InputError
 from mlx_aim.io import check_destination, read_text
+from mlx_aim.text import plural
 
 from .embed import DTYPES, end_partial, find_files, skip_reporter
 from .errors import EXIT_CODES_HELP, err_console, reported_errors, warn_if_slow_blas
-from .progress import plural, progress_bars, working
+from .progress import progress_bars, working
 
 
 def _labels(labels: str | None, labels_file: Path | None) -> list[str]:

@@ -18,10 +18,10 @@ from cli import errors as cli_errors
 from cli import progress
 from cli.main import COMMANDS, app
 from cli.models import HEADER
-from cli.progress import plural
 from mlx_aim.errors import EXIT_CODES_HELP
 from mlx_aim.models import build_model
 from mlx_aim.registry import REGISTRY
+from mlx_aim.text import plural
 from mlx_aim.weights import save_model
 
 CLI = Path(__file__).resolve().parents[1] / "cli"

@@ -37,6 +37,7 @@ from ..models import build_model
 from ..objective import Variant
 from ..patch_order import patch_order
 from ..random_key import random_key, set_random_key
+from ..text import plural
 from ..transforms import Preprocessing, TrainTransform
 from ..weights import CONFIG_FILE, INDEX_FILE, PREPROCESS_FILE, WEIGHTS_FILE, save_model
 from .checkpoint import (
@@ -381,7 +382,7 @@ def objective_label(config: TrainConfig) -> str:
         label = f"{config.target}, {config.attention} attention, {config.patch_order} order"
     label += f", crop {config.min_crop_scale:g}-1"
     if config.head_blocks is not None:
-        label += f", {_plural(config.head_blocks, 'head block')}"
+        label += f", {plural(config.head_blocks, 'head block')}"
     if config.head_width is not None:
         label += f", head width {config.head_width}"
     return label
@@ -511,10 +512,6 @@ def _checkpoint_documents(
     return {STATE_FILE: state, DATA_FILE: listing}
 
 
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _device() -> str:
     return str(mx.default_device().type).rsplit(".", 1)[-1]
 
@@ -543,12 +540,12 @@ def _log_header(
     reporter.log(
         f"mlx-aim train: {config.model_name} ({trunk_params / 1e6:.2f}M trunk + "
         f"{(num_params - trunk_params) / 1e6:.2f}M head parameters, {encoder.image_size} px, "
-        f"patch {encoder.patch_size}), {_plural(len(images.train), 'training image')} and "
-        f"{_plural(val_images, 'validation image')} from {images.description}; "
+        f"patch {encoder.patch_size}), {plural(len(images.train), 'training image')} and "
+        f"{plural(val_images, 'validation image')} from {images.description}; "
         f"batch {config.batch_size}"
         + (f" ({world.size} processes x {local_batch})" if world.size > 1 else "")
         + (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "")
-        + f", {_plural(config.steps, 'step')}, lr {config.lr:g}, {config.dtype}, {_device()}"
+        + f", {plural(config.steps, 'step')}, lr {config.lr:g}, {config.dtype}, {_device()}"
         + (f", BLAS {_blas_name()}" if _device() == "cpu" else "")
     )
     output = config.output_dir
@@ -901,12 +898,12 @@ def summary(result: TrainResult) -> str:
     skipped = len(result.skipped_files)
     return (
         f"done: step {result.step}"
-        + (f" ({_plural(trained, 'step')} in {result.elapsed_s:.0f} s)" if trained else "")
+        + (f" ({plural(trained, 'step')} in {result.elapsed_s:.0f} s)" if trained else "")
         + f", train loss {change(result.initial_loss, result.final_loss)}, validation loss "
         f"{change(result.initial_val_loss, result.val_loss)}"
         + (f", {result.images_per_second:.1f} images/s" if result.images_per_second else "")
         + f", peak memory {result.peak_memory_gb:.2f} GB"
-        + (f", {_plural(skipped, 'unreadable file')} skipped" if skipped else "")
+        + (f", {plural(skipped, 'unreadable file')} skipped" if skipped else "")
         + f". Trained trunk: {result.output} (mlx_aim.load / mlx-aim probe --model / mlx-aim "
         "embed --model)"
     )
