@@ -12,7 +12,7 @@ import typer
 from mlx_aim.errors import InputError
 from mlx_aim.io import check_destination, write_text
 
-from .errors import EXIT_CODES_HELP, reported_errors, warn_if_slow_blas
+from .errors import EXIT_CODES_HELP, prepare_cpu_backend, reported_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -107,7 +107,7 @@ def bench_command(
         for out in (json_out, markdown_out):
             if out is not None:
                 check_destination(out, overwrite=force)
-        warn_if_slow_blas()
+        prepare_cpu_backend()
         try:
             result = run_benchmark(options)
         except ValueError as e:

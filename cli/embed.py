@@ -14,7 +14,14 @@ from mlx_aim.errors import InputError, OutputError
 from mlx_aim.io import check_destination
 from mlx_aim.text import plural
 
-from .errors import EXIT_CODES_HELP, ExitCode, err_console, reported_errors, warn, warn_if_slow_blas
+from .errors import (
+    EXIT_CODES_HELP,
+    ExitCode,
+    err_console,
+    prepare_cpu_backend,
+    reported_errors,
+    warn,
+)
 from .progress import progress_bars, working
 
 if TYPE_CHECKING:
@@ -241,7 +248,7 @@ def _embed(
 def _warn_if_slow(dtype: str, quantize: int | None) -> None:
     import mlx.core as mx
 
-    warn_if_slow_blas()
+    prepare_cpu_backend()
     if (dtype != "float32" or quantize is not None) and mx.default_device().type == mx.cpu:
         warn(f"{SLOW_ON_CPU}; drop --dtype/--quantize here for speed")
 

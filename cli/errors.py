@@ -30,7 +30,7 @@ __all__ = [
     "fail",
     "reported_errors",
     "warn",
-    "warn_if_slow_blas",
+    "prepare_cpu_backend",
 ]
 
 # Standard errors that still reach a command from libraries; they mean bad input.
@@ -45,14 +45,18 @@ def warn(message: str) -> None:
 
 
 @functools.cache
-def warn_if_slow_blas() -> None:
-    """Warn (once) when MLX's CPU matmuls run on the reference BLAS of its Linux wheel (~8x slower).
+def prepare_cpu_backend() -> None:
+    """Once per process: let MLX's CPU backend reuse freed buffers (``mlx_aim.cpu.memory``) and warn
+    when its matmuls run on the reference BLAS of its Linux wheel (~8x slower).
 
-    Call it at the start of a command that computes on the CPU, after ``mlx_aim`` is imported.
+    Call it at the start of a command that computes, after ``mlx_aim`` is imported.
     """
     import mlx.core as mx
 
     from mlx_aim.cpu.blas import blas_info
+    from mlx_aim.cpu.memory import reuse_freed_buffers
+
+    reuse_freed_buffers()
 
     on_linux_cpu = sys.platform.startswith("linux") and mx.default_device().type == mx.cpu
     if on_linux_cpu and blas_info() is None:

@@ -35,7 +35,7 @@ from mlx_aim.probe import (
 from mlx_aim.registry import LAPTOP_ARCHITECTURES
 from mlx_aim.text import plural
 
-from .errors import err_console, reported_errors, warn, warn_if_slow_blas
+from .errors import err_console, prepare_cpu_backend, reported_errors, warn
 from .options import config_options
 from .progress import progress_bars
 
@@ -115,7 +115,7 @@ def probe_command(
 
       mlx-aim probe --data ~/imagenet --model aim-600M --layers best --eval-only
     """
-    warn_if_slow_blas()
+    prepare_cpu_backend()
     with reported_errors():
         config = ProbeConfig(**settings).validate()
         data_dir = data if data is not None else builtin_dataset("digits")

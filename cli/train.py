@@ -10,7 +10,7 @@ import typer
 
 from mlx_aim.train.config import TrainConfig, read_config_file
 
-from .errors import EXIT_CODES_HELP, reported_errors, warn_if_slow_blas
+from .errors import EXIT_CODES_HELP, prepare_cpu_backend, reported_errors
 from .options import config_options
 
 _SHORT = {
@@ -69,7 +69,7 @@ def train_command(ctx: typer.Context, config_file: Path | None = None, **flags: 
     """
     from mlx_aim.train import train
 
-    warn_if_slow_blas()
+    prepare_cpu_backend()
     with reported_errors():
         values = read_config_file(config_file) if config_file is not None else {}
         for name, value in flags.items():

@@ -12,7 +12,7 @@ from mlx_aim.io import check_destination, read_text
 from mlx_aim.text import plural
 
 from .embed import DTYPES, end_partial, find_files, skip_reporter
-from .errors import EXIT_CODES_HELP, err_console, reported_errors, warn_if_slow_blas
+from .errors import EXIT_CODES_HELP, err_console, prepare_cpu_backend, reported_errors
 from .progress import progress_bars, working
 
 
@@ -108,7 +108,7 @@ def zero_shot_command(
             _check_output(output, force)
         label_names, prompts = _labels(labels, labels_file), _templates(template, templates)
         files = find_files(paths, None, report)
-        warn_if_slow_blas()
+        prepare_cpu_backend()
         classifier = _load_classifier(model, dtype, label_names, prompts, batch_size, quiet)
         with progress_bars(enabled=not quiet and len(files) > batch_size) as bar:
             probs, result = classifier.classify_files(

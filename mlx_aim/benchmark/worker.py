@@ -76,18 +76,21 @@ def _time_steps(step, warmup: int, steps: int) -> dict[str, Any]:
 # ---- MLX ---------------------------------------------------------------------------------------
 
 
-def _mlx_start() -> dict[str, Any]:
-    """Versions and the BLAS that ``import mlx_aim`` chose (none with ``MLX_AIM_BLAS=off``)."""
+def _mlx_start(impl: str) -> dict[str, Any]:
+    """Versions and the BLAS that ``import mlx_aim`` chose (none with ``MLX_AIM_BLAS=off``); the
+    mlx-aim column reuses freed CPU buffers as every mlx-aim command does (plain MLX: MLX's 32 MiB)."""
     import mlx.core as mx
 
     from ..cpu.blas import blas_info
+    from ..cpu.memory import reuse_freed_buffers
 
     info = blas_info()
-
+    cache_limit = reuse_freed_buffers() if impl == "mlx-aim" else None
     return {
         "mlx_version": mx.__version__,
         "device": str(mx.default_device()),
         "blas": str(info) if info else "bundled (the MLX wheel's own BLAS)",
+        "cpu_cache_limit": cache_limit,
     }
 
 
@@ -487,7 +490,7 @@ def main(spec_path: str) -> None:
     backend = "torch" if spec["impl"].startswith("torch") else "mlx"
     result: dict[str, Any] = {"impl": spec["impl"], "task": spec["task"]}
     if backend == "mlx":
-        result.update(_mlx_start())
+        result.update(_mlx_start(spec["impl"]))
     else:
         result.update(_torch_start())
     if spec["task"] == "peak":

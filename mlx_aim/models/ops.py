@@ -1,10 +1,12 @@
-"""GELU, attention and the norms, the model's backend-dependent ops: the same math everywhere.
+"""GELU, attention, the norms and the optimizer's update: the backend-dependent ops, same math
+everywhere.
 
 GPU backends (Metal, CUDA) run MLX's fused ``nn.gelu``, ``mx.fast.scaled_dot_product_attention``,
 ``mx.fast.layer_norm`` and ``mx.fast.rms_norm``. On the CPU, where those are slow scalar loops,
 the native C++ kernels of ``mlx_aim.cpu.native`` run where they could be built (Linux, float32),
 else the float32-accurate compiled kernels of ``mlx_aim.cpu.kernels`` (GELU, attention) or
-``mx.fast`` (the norms). Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend; float64
+``mx.fast`` (the norms). The optimizer's AdamW update and gradient norm run natively too where
+they can (``adamw_kernels``, ``sum_of_squares``). Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend; float64
 inputs always do. The choice is made when an op is called, so a compiled function keeps the one
 made while it was traced.
 """
@@ -12,6 +14,7 @@ made while it was traced.
 from __future__ import annotations
 
 import os
+from types import ModuleType
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -70,3 +73,18 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
         if native is not None:
             return native.rms_norm(x, weight, eps)
     return mx.fast.rms_norm(x, weight, eps)
+
+
+def sum_of_squares(x: mx.array) -> mx.array:
+    """``sum(x^2)`` as a float32 scalar (a term of a gradient norm)."""
+    x32 = x.astype(mx.float32)
+    native = native_kernels() if fast_math_enabled(x32) else None
+    return native.sum_of_squares(x32) if native is not None else x32.square().sum()
+
+
+def adamw_kernels(*arrays: mx.array) -> ModuleType | None:
+    """The native kernels when an AdamW update of these arrays can run there (CPU, all float32,
+    kernels built; their ``adamw_update`` is bit-equal to ``mlx.optimizers.AdamW``), else None."""
+    if not all(a.dtype == mx.float32 for a in arrays) or not fast_math_enabled():
+        return None
+    return native_kernels()

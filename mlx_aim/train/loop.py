@@ -31,6 +31,7 @@ from mlx.utils import tree_flatten
 from .. import io
 from ..caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
 from ..cpu.blas import blas_info
+from ..cpu.memory import reuse_freed_buffers
 from ..data import ImageLoader
 from ..errors import InputError, Interrupted, MlxAimError, NonFiniteError
 from ..models import build_model
@@ -101,6 +102,7 @@ def train(config: TrainConfig) -> TrainResult:
     ``Interrupted`` (130 / 143 / 129 for SIGINT / SIGTERM / SIGHUP, after a checkpoint).
     """
     config.validate()
+    reuse_freed_buffers()
     world = init_world()
     if config.batch_size % world.size:
         raise InputError(

@@ -32,7 +32,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
+from ..models import ops
 from ..objective import PAPER_VARIANT, Variant, mean_patch_error, next_patch_loss, predicted_patches
+from .optim import scaled_update
 
 
 def packed_prediction_index(
@@ -107,9 +109,7 @@ def cast_floats(params, dtype: mx.Dtype):
 
 def global_norm(grads) -> mx.array:
     """L2 norm of all gradients together."""
-    return mx.sqrt(
-        tree_reduce(lambda acc, g: acc + g.astype(mx.float32).square().sum(), grads, 0.0)
-    )
+    return mx.sqrt(tree_reduce(lambda acc, g: acc + ops.sum_of_squares(g), grads, 0.0))
 
 
 def accumulate_or_update(
@@ -133,11 +133,11 @@ def accumulate_or_update(
         grads = tree_map(lambda g: g / accum_steps, grads)
     if world_size > 1:
         grads = nn.average_gradients(grads)
-    if grad_clip > 0:
-        grads, norm = optim.clip_grad_norm(grads, grad_clip)
+    norm = global_norm(grads)
+    if grad_clip > 0:  # optim.clip_grad_norm's factor, applied inside the update
+        scaled_update(optimizer, model, grads, mx.minimum(grad_clip / (norm + 1e-6), 1.0))
     else:
-        norm = global_norm(grads)
-    optimizer.update(model, grads)
+        optimizer.update(model, grads)
     return norm
 
 

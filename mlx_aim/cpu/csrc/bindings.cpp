@@ -3,6 +3,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
 #include "kernels.h"
 
@@ -48,4 +49,23 @@ NB_MODULE(mlx_aim_kernels, m) {
       "stream"_a = nb::none(),
       "RMSNorm over the last axis of float32 x with a float32 weight, and its gradients\n"
       "(x, weight).");
+  m.def(
+      "adamw_update",
+      &mlx_aim::adamw_update,
+      "parameter"_a,
+      "gradient"_a,
+      "m"_a,
+      "v"_a,
+      "coefficients"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "One AdamW update of float32 (parameter, gradient, m, v): the new (parameter, m, v).\n"
+      "coefficients: float32 (gradient scale, decay, b1, 1 - b1, b2, 1 - b2, c1, c2, eps).");
+  m.def(
+      "sum_of_squares",
+      &mlx_aim::sum_of_squares,
+      "x"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "sum(x^2) of a float32 array, a float32 scalar summed in a fixed order.");
 }

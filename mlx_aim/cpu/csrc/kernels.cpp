@@ -9,34 +9,19 @@
 #include <string>
 
 #include "mlx/backend/cpu/encoder.h"
+#include "support.h"
 #include "vector_math.h"
 
 namespace mlx_aim {
 
 namespace {
 
-constexpr int64_t kGrain = 16384;  // elements a thread gets at least: smaller work stays serial
 constexpr float kInvSqrt2Pi = 0.3989422804014327f;
 constexpr float kLowest = std::numeric_limits<float>::lowest();
-
-void check_float32(const mx::array& a, const char* op) {
-  if (a.dtype() != mx::float32) {
-    throw std::invalid_argument(std::string("[mlx_aim.") + op + "] expects float32 input");
-  }
-}
 
 // Rows a thread gets at least, for rows of n elements.
 int64_t row_grain(int64_t n) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n));
-}
-
-// `out`'s buffer: that of `donor` when nothing else holds it, else a new one.
-void allocate(mx::array& out, const mx::array& donor) {
-  if (donor.is_donatable() && donor.flags().row_contiguous && donor.size() == out.size()) {
-    out.copy_shared_buffer(donor);
-  } else {
-    out.set_data(mx::allocator::malloc(out.nbytes()));
-  }
 }
 
 // Offset of row `row` (an index over all but the last axis) in an array of `shape`, `strides`.
@@ -218,11 +203,6 @@ void layer_norm_vjp_row(
     const float xhat = (x[j] - mean) * inv_std;
     dx[j] = inv_std * (g[j] * weight[j] - mean_gw - xhat * mean_gw_xhat);
   }
-}
-
-void no_gpu(const char* name) {
-  throw std::runtime_error(
-      std::string("[mlx_aim.") + name + "] runs on MLX's CPU backend only");
 }
 
 }  // namespace

@@ -42,6 +42,23 @@ mx::array rms_norm(
     float eps,
     mx::StreamOrDevice s = {});
 
+// One AdamW update of float32 (parameter, gradient, m, v), all of one shape: returns the new
+// (parameter, m, v). `coefficients` holds float32 (gradient scale, decay, b1, 1 - b1, b2, 1 - b2,
+// c1, c2, eps) and the update is, elementwise and in this order (mlx.optimizers.AdamW's ops):
+//   g = gradient * scale; m' = b1 m + (1 - b1) g; v' = b2 v + (1 - b2) g^2;
+//   parameter' = parameter * decay - (c1 m') / (sqrt(v') c2 + eps).
+std::vector<mx::array> adamw_update(
+    const mx::array& parameter,
+    const mx::array& gradient,
+    const mx::array& m,
+    const mx::array& v,
+    const mx::array& coefficients,
+    mx::StreamOrDevice s = {});
+
+// sum(x^2) of a float32 array as a float32 scalar, summed in fixed blocks (the same result on
+// any number of threads).
+mx::array sum_of_squares(const mx::array& x, mx::StreamOrDevice s = {});
+
 class Gelu : public mx::UnaryPrimitive {
  public:
   explicit Gelu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
@@ -189,6 +206,43 @@ class LayerNormVJP : public mx::Primitive {
  private:
   float eps_;
   bool centered_;  // LayerNorm (dbias too), else RMSNorm
+};
+
+// Inputs (parameter, gradient, m, v, coefficients), outputs (parameter, m, v): see adamw_update.
+// The gradient may be row- or column-major (a transposed weight's); the rest are row-major.
+class AdamW : public mx::Primitive {
+ public:
+  explicit AdamW(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimAdamW";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[0].shape(), inputs[0].shape()};
+  }
+};
+
+// sum(x^2) of a row-major float32 array, a scalar. Not differentiable (a gradient norm).
+class SumOfSquares : public mx::UnaryPrimitive {
+ public:
+  explicit SumOfSquares(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  const char* name() const override {
+    return "MlxAimSumOfSquares";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>&) override {
+    return {mx::Shape{}};
+  }
 };
 
 }  // namespace mlx_aim

@@ -1,0 +1,39 @@
+// What every primitive of mlx-aim's CPU kernels shares: the dtype check, the output buffer (donated
+// where MLX allows), the work grain of a thread and the error for a GPU stream.
+
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "mlx/allocator.h"
+#include "mlx/array.h"
+
+namespace mx = mlx::core;
+
+namespace mlx_aim {
+
+constexpr int64_t kGrain = 16384;  // elements a thread gets at least: smaller work stays serial
+
+inline void check_float32(const mx::array& a, const char* op) {
+  if (a.dtype() != mx::float32) {
+    throw std::invalid_argument(std::string("[mlx_aim.") + op + "] expects float32 input");
+  }
+}
+
+// `out`'s buffer: that of `donor` when nothing else holds it, else a new one.
+inline void allocate(mx::array& out, const mx::array& donor) {
+  if (donor.is_donatable() && donor.flags().row_contiguous && donor.size() == out.size()) {
+    out.copy_shared_buffer(donor);
+  } else {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  }
+}
+
+[[noreturn]] inline void no_gpu(const char* name) {
+  throw std::runtime_error(std::string("[mlx_aim.") + name + "] runs on MLX's CPU backend only");
+}
+
+}  // namespace mlx_aim
