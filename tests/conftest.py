@@ -7,3 +7,16 @@ import pytest
 @pytest.fixture(autouse=True)
 def _seed():
     mx.random.seed(0)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The native kernels module, built into the user cache once (skips where they cannot be had)."""
+    from mlx_aim.cpu import native
+
+    reason = native.unavailable_reason()
+    missing = native._missing_tools()
+    if reason or missing:
+        pytest.skip(f"native kernels: {reason or 'need ' + ', '.join(missing)}")
+    with mx.stream(mx.cpu):
+        return native._load(native.build_kernels())

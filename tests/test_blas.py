@@ -142,3 +142,31 @@ def test_matmuls_match_the_bundled_blas_to_fp32_rounding(found, tmp_path):
         bound = 2 * left.shape[-1] * np.finfo(np.float32).eps * (np.abs(left) @ np.abs(right))
         assert np.all(np.abs(fast[key] - reference[key]) <= bound), key
         assert np.abs(fast[key] - left @ right).max() < 1e-3, key
+
+
+@pytest.mark.parametrize(
+    "native, preset, seen",
+    [("1", None, "4"), ("0", None, None), ("1", "20", "20")],
+    ids=["native-on", "native-off", "user-setting"],
+)
+def test_openblas_loads_with_a_short_thread_timeout_while_the_native_kernels_are_on(
+    monkeypatch, native, preset, seen
+):
+    """Spinning OpenBLAS workers would take the cores from the native kernels between matmuls."""
+    from mlx_aim.cpu import blas
+
+    monkeypatch.setenv("MLX_AIM_NATIVE", native)
+    if preset is None:
+        monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_THREAD_TIMEOUT", preset)
+    at_load = []
+
+    def load(name, mode=0):
+        at_load.append(os.environ.get("OPENBLAS_THREAD_TIMEOUT"))
+        raise OSError("not a library")
+
+    monkeypatch.setattr(blas.ctypes, "CDLL", load)
+    assert blas._load("libopenblas.so.0", "system") is None
+    assert at_load == [seen]
+    assert os.environ.get("OPENBLAS_THREAD_TIMEOUT") == preset  # nothing left behind

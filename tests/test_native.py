@@ -23,17 +23,6 @@ from mlx_aim.models.layers import layer_norm, prefix_causal_mask, rms_norm
 LOWEST = np.finfo(np.float32).min
 
 
-@pytest.fixture(scope="module")
-def kernels():
-    """The kernels module, built into the user cache once (skips where they cannot be had)."""
-    reason = native.unavailable_reason()
-    missing = native._missing_tools()
-    if reason or missing:
-        pytest.skip(f"native kernels: {reason or 'need ' + ', '.join(missing)}")
-    with mx.stream(mx.cpu):
-        return native._load(native.build_kernels())
-
-
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """A process that has not tried the kernels yet, with an empty cache."""
@@ -137,8 +126,11 @@ def test_ops_use_the_kernels_on_the_cpu_and_the_portable_ones_when_off(kernels, 
     with mx.stream(mx.cpu):
         assert mx.array_equal(ops.gelu(x), kernels.gelu(x)).item()
         native_out = ops.attention(q, k, v, 0.5, mask)
+        assert mx.array_equal(native_out, kernels.attention(q, k, v, 0.5, mask)).item()
+        additive = mx.where(mask, 0.0, -1e9)  # no fused form: the native softmax
         scores = (q * 0.5) @ k.swapaxes(-1, -2)
-        assert mx.array_equal(native_out, kernels.softmax(scores, mask) @ v).item()
+        expected = kernels.softmax(scores, additive) @ v
+        assert mx.array_equal(ops.attention(q, k, v, 0.5, additive), expected).item()
 
         monkeypatch.setenv("MLX_AIM_NATIVE", "0")
         assert native.native_kernels() is None

@@ -6,6 +6,12 @@ before that import comes first in the symbol lookup, so MLX's ``cblas_sgemm``/``
 bind to it (OpenBLAS: about 35x faster here). Loading it after ``import mlx.core`` has no effect.
 A different BLAS sums in a different order: results agree to fp32 rounding, not bit for bit.
 
+OpenBLAS's worker threads spin for about 2^28 cycles (a tenth of a second) after each matmul
+before they sleep; on a machine with few cores that spinning takes the cores from the native
+kernels of ``mlx_aim.cpu.native``, which run between the matmuls. While the native kernels are on
+(``MLX_AIM_NATIVE`` not 0), OpenBLAS is loaded with ``OPENBLAS_THREAD_TIMEOUT=4`` (its workers
+sleep at once; waking them costs microseconds per matmul), unless that variable is set.
+
 Search order: ``MLX_AIM_BLAS`` (a library path, or ``off``); a BLAS already in the global scope
 (``LD_PRELOAD``); OpenBLAS (the ``ngsolve-openblas`` wheel, then the system's); MKL (the ``mkl``
 wheel of the ``fast-cpu`` extra, then the system's); BLIS. OpenBLAS comes before MKL because it
@@ -27,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 ENV_VAR = "MLX_AIM_BLAS"
+THREAD_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
 _OFF = {"off", "0", "none", "false", "no"}
 _SYSTEM_OPENBLAS = ("libopenblasp.so.0", "libopenblas.so.0")  # Fedora's pthread build, then any
 _SYSTEM_OTHERS = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libblis.so.4", "libblis.so.3")
@@ -156,9 +163,25 @@ def _candidates() -> list[tuple[str, str]]:
     return found + [(soname, "system") for soname in _SYSTEM_OTHERS]
 
 
+@contextlib.contextmanager
+def _openblas_settings() -> Iterator[None]:
+    """OpenBLAS reads its settings from the environment when it loads: a short thread timeout
+    while the native kernels are on (see the module docstring), put back afterwards."""
+    native_off = os.environ.get("MLX_AIM_NATIVE", "1").strip().lower() in _OFF
+    if native_off or THREAD_TIMEOUT_VAR in os.environ:
+        yield
+        return
+    os.environ[THREAD_TIMEOUT_VAR] = "4"
+    try:
+        yield
+    finally:
+        del os.environ[THREAD_TIMEOUT_VAR]
+
+
 def _load(name_or_path: str, source: str) -> BlasInfo | None:
     try:
-        lib = ctypes.CDLL(name_or_path, mode=ctypes.RTLD_GLOBAL)
+        with _openblas_settings():
+            lib = ctypes.CDLL(name_or_path, mode=ctypes.RTLD_GLOBAL)
     except OSError as error:
         logger.debug("cannot load %s: %s", name_or_path, error)
         return None

@@ -131,22 +131,31 @@ def _softmax_vjp(scores: mx.array, cotangent: mx.array, probs: mx.array) -> mx.a
     return probs * (cotangent - (cotangent * probs).sum(axis=-1, keepdims=True))
 
 
-def mask_array(scores: mx.array, mask: mx.array | str) -> mx.array:
-    """``mask`` as an array for ``scores``: ``"causal"`` becomes a boolean (N_q, N_k) mask."""
+def mask_array(mask: mx.array | str, n_q: int, n_k: int) -> mx.array:
+    """``mask`` as an array for (N_q, N_k) scores: ``"causal"`` becomes a boolean (N_q, N_k) mask."""
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"attention mask must be 'causal', an array or None, got {mask!r}")
-        n_q, n_k = scores.shape[-2:]
         mask = mx.arange(n_q)[:, None] + (n_k - n_q) >= mx.arange(n_k)[None]
     return mask
 
 
 def _masked(scores: mx.array, mask: mx.array | str) -> mx.array:
-    mask = mask_array(scores, mask)
+    mask = mask_array(mask, *scores.shape[-2:])
     if mask.dtype == mx.bool_:
         # the finite minimum, as mx.fast does: a fully masked row attends uniformly, never NaN
         return mx.where(mask, scores, mx.finfo(scores.dtype).min)
     return scores + mask.astype(scores.dtype)
+
+
+def _fusable(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None) -> bool:
+    """Whether the native fused attention takes these: float32 (B, H, N, d) arrays with the same
+    batch, heads and width, and no mask, ``"causal"`` or a boolean one."""
+    if any(a.dtype != mx.float32 or a.ndim != 4 for a in (q, k, v)):
+        return False
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        return False
+    return mask is None or isinstance(mask, str) or mask.dtype == mx.bool_
 
 
 def attention(
@@ -159,11 +168,16 @@ def attention(
 ) -> mx.array:
     """``softmax(q k^T * scale + mask) v`` over explicit scores, the softmax in float32.
 
-    ``native``: the compiled kernels of :mod:`mlx_aim.cpu.native` (their masked softmax), if built.
+    ``native``: the compiled kernels of :mod:`mlx_aim.cpu.native`, if built: their fused attention
+    (float32, one head per thread, no scores in memory) for a boolean mask or none, else their
+    masked softmax.
     """
+    if native is not None and _fusable(q, k, v, mask):
+        mask = None if mask is None else mask_array(mask, q.shape[2], k.shape[2])
+        return native.attention(q, k, v, scale, mask)
     scores = ((q * scale) @ k.swapaxes(-1, -2)).astype(mx.float32)
     if native is not None:
-        mask = None if mask is None else mask_array(scores, mask)
+        mask = None if mask is None else mask_array(mask, *scores.shape[-2:])
         return native.softmax(scores, mask).astype(v.dtype) @ v
     if mask is not None:
         scores = _masked(scores, mask)

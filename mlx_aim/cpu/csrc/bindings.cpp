@@ -68,4 +68,16 @@ NB_MODULE(mlx_aim_kernels, m) {
       nb::kw_only(),
       "stream"_a = nb::none(),
       "sum(x^2) of a float32 array, a float32 scalar summed in a fixed order.");
+  m.def(
+      "attention",
+      &mlx_aim::fused_attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      "scale"_a,
+      "mask"_a = nb::none(),
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "softmax(scale q k^T, masked) v for float32 (B, H, N, d) arrays, fused per head; an\n"
+      "optional boolean mask (True = attend). With its gradient.");
 }

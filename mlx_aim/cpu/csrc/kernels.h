@@ -55,6 +55,17 @@ std::vector<mx::array> adamw_update(
     const mx::array& coefficients,
     mx::StreamOrDevice s = {});
 
+// softmax(scale q k^T, masked) v for float32 (B, H, Nq, d) queries and (B, H, Nk, d) keys and
+// values, with an optional boolean mask (True = attend) broadcastable to (B, H, Nq, Nk); masked
+// scores are the float32 minimum (a fully masked row attends uniformly). With its gradient.
+mx::array fused_attention(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    float scale,
+    const std::optional<mx::array>& mask,
+    mx::StreamOrDevice s = {});
+
 // sum(x^2) of a float32 array as a float32 scalar, summed in fixed blocks (the same result on
 // any number of threads).
 mx::array sum_of_squares(const mx::array& x, mx::StreamOrDevice s = {});
@@ -243,6 +254,58 @@ class SumOfSquares : public mx::UnaryPrimitive {
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>&) override {
     return {mx::Shape{}};
   }
+};
+
+// Inputs (q, k, v[, mask broadcast to (B, H, Nq, Nk)]), outputs the attention in (B, Nq, H, d)
+// order and each query row's softmax (max, 1 / sum), (B, H, Nq, 2): see attention.cpp.
+class FusedAttention : public mx::Primitive {
+ public:
+  FusedAttention(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimFusedAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const FusedAttention&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const auto& q = inputs[0].shape();
+    return {{q[0], q[2], q[1], q[3]}, {q[0], q[1], q[2], 2}};
+  }
+
+ private:
+  float scale_;
+};
+
+// Inputs (q, k, v, attention, softmax stats, cotangent of the attention[, mask]), outputs (dq, dk,
+// dv) in (B, N, H, d) order.
+class FusedAttentionVJP : public mx::Primitive {
+ public:
+  FusedAttentionVJP(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimFusedAttentionVJP";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return scale_ == static_cast<const FusedAttentionVJP&>(other).scale_;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const auto& q = inputs[0].shape();
+    const auto& k = inputs[1].shape();
+    return {{q[0], q[2], q[1], q[3]}, {k[0], k[2], k[1], k[3]}, {k[0], k[2], k[1], k[3]}};
+  }
+
+ private:
+  float scale_;
 };
 
 }  // namespace mlx_aim
