@@ -1,5 +1,6 @@
-"""Forward + backward time of masked softmax, GELU, LayerNorm and RMSNorm on the CPU: the native
-kernels (mlx_aim/cpu/native.py), the portable ones (mlx_aim.cpu.kernels; mx.fast), PyTorch eager.
+"""Forward + backward time of attention, masked softmax, GELU, LayerNorm and RMSNorm on the CPU,
+and of one AdamW update of the model: the native kernels (mlx_aim/cpu/native.py), the portable ones
+(mlx_aim.cpu.kernels; mx.fast; MLX's AdamW), PyTorch eager.
 
 Each cell: median wall time / median CPU time of this process (all its threads), which a busy
 machine disturbs less. ``taskset -c 0`` with ``OMP_NUM_THREADS=1`` measures one core.
@@ -15,18 +16,21 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 
 import mlx_aim  # noqa: F401
 import mlx.core as mx
+import mlx.optimizers as optim
 import numpy as np
 import torch
+from mlx.utils import tree_flatten, tree_map
 
 from mlx_aim.benchmark.suite import resolve_config
 from mlx_aim.cpu import kernels as portable
 from mlx_aim.cpu.native import native_kernels, native_status
 from mlx_aim.models import build_model
 from mlx_aim.models.layers import prefix_causal_mask
-from mlx_aim.train.optim import build_optimizer, warmup_cosine
+from mlx_aim.train.optim import AdamW, build_optimizer, scaled_update, warmup_cosine
 from mlx_aim.train.step import make_train_step
 
 
@@ -107,7 +111,8 @@ def main() -> None:
 
 
 def op_table(kernels, config: dict, b: int, repeats: int) -> None:
-    """Masked softmax, GELU and the norms at the config's shapes: native, portable, torch."""
+    """Attention, masked softmax, GELU and the norms at the config's shapes: native, portable,
+    torch; then one AdamW update of the model."""
     trunk = config.get("encoder", config)
     width, heads = trunk["embed_dim"], trunk["num_heads"]
     tokens = (trunk["image_size"] // trunk["patch_size"]) ** 2
@@ -120,7 +125,17 @@ def op_table(kernels, config: dict, b: int, repeats: int) -> None:
     weight, bias = mx.random.normal((width,)), mx.random.normal((width,))
     weight_t, bias_t = torch.tensor(np.array(weight)), torch.tensor(np.array(bias))
     lowest = torch.finfo(torch.float32).min
+    qkv = mx.random.normal((3, b, heads, tokens, width // heads))
+    scale = (width // heads) ** -0.5
     cases = {
+        f"attention, q k v {tuple(qkv.shape[1:])} each, prefix-causal": (
+            qkv,
+            lambda x: kernels.attention(x[0], x[1], x[2], scale, mask),
+            lambda x: portable.attention(x[0], x[1], x[2], scale, mask),
+            lambda x: torch.nn.functional.scaled_dot_product_attention(
+                x[0], x[1], x[2], attn_mask=mask_t
+            ),
+        ),
         f"masked softmax {tuple(scores.shape)}": (
             scores,
             lambda s: kernels.softmax(s, mask),
@@ -149,7 +164,7 @@ def op_table(kernels, config: dict, b: int, repeats: int) -> None:
     print("| op, forward + backward (wall / CPU) | native | portable (compiled) | torch eager |")
     print("|---|---|---|---|")
     for name, (x, native_fn, portable_fn, torch_fn) in cases.items():
-        g = mx.random.normal(x.shape)
+        g = mx.random.normal(native_fn(x).shape)
         mx.eval(x, g)
         times = [
             median_ms(mlx_fwd_bwd(native_fn, x, g), repeats),
@@ -157,6 +172,39 @@ def op_table(kernels, config: dict, b: int, repeats: int) -> None:
             median_ms(torch_fwd_bwd(torch_fn, x, g), repeats),
         ]
         print(f"| {name} | " + " | ".join(times) + " |")
+    optimizer_row(config, repeats)
+
+
+def optimizer_row(config: dict, repeats: int) -> None:
+    """One AdamW update (clipping factor included) of the whole pre-training model."""
+    model = build_model(config)
+    params = dict(tree_flatten(model.trainable_parameters()))
+    grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, model.trainable_parameters())
+    scale = mx.array(0.5)
+    mx.eval(params, grads)
+    runs = []
+    for adamw in (AdamW, optim.AdamW):  # mlx-aim's (native on the CPU), MLX's
+        optimizer = adamw(learning_rate=1e-4, weight_decay=0.05)
+        optimizer.init(model.trainable_parameters())
+        state = [model.state, optimizer.state]
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def update(optimizer=optimizer):
+            scaled_update(optimizer, model, grads, scale)
+
+        runs.append(lambda update=update, state=state: (update(), mx.eval(state)))
+    tensors = [torch.tensor(np.array(p)).requires_grad_() for p in params.values()]
+    for tensor, grad in zip(tensors, tree_flatten(grads), strict=True):
+        tensor.grad = torch.tensor(np.array(grad[1]))
+    torch_optimizer = torch.optim.AdamW(tensors, lr=1e-4, weight_decay=0.05)
+
+    def torch_update():
+        torch.nn.utils.clip_grad_norm_(tensors, 1.0)
+        torch_optimizer.step()
+
+    count = sum(p.size for p in params.values()) / 1e6
+    times = [median_ms(run, repeats) for run in (*runs, torch_update)]
+    print(f"| AdamW update, {count:.1f} M parameters | " + " | ".join(times) + " |")
 
 
 if __name__ == "__main__":

@@ -283,3 +283,11 @@ def test_an_unwritable_output_exits_3_before_training(tmp_path, tiny_model, imag
     assert result.returncode == ExitCode.OUTPUT
     assert result.stderr.strip().startswith("error: cannot create the output directory")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_bfloat16_on_the_cpu_runs_and_says_how_slow_it_is(tmp_path, tiny_model, images):
+    result = train(config(tmp_path, tiny_model, images, steps=1, dtype="bfloat16"))
+    assert math.isfinite(result.final_loss)
+    log = (tmp_path / "train.log").read_text()
+    on_cpu = mx.default_device() == mx.cpu
+    assert ("bfloat16 on MLX's CPU backend" in log) == on_cpu

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <vector>
@@ -59,14 +60,22 @@ inline float half_erf(float a) {
   return a * p / q;
 }
 
-// Cores this process may run on (its affinity mask), read once.
+// Threads a kernel may use: the cores this process may run on (its affinity mask), at most
+// OMP_NUM_THREADS when that is set (the usual knob, which PyTorch and OpenBLAS honor too). Read once.
 inline int usable_cores() {
   static const int cores = [] {
+    int count = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-      return std::max(1, CPU_COUNT(&set));
+      count = std::max(1, CPU_COUNT(&set));
     }
-    return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    if (const char* limit = std::getenv("OMP_NUM_THREADS")) {
+      const int threads = std::atoi(limit);
+      if (threads > 0) {
+        count = std::min(count, threads);
+      }
+    }
+    return count;
   }();
   return cores;
 }
