@@ -11,10 +11,10 @@
 #include <limits>
 #include <cstring>
 #include <memory>
+#include <tuple>
 #include <vector>
 
 #include "kernels.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "small_gemm.h"
 #include "support.h"
 #include "vector_math.h"
@@ -217,23 +217,6 @@ void zero_masked(float* s, const bool* keep, int64_t n) {
   }
 }
 
-float row_max(const float* s, int64_t n) {
-  Vec16 max = Vec16{} - std::numeric_limits<float>::infinity();
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const Vec16 v = load16(s + j);
-    max = v > max ? v : max;
-  }
-  float result = -std::numeric_limits<float>::infinity();
-  for (int lane = 0; lane < 16; ++lane) {
-    result = std::max(result, max[lane]);
-  }
-  for (; j < n; ++j) {
-    result = std::max(result, s[j]);
-  }
-  return result;
-}
-
 // A row of scores s (in place) becomes its softmax over the keys, masked keys at the float32
 // minimum; writes the row's (max, 1 / sum).
 void softmax_row(
@@ -245,20 +228,7 @@ void softmax_row(
   if (keep != nullptr) {
     mask_row(s, keep, nk);
   }
-  const float max = row_max(s, nk);
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < nk; ++j) {
-    s[j] = exp_nonpositive(s[j] - max);
-    sum += s[j];
-  }
-  const float inv_sum = 1.0f / sum;
-#pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) {
-    s[j] *= inv_sum;
-  }
-  *max_out = max;
-  *inv_sum_out = inv_sum;
+  std::tie(*max_out, *inv_sum_out) = softmax_in_place(s, nk);
 }
 
 // A row of P from its scores s (in place) and the forward pass's (max, 1 / sum): the same
@@ -461,13 +431,7 @@ void FusedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   for (auto& output : outputs) {
     output.set_data(mx::allocator::malloc(output.nbytes()));
   }
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  for (auto& output : outputs) {
-    encoder.set_output_array(output);
-  }
+  auto& encoder = encoder_for(stream(), inputs, outputs);
   encoder.dispatch([inputs, out = outputs[0].data<float>(), stats = outputs[1].data<float>(),
                     scale = scale_] {
     const auto& q = inputs[0];
@@ -525,13 +489,7 @@ void FusedAttentionVJP::eval_cpu(
   for (auto& output : outputs) {
     output.set_data(mx::allocator::malloc(output.nbytes()));
   }
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  for (auto& output : outputs) {
-    encoder.set_output_array(output);
-  }
+  auto& encoder = encoder_for(stream(), inputs, outputs);
   encoder.dispatch([inputs,
                     dq = outputs[0].data<float>(),
                     dk = outputs[1].data<float>(),

@@ -8,7 +8,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "mlx/backend/cpu/encoder.h"
 #include "support.h"
 #include "vector_math.h"
 
@@ -59,39 +58,21 @@ struct MaskView {
 
 void softmax_row(const float* scores, const MaskView& mask, int64_t r, int64_t n, float* out) {
   const int64_t step = mask.step;
-  float max = -std::numeric_limits<float>::infinity();
   if (mask.kind == MaskKind::Boolean) {
     const bool* keep = mask.row<bool>(r);
-#pragma omp simd reduction(max : max)
     for (int64_t j = 0; j < n; ++j) {
       out[j] = keep[j * step] ? scores[j] : kLowest;
-      max = std::max(max, out[j]);
     }
   } else if (mask.kind == MaskKind::Additive) {
     const float* add = mask.row<float>(r);
-#pragma omp simd reduction(max : max)
+#pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       out[j] = scores[j] + add[j * step];
-      max = std::max(max, out[j]);
     }
   } else {
-#pragma omp simd reduction(max : max)
-    for (int64_t j = 0; j < n; ++j) {
-      out[j] = scores[j];
-      max = std::max(max, out[j]);
-    }
+    std::copy(scores, scores + n, out);
   }
-  float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = exp_nonpositive(out[j] - max);
-    sum += out[j];
-  }
-  const float inv_sum = 1.0f / sum;
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] *= inv_sum;
-  }
+  softmax_in_place(out, n);
 }
 
 void softmax_vjp_row(
@@ -293,9 +274,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::S
 void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   allocate(out, x);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_output_array(out);
+  auto& encoder = encoder_for(stream(), inputs, out);
   encoder.dispatch([x = x.data<float>(), out = out.data<float>(), n = int64_t(out.size())] {
     parallel_for(n, kGrain, [=](int64_t begin, int64_t end) {
 #pragma omp simd
@@ -311,10 +290,7 @@ void GeluVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   const auto& cotangent = inputs[1];
   allocate(out, cotangent);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_input_array(cotangent);
-  encoder.set_output_array(out);
+  auto& encoder = encoder_for(stream(), inputs, out);
   encoder.dispatch([x = x.data<float>(),
                     g = cotangent.data<float>(),
                     out = out.data<float>(),
@@ -333,11 +309,7 @@ void GeluVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 void Softmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& scores = inputs[0];
   allocate(out, scores);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  encoder.set_output_array(out);
+  auto& encoder = encoder_for(stream(), inputs, out);
   const int64_t n = scores.shape().back();
   const int64_t rows = n == 0 ? 0 : int64_t(scores.size()) / n;
   encoder.dispatch([scores = scores.data<float>(),
@@ -357,11 +329,7 @@ void SoftmaxVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
   const auto& probs = inputs[0];
   const auto& cotangent = inputs[1];
   allocate(out, cotangent);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  encoder.set_output_array(out);
+  auto& encoder = encoder_for(stream(), inputs, out);
   const int64_t n = probs.shape().back();
   const int64_t rows = n == 0 ? 0 : int64_t(probs.size()) / n;
   const auto kind = inputs.size() > 2 ? MaskKind::Boolean : MaskKind::None;
@@ -382,11 +350,7 @@ void SoftmaxVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
 void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   allocate(out, x);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  encoder.set_output_array(out);
+  auto& encoder = encoder_for(stream(), inputs, out);
   const int64_t n = x.shape().back();
   const int64_t rows = n == 0 ? 0 : int64_t(x.size()) / n;
   encoder.dispatch([x = x.data<float>(),
@@ -411,13 +375,7 @@ void LayerNormVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   for (size_t i = 1; i < outputs.size(); ++i) {
     outputs[i].set_data(mx::allocator::malloc(outputs[i].nbytes()));
   }
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  for (auto& output : outputs) {
-    encoder.set_output_array(output);
-  }
+  auto& encoder = encoder_for(stream(), inputs, outputs);
   const int64_t n = x.shape().back();
   const int64_t rows = n == 0 ? 0 : int64_t(x.size()) / n;
   encoder.dispatch([x = x.data<float>(),

@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "kernels.h"
-#include "mlx/backend/cpu/encoder.h"
 #include "support.h"
 #include "vector_math.h"
 
@@ -140,13 +139,7 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
   allocate(outputs[0], inputs[0]);
   allocate(outputs[1], inputs[2]);
   allocate(outputs[2], inputs[3]);
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  for (auto& output : outputs) {
-    encoder.set_output_array(output);
-  }
+  auto& encoder = encoder_for(stream(), inputs, outputs);
   const bool transposed = !gradient.flags().row_contiguous;  // then column-major, 2-D
   const int64_t rows = transposed ? gradient.shape(0) : 1;
   const int64_t size = gradient.size();
@@ -182,9 +175,7 @@ void AdamW::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
 void SumOfSquares::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const auto& x = inputs[0];
   out.set_data(mx::allocator::malloc(out.nbytes()));
-  auto& encoder = mx::cpu::get_command_encoder(stream());
-  encoder.set_input_array(x);
-  encoder.set_output_array(out);
+  auto& encoder = encoder_for(stream(), inputs, out);
   encoder.dispatch([x = x.data<float>(), out = out.data<float>(), n = int64_t(x.size())] {
     const int64_t blocks = (n + kSquaresBlock - 1) / kSquaresBlock;
     std::vector<float> sums(blocks);

@@ -10,6 +10,8 @@
 #include <cstring>
 #include <vector>
 
+#include "vector_math.h"
+
 namespace mlx_aim {
 
 // Rows of C per micro-tile: 8 x 2 vector accumulators fit AVX-512's 32 registers, 4 x 2 the rest.
@@ -22,19 +24,6 @@ constexpr int64_t kTileCols = 32;  // columns of C per micro-tile (two 16-float 
 
 inline int64_t round_up(int64_t n, int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;
-}
-
-// 16 floats; the compiler maps it onto the CPU's vectors (one AVX-512 register, two AVX ones).
-typedef float Vec16 __attribute__((vector_size(64)));
-
-inline Vec16 load16(const float* p) {
-  Vec16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store16(float* p, Vec16 v) {
-  std::memcpy(p, &v, sizeof(v));
 }
 
 // C = A B, or C = A^T B when TransposeA, for row-major A (M x K, or K x M when transposed; row

@@ -1,5 +1,6 @@
 // What every primitive of mlx-aim's CPU kernels shares: the dtype check, the output buffer (donated
-// where MLX allows), the work grain of a thread and the error for a GPU stream.
+// where MLX allows), the command encoder, the work grain of a thread and the error for a GPU
+// stream.
 
 #pragma once
 
@@ -7,9 +8,11 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "mlx/allocator.h"
 #include "mlx/array.h"
+#include "mlx/backend/cpu/encoder.h"
 
 namespace mx = mlx::core;
 
@@ -30,6 +33,32 @@ inline void allocate(mx::array& out, const mx::array& donor) {
   } else {
     out.set_data(mx::allocator::malloc(out.nbytes()));
   }
+}
+
+// The stream's command encoder with a primitive's inputs and outputs registered (MLX keeps them
+// alive until the work dispatched on it has run).
+inline mx::cpu::CommandEncoder& encoder_for(
+    mx::Stream stream,
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  for (auto& output : outputs) {
+    encoder.set_output_array(output);
+  }
+  return encoder;
+}
+
+inline mx::cpu::CommandEncoder&
+encoder_for(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& output) {
+  auto& encoder = mx::cpu::get_command_encoder(stream);
+  for (const auto& input : inputs) {
+    encoder.set_input_array(input);
+  }
+  encoder.set_output_array(output);
+  return encoder;
 }
 
 [[noreturn]] inline void no_gpu(const char* name) {

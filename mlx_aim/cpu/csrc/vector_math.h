@@ -1,5 +1,5 @@
 // Float32 exp and erf from plain arithmetic, so that loops over them vectorize (no libm calls),
-// and a row-parallel loop over the cores this process may use.
+// a vectorized row max and softmax, and a row-parallel loop over the cores this process may use.
 
 #pragma once
 
@@ -10,7 +10,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace mlx_aim {
@@ -58,6 +60,54 @@ inline float half_erf(float a) {
                 s * (0.0019308149340320222f +
                      s * (7.603796684841192e-05f + s * 1.1712551652742244e-06f))));
   return a * p / q;
+}
+
+// 16 floats; the compiler maps it onto the CPU's vectors (one AVX-512 register, two AVX ones).
+typedef float Vec16 __attribute__((vector_size(64)));
+
+inline Vec16 load16(const float* p) {
+  Vec16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store16(float* p, Vec16 v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// max of s[0..n), 16 lanes at a time (GCC does not vectorize a float max reduction by itself).
+inline float row_max(const float* s, int64_t n) {
+  Vec16 lanes = Vec16{} - std::numeric_limits<float>::infinity();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const Vec16 v = load16(s + j);
+    lanes = v > lanes ? v : lanes;
+  }
+  float max = -std::numeric_limits<float>::infinity();
+  for (int lane = 0; lane < 16; ++lane) {
+    max = std::max(max, lanes[lane]);
+  }
+  for (; j < n; ++j) {
+    max = std::max(max, s[j]);
+  }
+  return max;
+}
+
+// s[0..n) (in place) becomes its softmax; returns (max, 1 / sum of the exponentials).
+inline std::pair<float, float> softmax_in_place(float* s, int64_t n) {
+  const float max = row_max(s, n);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_nonpositive(s[j] - max);
+    sum += s[j];
+  }
+  const float inv_sum = 1.0f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= inv_sum;
+  }
+  return {max, inv_sum};
 }
 
 // Threads a kernel may use: the cores this process may run on (its affinity mask), at most
