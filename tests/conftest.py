@@ -15,7 +15,7 @@ def kernels():
     from mlx_aim.cpu import native
 
     reason = native.unavailable_reason()
-    missing = native._missing_tools()
+    missing = native.missing_build_tools()
     if reason or missing:
         pytest.skip(f"native kernels: {reason or 'need ' + ', '.join(missing)}")
     with mx.stream(mx.cpu):

@@ -145,17 +145,23 @@ def test_matmuls_match_the_bundled_blas_to_fp32_rounding(found, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "native, preset, seen",
-    [("1", None, "4"), ("0", None, None), ("1", "20", "20")],
-    ids=["native-on", "native-off", "user-setting"],
+    "native, tools, preset, seen",
+    [
+        ("1", [], None, "4"),
+        ("0", [], None, None),
+        ("1", ["cmake"], None, None),
+        ("1", [], "20", "20"),
+    ],
+    ids=["native-on", "native-off", "cannot-build", "user-setting"],
 )
 def test_openblas_loads_with_a_short_thread_timeout_while_the_native_kernels_are_on(
-    monkeypatch, native, preset, seen
+    monkeypatch, native, tools, preset, seen
 ):
     """Spinning OpenBLAS workers would take the cores from the native kernels between matmuls."""
     from mlx_aim.cpu import blas
 
     monkeypatch.setenv("MLX_AIM_NATIVE", native)
+    monkeypatch.setattr(blas, "missing_build_tools", lambda: tools)
     if preset is None:
         monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
     else:

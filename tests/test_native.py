@@ -312,7 +312,7 @@ def test_without_a_compiler_one_line_says_so_and_the_portable_kernels_run(
 def test_a_failed_build_is_reported_once_and_not_retried_until_asked(fresh, monkeypatch, caplog):
     if native.unavailable_reason():
         pytest.skip(native.unavailable_reason())
-    monkeypatch.setattr(native, "_missing_tools", lambda: [])
+    monkeypatch.setattr(native, "missing_build_tools", lambda: [])
 
     def failing_compile(build_dir: Path) -> Path:
         raise native.NativeBuildError("their build failed: boom", log="LOG")
@@ -336,7 +336,7 @@ def test_a_failed_build_is_reported_once_and_not_retried_until_asked(fresh, monk
 def test_an_unwritable_cache_turns_the_kernels_off_with_one_line(fresh, monkeypatch, caplog):
     if native.unavailable_reason():
         pytest.skip(native.unavailable_reason())
-    monkeypatch.setattr(native, "_missing_tools", lambda: [])
+    monkeypatch.setattr(native, "missing_build_tools", lambda: [])
     not_a_directory = fresh / "file"
     not_a_directory.write_text("")
     monkeypatch.setenv("MLX_AIM_CACHE", str(not_a_directory))
@@ -346,7 +346,7 @@ def test_an_unwritable_cache_turns_the_kernels_off_with_one_line(fresh, monkeypa
 
 
 def test_concurrent_builds_each_put_a_whole_module_in_place(fresh, monkeypatch):
-    monkeypatch.setattr(native, "_missing_tools", lambda: [])
+    monkeypatch.setattr(native, "missing_build_tools", lambda: [])
     monkeypatch.setattr(native, "_check_nanobind_abi", lambda built: None)
     both_building = threading.Barrier(2, timeout=10)
 
@@ -391,3 +391,41 @@ def test_build_kernels_command_reports_one_line(fresh, monkeypatch):
     assert result.output.strip().splitlines() == [
         "error: native CPU kernels do not apply here (MLX_AIM_NATIVE=0)"
     ]
+
+
+def silu_gate_and_grads64(gate, value, cotangent):
+    a, b, g = (np.array(t, np.float64) for t in (gate, value, cotangent))
+    sig = 1 / (1 + np.exp(-a))
+    return a * sig * b, (g * b * sig * (1 + a * (1 - sig)), g * a * sig)
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 13), (256, 2816)], ids=str)  # last: 2 threads
+def test_silu_gate_and_its_gradients_match_float64(kernels, shape):
+    gate, value, g = mx.random.normal(shape) * 6, mx.random.normal(shape), mx.random.normal(shape)
+    (out,), grads = mx.vjp(kernels.silu_gate, [gate, value], [g])
+    expected, expected_grads = silu_gate_and_grads64(gate, value, g)
+    assert_parity(out, expected, rel=1e-6, name="silu gate")
+    for name, grad, reference in zip(("gate", "value"), grads, expected_grads, strict=True):
+        assert_parity(grad, reference, rel=1e-6, name=f"d {name}")
+
+
+def test_silu_gate_is_exact_far_out_and_keeps_nan(kernels):
+    gate = mx.array([np.nan, 0.0, 100.0, -100.0, 3e38, -3e38], mx.float32)
+    out = kernels.silu_gate(gate, mx.ones(gate.shape))
+    expected = np.array([np.nan, 0.0, 100.0, 0.0, 3e38, 0.0], np.float32)
+    np.testing.assert_array_equal(np.array(out), expected)
+
+
+def test_swiglu_uses_the_native_gate_for_float32_only(kernels, monkeypatch):
+    from mlx_aim.models.layers import SwiGLU
+
+    monkeypatch.setattr(native, "_state", {"module": kernels})
+    monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
+    mlp, x = SwiGLU(16, 40), mx.random.normal((2, 5, 16))
+    with mx.stream(mx.cpu):
+        out = mlp(x)
+        gate, value = mlp.fc1(x), mlp.fc3(x)
+        assert mx.array_equal(out, mlp.fc2(kernels.silu_gate(gate, value))).item()
+        assert_parity(out, mlp.fc2(mx.sigmoid(gate) * gate * value), rel=1e-6)
+        half = ops.silu_gate(gate.astype(mx.bfloat16), value.astype(mx.bfloat16))  # MLX's ops
+    assert half.dtype == mx.bfloat16

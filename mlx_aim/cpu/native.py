@@ -35,6 +35,8 @@ from types import ModuleType
 
 import mlx.core as mx
 
+from .toolchain import cmake_path, missing_build_tools
+
 ENV_VAR = "MLX_AIM_NATIVE"
 MODULE_NAME = "mlx_aim_kernels"
 SOURCE_DIR = Path(__file__).parent / "csrc"
@@ -82,7 +84,7 @@ def native_status() -> str:
         return f"on ({module_path()})"
     if _failure_log().exists():
         return f"off (the build failed, see {_failure_log()})"
-    missing = _missing_tools()
+    missing = missing_build_tools()
     if missing:
         return f"off (they need {', '.join(missing)}: {HINT})"
     return "not built yet (builds on first use, or run `mlx-aim build-kernels`)"
@@ -97,7 +99,7 @@ def build_kernels(force: bool = False) -> Path:
     target = module_path()
     if target.exists() and not force:
         return target
-    missing = _missing_tools()
+    missing = missing_build_tools()
     if missing:
         raise NativeBuildError(f"they need {', '.join(missing)}: {HINT}")
     logger.info("building mlx-aim's native CPU kernels (once) into %s", target)
@@ -163,7 +165,7 @@ def _compile(build_dir: Path) -> Path:
 
     mlx_cmake = _run([sys.executable, "-m", "mlx", "--cmake-dir"], build_dir).strip()
     configure = [
-        _cmake(),
+        cmake_path(),
         "-S",
         str(SOURCE_DIR),
         "-B",
@@ -175,7 +177,7 @@ def _compile(build_dir: Path) -> Path:
     if shutil.which("ninja"):
         configure += ["-G", "Ninja"]
     _run(configure, build_dir)
-    _run([_cmake(), "--build", str(build_dir), "--parallel"], build_dir)
+    _run([cmake_path(), "--build", str(build_dir), "--parallel"], build_dir)
     built = sorted(build_dir.glob(f"{MODULE_NAME}*.so"))
     if not built:
         raise NativeBuildError(f"their build wrote no module in {build_dir}")
@@ -213,20 +215,6 @@ def _check_nanobind_abi(built: Path) -> None:
 def _nanobind_key(binary: Path) -> str | None:
     found = _NANOBIND_KEY.search(binary.read_bytes())
     return found.group().decode() if found else None
-
-
-def _missing_tools() -> list[str]:
-    missing = [] if importlib.util.find_spec("nanobind") else ["nanobind"]
-    if _cmake() is None:
-        missing.append("cmake")
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "c++", "g++", "clang++") if c):
-        missing.append("a C++ compiler")
-    return missing
-
-
-def _cmake() -> str | None:
-    """cmake on PATH, or the one the ``cmake`` wheel put next to this Python."""
-    return shutil.which("cmake") or shutil.which("cmake", path=str(Path(sys.executable).parent))
 
 
 def _failure_log() -> Path:

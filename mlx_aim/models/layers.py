@@ -154,7 +154,7 @@ class SwiGLU(nn.Module):
         self.fc3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(nn.silu(self.fc1(x)) * self.fc3(x))
+        return self.fc2(ops.silu_gate(self.fc1(x), self.fc3(x)))
 
 
 class Block(nn.Module):

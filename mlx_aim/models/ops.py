@@ -1,14 +1,14 @@
-"""GELU, attention, the norms and the optimizer's update: the backend-dependent ops, same math
-everywhere.
+"""GELU, SwiGLU's gate, attention, the norms and the optimizer's update: the backend-dependent
+ops, same math everywhere.
 
 GPU backends (Metal, CUDA) run MLX's fused ``nn.gelu``, ``mx.fast.scaled_dot_product_attention``,
 ``mx.fast.layer_norm`` and ``mx.fast.rms_norm``. On the CPU, where those are slow scalar loops,
-the native C++ kernels of ``mlx_aim.cpu.native`` run where they could be built (Linux, float32),
-else the float32-accurate compiled kernels of ``mlx_aim.cpu.kernels`` (GELU, attention) or
-``mx.fast`` (the norms). The optimizer's AdamW update and gradient norm run natively too where
-they can (``adamw_kernels``, ``sum_of_squares``). Set ``MLX_AIM_FAST_MATH=0`` to use MLX's ops on every backend; float64
-inputs always do. The choice is made when an op is called, so a compiled function keeps the one
-made while it was traced.
+the native C++ kernels of ``mlx_aim.cpu.native`` run where they could be built (Linux, float32):
+GELU, SwiGLU's ``silu(gate) * value``, attention, the norms, and the optimizer's AdamW update and
+gradient norm (``adamw_kernels``, ``sum_of_squares``); else the float32-accurate compiled kernels
+of ``mlx_aim.cpu.kernels`` (GELU, attention) or MLX's ops. Set ``MLX_AIM_FAST_MATH=0`` to use
+MLX's ops on every backend; float64 inputs always do. The choice is made when an op is called, so
+a compiled function keeps the one made while it was traced.
 """
 
 from __future__ import annotations
@@ -41,6 +41,15 @@ def gelu(x: mx.array) -> mx.array:
         return nn.gelu(x)
     native = native_kernels() if x.dtype == mx.float32 else None
     return native.gelu(x) if native is not None else kernels.gelu(x)
+
+
+def silu_gate(gate: mx.array, value: mx.array) -> mx.array:
+    """``silu(gate) * value``, SwiGLU's activation."""
+    if gate.dtype == value.dtype == mx.float32 and gate.shape == value.shape:
+        native = native_kernels() if fast_math_enabled(gate) else None
+        if native is not None:
+            return native.silu_gate(gate, value)
+    return nn.silu(gate) * value
 
 
 def attention(

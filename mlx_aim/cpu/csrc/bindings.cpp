@@ -80,4 +80,13 @@ NB_MODULE(mlx_aim_kernels, m) {
       "stream"_a = nb::none(),
       "softmax(scale q k^T, masked) v for float32 (B, H, N, d) arrays, fused per head; an\n"
       "optional boolean mask (True = attend). With its gradient.");
+  m.def(
+      "silu_gate",
+      &mlx_aim::silu_gate,
+      "gate"_a,
+      "value"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "silu(gate) * value of float32 arrays of one shape (SwiGLU's activation), with its\n"
+      "gradient.");
 }

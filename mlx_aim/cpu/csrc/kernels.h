@@ -55,6 +55,10 @@ std::vector<mx::array> adamw_update(
     const mx::array& coefficients,
     mx::StreamOrDevice s = {});
 
+// silu(gate) * value = gate sigmoid(gate) value of float32 arrays of one shape (SwiGLU's
+// activation), with its gradient.
+mx::array silu_gate(const mx::array& gate, const mx::array& value, mx::StreamOrDevice s = {});
+
 // softmax(scale q k^T, masked) v for float32 (B, H, Nq, d) queries and (B, H, Nk, d) keys and
 // values, with an optional boolean mask (True = attend) broadcastable to (B, H, Nq, Nk); masked
 // scores are the float32 minimum (a fully masked row attends uniformly). With its gradient.
@@ -306,6 +310,47 @@ class FusedAttentionVJP : public mx::Primitive {
 
  private:
   float scale_;
+};
+
+// Inputs (gate, value): silu(gate) * value.
+class SiluGate : public mx::UnaryPrimitive {
+ public:
+  explicit SiluGate(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::array> vjp(
+      const std::vector<mx::array>& primals,
+      const std::vector<mx::array>& cotangents,
+      const std::vector<int>& argnums,
+      const std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimSiluGate";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+// Inputs (gate, value, cotangent), outputs the gradients (gate, value) of silu(gate) * value.
+class SiluGateVJP : public mx::Primitive {
+ public:
+  explicit SiluGateVJP(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  const char* name() const override {
+    return "MlxAimSiluGateVJP";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape(), inputs[0].shape()};
+  }
 };
 
 }  // namespace mlx_aim
