@@ -2,9 +2,11 @@
 
 - ``blas``: load an optimized BLAS before ``mlx.core`` (the wheel bundles netlib's reference BLAS);
 - ``streams``: split inference batches over CPU streams;
+- ``memory``: let MLX's CPU allocator reuse freed buffers, as Metal's does;
 - ``kernels``: float32-accurate GELU and softmax attention that ``mx.compile`` vectorizes;
-- ``native``: the same two ops as C++ MLX primitives (``csrc/``), built once per machine.
+- ``native``: C++ MLX primitives (``csrc/``: attention, GELU, SwiGLU's gate, the norms, AdamW),
+  built once per machine with the tools ``toolchain`` finds.
 
-The model reaches the kernels only through ``mlx_aim.models.ops``. This ``__init__`` imports
+The model and the optimizer reach the kernels only through ``mlx_aim.models.ops``. This ``__init__`` imports
 nothing: ``blas`` must run before anything loads ``mlx.core``.
 """

@@ -1,9 +1,11 @@
-"""Native CPU kernels: mlx-aim's C++ GELU, softmax and norm primitives for MLX's Linux CPU backend.
+"""Native CPU kernels: mlx-aim's C++ primitives for MLX's Linux CPU backend.
 
-MLX's x86 CPU backend runs elementwise ops and softmax single-threaded and unvectorized. The C++
-primitives in ``csrc/`` (MLX's extension mechanism: a ``Primitive`` with ``eval_cpu`` and ``vjp``,
-nanobind bindings) compute exact GELU, masked softmax, LayerNorm and RMSNorm, forward and backward,
-vectorized for this CPU and split over its cores, in float32. They work inside ``mx.compile``.
+MLX's x86 CPU backend runs elementwise ops and softmax single-threaded and unvectorized, and
+attention as one small BLAS call per head. The C++ primitives in ``csrc/`` (MLX's extension
+mechanism: a ``Primitive`` with ``eval_cpu`` and ``vjp``, nanobind bindings) compute fused
+attention, exact GELU, SwiGLU's gate, masked softmax, LayerNorm and RMSNorm, forward and backward,
+and the AdamW update and sum of squares of the optimizer, vectorized for this CPU and split over
+its cores, in float32. They work inside ``mx.compile``.
 
 They are compiled on the user's machine, once, into ``$MLX_AIM_CACHE/native`` (else
 ``~/.cache/mlx-aim/native``), keyed by the MLX, nanobind and Python versions, the CPU's flags and
@@ -64,8 +66,8 @@ class NativeBuildError(RuntimeError):
 
 
 def native_kernels() -> ModuleType | None:
-    """The compiled kernels (``gelu``, ``softmax``, ``layer_norm``, ``rms_norm``), built into the
-    cache on first use, or None where they do not apply or cannot be had: then one warning says
+    """The compiled kernels (``attention``, ``gelu``, ``silu_gate``, ``softmax``, ``layer_norm``,
+    ``rms_norm``, ``adamw_update``, ``sum_of_squares``), built into the cache on first use, or None where they do not apply or cannot be had: then one warning says
     why and how to enable them."""
     if unavailable_reason() is not None:
         return None
