@@ -30,8 +30,8 @@ from mlx_aim.cpu import kernels as portable
 from mlx_aim.cpu.native import native_kernels, native_status
 from mlx_aim.models import build_model
 from mlx_aim.models.layers import prefix_causal_mask
-from mlx_aim.train.optim import AdamW, build_optimizer, scaled_update, warmup_cosine
-from mlx_aim.train.step import make_train_step
+from mlx_aim.train.optim import AdamW, build_optimizer, warmup_cosine
+from mlx_aim.train.step import accumulate_or_update, make_train_step
 
 
 def timed(run) -> tuple[float, float]:
@@ -176,21 +176,23 @@ def op_table(kernels, config: dict, b: int, repeats: int) -> None:
 
 
 def optimizer_row(config: dict, repeats: int) -> None:
-    """One AdamW update (clipping factor included) of the whole pre-training model."""
+    """One AdamW update of the whole pre-training model, with the gradient norm and clipping."""
     model = build_model(config)
     params = dict(tree_flatten(model.trainable_parameters()))
     grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, model.trainable_parameters())
-    scale = mx.array(0.5)
     mx.eval(params, grads)
     runs = []
-    for adamw in (AdamW, optim.AdamW):  # mlx-aim's (native on the CPU), MLX's
+    for adamw in (AdamW, optim.AdamW):  # mlx-aim's training code (native on the CPU), MLX's own
         optimizer = adamw(learning_rate=1e-4, weight_decay=0.05)
         optimizer.init(model.trainable_parameters())
         state = [model.state, optimizer.state]
 
         @partial(mx.compile, inputs=state, outputs=state)
         def update(optimizer=optimizer):
-            scaled_update(optimizer, model, grads, scale)
+            if isinstance(optimizer, AdamW):
+                accumulate_or_update(model, optimizer, grads, None, True, 1, 1, grad_clip=1.0)
+            else:
+                optimizer.update(model, optim.clip_grad_norm(grads, 1.0)[0])
 
         runs.append(lambda update=update, state=state: (update(), mx.eval(state)))
     tensors = [torch.tensor(np.array(p)).requires_grad_() for p in params.values()]

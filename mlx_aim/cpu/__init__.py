@@ -7,6 +7,6 @@
 - ``native``: C++ MLX primitives (``csrc/``: attention, GELU, SwiGLU's gate, the norms, AdamW),
   built once per machine with the tools ``toolchain`` finds.
 
-The model and the optimizer reach the kernels only through ``mlx_aim.models.ops``. This ``__init__`` imports
-nothing: ``blas`` must run before anything loads ``mlx.core``.
+The model and the optimizer reach the kernels only through ``mlx_aim.models.ops``. This
+``__init__`` imports nothing: ``blas`` must run before anything loads ``mlx.core``.
 """

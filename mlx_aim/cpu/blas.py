@@ -9,8 +9,9 @@ A different BLAS sums in a different order: results agree to fp32 rounding, not 
 OpenBLAS's worker threads spin for about 2^28 cycles (a tenth of a second) after each matmul
 before they sleep; on a machine with few cores that spinning takes the cores from the native
 kernels of ``mlx_aim.cpu.native``, which run between the matmuls. While the native kernels are on
-(``MLX_AIM_NATIVE`` not 0, and the tools to build them present), OpenBLAS is loaded with ``OPENBLAS_THREAD_TIMEOUT=4`` (its workers
-sleep at once; waking them costs microseconds per matmul), unless that variable is set.
+(``MLX_AIM_NATIVE`` not 0, and the tools to build them present), OpenBLAS is loaded with
+``OPENBLAS_THREAD_TIMEOUT=4`` (its workers sleep at once; waking them costs microseconds per
+matmul), unless that variable is set.
 
 Search order: ``MLX_AIM_BLAS`` (a library path, or ``off``); a BLAS already in the global scope
 (``LD_PRELOAD``); OpenBLAS (the ``ngsolve-openblas`` wheel, then the system's); MKL (the ``mkl``
@@ -32,7 +33,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .toolchain import missing_build_tools
+from .toolchain import missing_build_tools, switched_off
 
 ENV_VAR = "MLX_AIM_BLAS"
 THREAD_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
@@ -170,8 +171,7 @@ def _openblas_settings() -> Iterator[None]:
     """OpenBLAS reads its settings from the environment when it loads: a short thread timeout
     when the native kernels will run (on, and buildable here; see the module docstring), put back
     afterwards."""
-    native_off = os.environ.get("MLX_AIM_NATIVE", "1").strip().lower() in _OFF
-    if native_off or THREAD_TIMEOUT_VAR in os.environ or missing_build_tools():
+    if switched_off() or THREAD_TIMEOUT_VAR in os.environ or missing_build_tools():
         yield
         return
     os.environ[THREAD_TIMEOUT_VAR] = "4"

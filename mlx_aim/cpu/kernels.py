@@ -132,7 +132,7 @@ def _softmax_vjp(scores: mx.array, cotangent: mx.array, probs: mx.array) -> mx.a
 
 
 def mask_array(mask: mx.array | str, n_q: int, n_k: int) -> mx.array:
-    """``mask`` as an array for (N_q, N_k) scores: ``"causal"`` becomes a boolean (N_q, N_k) mask."""
+    """``mask`` as an array for (N_q, N_k) scores: ``"causal"`` becomes a boolean one."""
     if isinstance(mask, str):
         if mask != "causal":
             raise ValueError(f"attention mask must be 'causal', an array or None, got {mask!r}")

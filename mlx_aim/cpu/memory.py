@@ -16,8 +16,9 @@ MLX_DEFAULT_CPU_CACHE_LIMIT = 32 << 20  # CommonAllocator's default
 
 
 def reuse_freed_buffers() -> int | None:
-    """On the CPU backend, raise MLX's buffer-cache limit (see the module docstring); returns the new
-    limit in bytes, or None when nothing changed (another backend, or a limit the program set)."""
+    """On the CPU backend, raise MLX's buffer-cache limit (see the module docstring); returns the
+    new limit in bytes, or None when nothing changed (another backend, or a limit the program set).
+    """
     if mx.default_device() != mx.cpu:
         return None
     previous = mx.set_cache_limit(MLX_DEFAULT_CPU_CACHE_LIMIT)

@@ -37,9 +37,8 @@ from types import ModuleType
 
 import mlx.core as mx
 
-from .toolchain import cmake_path, missing_build_tools
+from .toolchain import ENV_VAR, cmake_path, missing_build_tools, switched_off
 
-ENV_VAR = "MLX_AIM_NATIVE"
 MODULE_NAME = "mlx_aim_kernels"
 SOURCE_DIR = Path(__file__).parent / "csrc"
 BUILD_TIMEOUT_S = 300
@@ -47,7 +46,6 @@ HINT = (
     "install them (pip install 'mlx-aim[native]'; a C++ compiler such as g++), "
     "then run `mlx-aim build-kernels`"
 )
-_OFF = ("0", "false", "off", "no")
 # nanobind's internals key (platform ABI and internals version): an extension shares MLX's types
 # only when the nanobind it was built with writes the same key as MLX's.
 _NANOBIND_KEY = re.compile(rb"nanobind[A-Za-z0-9_]*?_a\d+_v\d+(?:_stable)?")
@@ -67,8 +65,9 @@ class NativeBuildError(RuntimeError):
 
 def native_kernels() -> ModuleType | None:
     """The compiled kernels (``attention``, ``gelu``, ``silu_gate``, ``softmax``, ``layer_norm``,
-    ``rms_norm``, ``adamw_update``, ``sum_of_squares``), built into the cache on first use, or None where they do not apply or cannot be had: then one warning says
-    why and how to enable them."""
+    ``rms_norm``, ``adamw_update``, ``sum_of_squares``), built into the cache on first use, or
+    None where they do not apply or cannot be had: then one warning says why and how to enable
+    them."""
     if unavailable_reason() is not None:
         return None
     with _lock:
@@ -127,7 +126,7 @@ def module_path() -> Path:
 def unavailable_reason() -> str | None:
     """Why the kernels are not for this process (``MLX_AIM_NATIVE=0``, not Linux, a GPU
     backend), or None where they are."""
-    if os.environ.get(ENV_VAR, "1").strip().lower() in _OFF:
+    if switched_off():
         return f"{ENV_VAR}=0"
     if platform.system() != "Linux":
         return "Linux only"

@@ -1,5 +1,5 @@
-"""The tools that build the native CPU kernels: found without importing MLX, so that
-``mlx_aim.cpu.blas`` can ask before MLX loads whether the kernels are likely to run."""
+"""Whether the native CPU kernels may run: their switch and the tools that build them, read without
+importing MLX, so that ``mlx_aim.cpu.blas`` can ask before MLX loads."""
 
 from __future__ import annotations
 
@@ -8,6 +8,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+
+ENV_VAR = "MLX_AIM_NATIVE"
+_OFF = ("0", "false", "off", "no")
+
+
+def switched_off() -> bool:
+    """Whether ``MLX_AIM_NATIVE`` turns the native kernels off (0, false, off, no)."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() in _OFF
 
 
 def cmake_path() -> str | None:

@@ -92,12 +92,4 @@ void SiluGateVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   });
 }
 
-void SiluGate::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu(name());
-}
-
-void SiluGateVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  no_gpu(name());
-}
-
 }  // namespace mlx_aim

@@ -110,13 +110,7 @@ struct HeadShape {
 
 // One thread's buffer for one head's matrix, zeroed once: every head writes the same region of it,
 // and what lies outside (the padding) only feeds rows and columns of products that are dropped.
-struct Buffer {
-  std::vector<float> values;
-  explicit Buffer(int64_t size) : values(size, 0.0f) {}
-  float* data() {
-    return values.data();
-  }
-};
+using Buffer = std::vector<float>;
 
 // rows x cols of `src` (row(b, h, r)) into dst (row stride ld), times `scale`.
 void gather(
@@ -187,33 +181,18 @@ void scatter(
 typedef uint8_t Flags16 __attribute__((vector_size(16)));
 typedef int32_t Int16 __attribute__((vector_size(64)));
 
-// s[j] = kLowest where keep[j] is false, 16 at a time (GCC vectorizes neither this select nor
-// the max below on its own).
-void mask_row(float* s, const bool* keep, int64_t n) {
-  const Vec16 lowest = Vec16{} + kLowest;
+// s[j] = fill where keep[j] is false, 16 at a time (GCC does not vectorize this select by itself).
+void fill_masked(float* s, const bool* keep, int64_t n, float fill) {
+  const Vec16 fills = Vec16{} + fill;
   int64_t j = 0;
   for (; j + 16 <= n; j += 16) {
     Flags16 flags;
     std::memcpy(&flags, keep + j, sizeof(flags));
     const Int16 kept = __builtin_convertvector(flags, Int16) != 0;
-    store16(s + j, kept ? load16(s + j) : lowest);
+    store16(s + j, kept ? load16(s + j) : fills);
   }
   for (; j < n; ++j) {
-    s[j] = keep[j] ? s[j] : kLowest;
-  }
-}
-
-// s[j] = 0 where keep[j] is false.
-void zero_masked(float* s, const bool* keep, int64_t n) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    Flags16 flags;
-    std::memcpy(&flags, keep + j, sizeof(flags));
-    const Int16 kept = __builtin_convertvector(flags, Int16) != 0;
-    store16(s + j, kept ? load16(s + j) : Vec16{});
-  }
-  for (; j < n; ++j) {
-    s[j] = keep[j] ? s[j] : 0.0f;
+    s[j] = keep[j] ? s[j] : fill;
   }
 }
 
@@ -226,7 +205,7 @@ void softmax_row(
     float* max_out,
     float* inv_sum_out) {
   if (keep != nullptr) {
-    mask_row(s, keep, nk);
+    fill_masked(s, keep, nk, kLowest);
   }
   std::tie(*max_out, *inv_sum_out) = softmax_in_place(s, nk);
 }
@@ -240,7 +219,7 @@ void probabilities_row(
     float max,
     float inv_sum) {
   if (keep != nullptr) {
-    mask_row(s, keep, nk);
+    fill_masked(s, keep, nk, kLowest);
   }
 #pragma omp simd
   for (int64_t j = 0; j < nk; ++j) {
@@ -347,7 +326,7 @@ void probabilities_and_score_grads(
       for (int64_t j = 0; j < n.nk; ++j) {
         ds[j] = p[j] * (ds[j] - dot);
       }
-      zero_masked(ds, keep, n.nk);
+      fill_masked(ds, keep, n.nk, 0.0f);
     }
   }
 }
@@ -427,7 +406,9 @@ mx::array fused_attention(
   return heads_first(outputs[0], s);
 }
 
-void FusedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+void FusedAttention::eval_cpu(
+    const std::vector<mx::array>& inputs,
+    std::vector<mx::array>& outputs) {
   for (auto& output : outputs) {
     output.set_data(mx::allocator::malloc(output.nbytes()));
   }
@@ -446,9 +427,10 @@ void FusedAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
         HeadShape(q.shape(2), inputs[1].shape(2), q.shape(3)),
         out,
         stats};
-    for_each_head<ForwardBuffers>(args.batch, args.heads, args.shape, [&](int64_t b, int64_t h, auto& w) {
-      forward_head(args, b, h, w);
-    });
+    for_each_head<ForwardBuffers>(
+        args.batch, args.heads, args.shape, [&](int64_t b, int64_t h, auto& w) {
+          forward_head(args, b, h, w);
+        });
   });
 }
 
@@ -511,18 +493,11 @@ void FusedAttentionVJP::eval_cpu(
         dq,
         dk,
         dv};
-    for_each_head<BackwardBuffers>(args.batch, args.heads, args.shape, [&](int64_t b, int64_t h, auto& w) {
-      backward_head(args, b, h, w);
-    });
+    for_each_head<BackwardBuffers>(
+        args.batch, args.heads, args.shape, [&](int64_t b, int64_t h, auto& w) {
+          backward_head(args, b, h, w);
+        });
   });
-}
-
-void FusedAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  no_gpu(name());
-}
-
-void FusedAttentionVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  no_gpu(name());
 }
 
 }  // namespace mlx_aim

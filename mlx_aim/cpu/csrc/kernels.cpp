@@ -419,30 +419,6 @@ void LayerNormVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   });
 }
 
-void Gelu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu(name());
-}
-
-void GeluVJP::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu(name());
-}
-
-void Softmax::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu(name());
-}
-
-void SoftmaxVJP::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu(name());
-}
-
-void LayerNorm::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu(name());
-}
-
-void LayerNormVJP::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  no_gpu(name());
-}
-
 std::vector<mx::array> Gelu::jvp(
     const std::vector<mx::array>& primals,
     const std::vector<mx::array>& tangents,

@@ -1,5 +1,6 @@
-// Multithreaded, vectorized float32 CPU primitives for mlx-aim: exact GELU, (masked) row softmax
-// and LayerNorm, each with a native backward pass.
+// Multithreaded, vectorized float32 CPU primitives for mlx-aim: fused attention, exact GELU,
+// SwiGLU's gate, (masked) row softmax, LayerNorm and RMSNorm, each with a native backward pass, and
+// the optimizer's AdamW update and sum of squares.
 
 #pragma once
 
@@ -7,6 +8,7 @@
 
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
+#include "support.h"
 
 namespace mx = mlx::core;
 
@@ -74,12 +76,41 @@ mx::array fused_attention(
 // any number of threads).
 mx::array sum_of_squares(const mx::array& x, mx::StreamOrDevice s = {});
 
-class Gelu : public mx::UnaryPrimitive {
+// What the CPU-only primitives share: eval_gpu refuses (they never run on a GPU stream), and one
+// without parameters is equivalent to any other of its class (those with parameters compare them).
+// CpuUnaryPrimitive's output has its first input's shape unless a subclass says otherwise.
+class CpuUnaryPrimitive : public mx::UnaryPrimitive {
  public:
-  explicit Gelu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  using mx::UnaryPrimitive::UnaryPrimitive;
+
+  void eval_gpu(const std::vector<mx::array>&, mx::array&) override {
+    no_gpu(name());
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+class CpuPrimitive : public mx::Primitive {
+ public:
+  using mx::Primitive::Primitive;
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    no_gpu(name());
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
+class Gelu : public CpuUnaryPrimitive {
+ public:
+  explicit Gelu(mx::Stream stream) : CpuUnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   std::vector<mx::array> jvp(
       const std::vector<mx::array>& primals,
       const std::vector<mx::array>& tangents,
@@ -95,39 +126,25 @@ class Gelu : public mx::UnaryPrimitive {
   const char* name() const override {
     return "MlxAimGelu";
   }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
-  }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
 };
 
 // cotangent * GELU'(x): inputs (x, cotangent).
-class GeluVJP : public mx::UnaryPrimitive {
+class GeluVJP : public CpuUnaryPrimitive {
  public:
-  explicit GeluVJP(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit GeluVJP(mx::Stream stream) : CpuUnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
     return "MlxAimGeluVJP";
-  }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
-  }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
   }
 };
 
 // Inputs (scores) or (scores, mask broadcast to the scores' shape).
-class Softmax : public mx::UnaryPrimitive {
+class Softmax : public CpuUnaryPrimitive {
  public:
-  Softmax(mx::Stream stream, MaskKind mask) : mx::UnaryPrimitive(stream), mask_(mask) {}
+  Softmax(mx::Stream stream, MaskKind mask) : CpuUnaryPrimitive(stream), mask_(mask) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals,
       const std::vector<mx::array>& cotangents,
@@ -139,9 +156,6 @@ class Softmax : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     return mask_ == static_cast<const Softmax&>(other).mask_;
   }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
 
  private:
   MaskKind mask_;
@@ -150,31 +164,23 @@ class Softmax : public mx::UnaryPrimitive {
 // probs * (cotangent - sum(cotangent * probs)) per row: inputs (probs, cotangent) or, for a
 // boolean mask, (probs, cotangent, mask), which zeroes the masked entries (the gradient of
 // where(mask, scores, min) with respect to the scores).
-class SoftmaxVJP : public mx::UnaryPrimitive {
+class SoftmaxVJP : public CpuUnaryPrimitive {
  public:
-  explicit SoftmaxVJP(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit SoftmaxVJP(mx::Stream stream) : CpuUnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
     return "MlxAimSoftmaxVJP";
-  }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
-  }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
   }
 };
 
 // Inputs (x, weight, bias): LayerNorm, the mean and variance of each row in float32, two-pass; or
 // (x, weight): RMSNorm. All contiguous.
-class LayerNorm : public mx::UnaryPrimitive {
+class LayerNorm : public CpuUnaryPrimitive {
  public:
-  LayerNorm(mx::Stream stream, float eps) : mx::UnaryPrimitive(stream), eps_(eps) {}
+  LayerNorm(mx::Stream stream, float eps) : CpuUnaryPrimitive(stream), eps_(eps) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals,
       const std::vector<mx::array>& cotangents,
@@ -186,9 +192,6 @@ class LayerNorm : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override {
     return eps_ == static_cast<const LayerNorm&>(other).eps_;
   }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
 
  private:
   float eps_;
@@ -197,13 +200,12 @@ class LayerNorm : public mx::UnaryPrimitive {
 // The gradients of LayerNorm: inputs (x, weight, cotangent), outputs (dx, dweight, dbias), or of
 // RMSNorm: outputs (dx, dweight). Each row's moments are recomputed; dweight and dbias are summed
 // per thread, then added.
-class LayerNormVJP : public mx::Primitive {
+class LayerNormVJP : public CpuPrimitive {
  public:
   LayerNormVJP(mx::Stream stream, float eps, bool centered)
-      : mx::Primitive(stream), eps_(eps), centered_(centered) {}
+      : CpuPrimitive(stream), eps_(eps), centered_(centered) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxAimLayerNormVJP";
   }
@@ -225,17 +227,13 @@ class LayerNormVJP : public mx::Primitive {
 
 // Inputs (parameter, gradient, m, v, coefficients), outputs (parameter, m, v): see adamw_update.
 // The gradient may be row- or column-major (a transposed weight's); the rest are row-major.
-class AdamW : public mx::Primitive {
+class AdamW : public CpuPrimitive {
  public:
-  explicit AdamW(mx::Stream stream) : mx::Primitive(stream) {}
+  explicit AdamW(mx::Stream stream) : CpuPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxAimAdamW";
-  }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape(), inputs[0].shape(), inputs[0].shape()};
@@ -243,17 +241,13 @@ class AdamW : public mx::Primitive {
 };
 
 // sum(x^2) of a row-major float32 array, a scalar. Not differentiable (a gradient norm).
-class SumOfSquares : public mx::UnaryPrimitive {
+class SumOfSquares : public CpuUnaryPrimitive {
  public:
-  explicit SumOfSquares(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit SumOfSquares(mx::Stream stream) : CpuUnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
     return "MlxAimSumOfSquares";
-  }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>&) override {
     return {mx::Shape{}};
@@ -262,12 +256,11 @@ class SumOfSquares : public mx::UnaryPrimitive {
 
 // Inputs (q, k, v[, mask broadcast to (B, H, Nq, Nk)]), outputs the attention in (B, Nq, H, d)
 // order and each query row's softmax (max, 1 / sum), (B, H, Nq, 2): see attention.cpp.
-class FusedAttention : public mx::Primitive {
+class FusedAttention : public CpuPrimitive {
  public:
-  FusedAttention(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+  FusedAttention(mx::Stream stream, float scale) : CpuPrimitive(stream), scale_(scale) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals,
       const std::vector<mx::array>& cotangents,
@@ -290,12 +283,11 @@ class FusedAttention : public mx::Primitive {
 
 // Inputs (q, k, v, attention, softmax stats, cotangent of the attention[, mask]), outputs (dq, dk,
 // dv) in (B, N, H, d) order.
-class FusedAttentionVJP : public mx::Primitive {
+class FusedAttentionVJP : public CpuPrimitive {
  public:
-  FusedAttentionVJP(mx::Stream stream, float scale) : mx::Primitive(stream), scale_(scale) {}
+  FusedAttentionVJP(mx::Stream stream, float scale) : CpuPrimitive(stream), scale_(scale) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxAimFusedAttentionVJP";
   }
@@ -313,12 +305,11 @@ class FusedAttentionVJP : public mx::Primitive {
 };
 
 // Inputs (gate, value): silu(gate) * value.
-class SiluGate : public mx::UnaryPrimitive {
+class SiluGate : public CpuUnaryPrimitive {
  public:
-  explicit SiluGate(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  explicit SiluGate(mx::Stream stream) : CpuUnaryPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   std::vector<mx::array> vjp(
       const std::vector<mx::array>& primals,
       const std::vector<mx::array>& cotangents,
@@ -327,26 +318,16 @@ class SiluGate : public mx::UnaryPrimitive {
   const char* name() const override {
     return "MlxAimSiluGate";
   }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
-  }
-  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
-    return {inputs[0].shape()};
-  }
 };
 
 // Inputs (gate, value, cotangent), outputs the gradients (gate, value) of silu(gate) * value.
-class SiluGateVJP : public mx::Primitive {
+class SiluGateVJP : public CpuPrimitive {
  public:
-  explicit SiluGateVJP(mx::Stream stream) : mx::Primitive(stream) {}
+  explicit SiluGateVJP(mx::Stream stream) : CpuPrimitive(stream) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
-  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   const char* name() const override {
     return "MlxAimSiluGateVJP";
-  }
-  bool is_equivalent(const mx::Primitive&) const override {
-    return true;
   }
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape(), inputs[0].shape()};

@@ -194,12 +194,4 @@ void SumOfSquares::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out
   });
 }
 
-void AdamW::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
-  no_gpu(name());
-}
-
-void SumOfSquares::eval_gpu(const std::vector<mx::array>&, mx::array&) {
-  no_gpu(name());
-}
-
 }  // namespace mlx_aim

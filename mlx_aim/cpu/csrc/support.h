@@ -53,12 +53,8 @@ inline mx::cpu::CommandEncoder& encoder_for(
 
 inline mx::cpu::CommandEncoder&
 encoder_for(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& output) {
-  auto& encoder = mx::cpu::get_command_encoder(stream);
-  for (const auto& input : inputs) {
-    encoder.set_input_array(input);
-  }
-  encoder.set_output_array(output);
-  return encoder;
+  std::vector<mx::array> outputs = {output};  // an array is a handle: the same buffer
+  return encoder_for(stream, inputs, outputs);
 }
 
 [[noreturn]] inline void no_gpu(const char* name) {

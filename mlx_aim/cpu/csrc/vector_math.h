@@ -111,7 +111,8 @@ inline std::pair<float, float> softmax_in_place(float* s, int64_t n) {
 }
 
 // Threads a kernel may use: the cores this process may run on (its affinity mask), at most
-// OMP_NUM_THREADS when that is set (the usual knob, which PyTorch and OpenBLAS honor too). Read once.
+// OMP_NUM_THREADS when that is set (the usual knob, which PyTorch and OpenBLAS honor too). Read
+// once.
 inline int usable_cores() {
   static const int cores = [] {
     int count = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
