@@ -61,9 +61,9 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
     import mlx.core as mx
     import numpy as np
 
-    from mlx_aim.captioning import Captioner
-    from mlx_aim.images import ImageError, find_images, open_image
+    from mlx_aim.data.images import ImageError, find_images, open_image
     from mlx_aim.io import check_destination, write_text
+    from mlx_aim.tasks.caption import Captioner
 
     if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or temperature < 0:
         raise fail("--batch-size and --max-tokens must be >= 1 and --temperature >= 0")

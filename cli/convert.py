@@ -57,7 +57,7 @@ def convert_command(
     """
     import mlx.core as mx
 
-    from mlx_aim.convert import convert
+    from mlx_aim.checkpoints.convert import convert
 
     with reported_errors():
         if dtype is not None and dtype not in DTYPES:

@@ -12,7 +12,7 @@ import typer
 
 from mlx_aim.errors import InputError, OutputError
 from mlx_aim.io import check_destination
-from mlx_aim.text import plural
+from mlx_aim.messages import plural
 
 from .errors import (
     EXIT_CODES_HELP,
@@ -25,8 +25,8 @@ from .errors import (
 from .progress import progress_bars, working
 
 if TYPE_CHECKING:
-    from mlx_aim.embed import Embedder, EmbedResult
-    from mlx_aim.images import ImageError
+    from mlx_aim.data.images import ImageError
+    from mlx_aim.tasks.embed import Embedder, EmbedResult
 
 DTYPES = ("float32", "bfloat16", "float16")
 SLOW_ON_CPU = "on a CPU, bfloat16, float16 and --quantize run 9-15x slower than float32"
@@ -93,7 +93,7 @@ def _embed_texts(
     import mlx.core as mx
 
     import mlx_aim
-    from mlx_aim.embed import embed_texts, save_embeddings
+    from mlx_aim.tasks.embed import embed_texts, save_embeddings
 
     with working(f"loading {model}", enabled=not quiet):
         net = mlx_aim.load(model, dtype=getattr(mx, dtype))
@@ -138,7 +138,7 @@ def _pooling(pool: str, tokens: bool, layers: str | None) -> str:
 def _check_options(
     pool: str, layers: str | None, dtype: str, quantize: int | None, batch_size: int, workers: int
 ) -> None:
-    from mlx_aim.embed import POOLS
+    from mlx_aim.tasks.embed import POOLS
 
     if pool not in POOLS:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
@@ -156,7 +156,7 @@ def _check_options(
 
 def _check_output(output: Path, model: str, force: bool) -> None:
     """Refuse, before any work, an output that cannot or must not be written."""
-    from mlx_aim.embed import output_files
+    from mlx_aim.tasks.embed import output_files
 
     files = output_files(output)
     source = Path(model).expanduser()
@@ -177,8 +177,8 @@ def find_files(
     paths: list[str], output: Path | None, report: Callable[[ImageError], None]
 ) -> list[Path]:
     """The image files named by ``paths``; refuses names that ``output`` cannot record."""
-    from mlx_aim.embed import check_sources
-    from mlx_aim.images import find_images
+    from mlx_aim.data.images import find_images
+    from mlx_aim.tasks.embed import check_sources
 
     files, errors = find_images(_sources(paths))
     for error in errors:
@@ -205,10 +205,10 @@ def _load_embedder(
     import mlx.core as mx
 
     import mlx_aim
-    from mlx_aim.embed import Embedder, output_format
-    from mlx_aim.embed import quantize as quantize_model
-    from mlx_aim.features import vision_model
-    from mlx_aim.probe import resolve_layers
+    from mlx_aim.tasks.embed import Embedder, output_format
+    from mlx_aim.tasks.embed import quantize as quantize_model
+    from mlx_aim.tasks.features import vision_model
+    from mlx_aim.tasks.probe import resolve_layers
 
     net = mlx_aim.load(model, dtype=getattr(mx, dtype))
     try:
@@ -254,7 +254,7 @@ def _warn_if_slow(dtype: str, quantize: int | None) -> None:
 
 
 def _write(output: Path, result: EmbedResult, pool: str, quiet: bool) -> None:
-    from mlx_aim.embed import save_embeddings
+    from mlx_aim.tasks.embed import save_embeddings
 
     written = save_embeddings(output, result.embeddings, result.paths)
     if not quiet:

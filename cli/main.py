@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
-
 import typer
+
+from . import bench, caption, convert, embed, kernels, models, probe, train, zero_shot
 
 app = typer.Typer(
     name="mlx-aim",
@@ -15,19 +15,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# The modules under cli/ that each add their command(s) to ``app`` with ``register(app)``, in the
-# order ``mlx-aim --help`` lists them.
-COMMANDS = (
-    "models",
-    "convert",
-    "train",
-    "probe",
-    "embed",
-    "zero_shot",
-    "caption",
-    "bench",
-    "kernels",
-)
+# The command modules, each adding its command to ``app`` with ``register(app)``, in the order
+# ``mlx-aim --help`` lists them. Each imports its heavy dependencies inside the command.
+COMMANDS = (models, convert, train, probe, embed, zero_shot, caption, bench, kernels)
 
 
 def version_callback(value: bool) -> None:
@@ -55,8 +45,8 @@ def main(
     """AIM and AIMv2 image models in MLX."""
 
 
-for _name in COMMANDS:
-    importlib.import_module(f"cli.{_name}").register(app)
+for _command in COMMANDS:
+    _command.register(app)
 
 if __name__ == "__main__":
     app()

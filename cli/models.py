@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
 
 def model_rows() -> list[tuple[str, ...]]:
     """One row of :data:`HEADER` per registry entry."""
-    from mlx_aim.registry import REGISTRY
+    from mlx_aim.checkpoints.registry import REGISTRY
 
     rows = []
     for name, entry in REGISTRY.items():
@@ -56,7 +56,7 @@ def models_command() -> None:
 
     Example: [bold]mlx-aim models[/bold]
     """
-    from mlx_aim.registry import REGISTRY
+    from mlx_aim.checkpoints.registry import REGISTRY
 
     with reported_errors():
         for line in columns(HEADER, model_rows()):

@@ -15,11 +15,13 @@ import mlx.nn
 import typer
 
 import mlx_aim
-from mlx_aim.datasets import builtin_dataset
+from mlx_aim.checkpoints.registry import LAPTOP_ARCHITECTURES
+from mlx_aim.data.builtin import builtin_dataset
 from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, InputError, OutputError
-from mlx_aim.features import FeatureCache
 from mlx_aim.io import check_destination
-from mlx_aim.probe import (
+from mlx_aim.messages import plural
+from mlx_aim.tasks.features import FeatureCache
+from mlx_aim.tasks.probe import (
     Hooks,
     ProbeConfig,
     check_classes,
@@ -32,8 +34,6 @@ from mlx_aim.probe import (
     save_probe,
     train_probe,
 )
-from mlx_aim.registry import LAPTOP_ARCHITECTURES
-from mlx_aim.text import plural
 
 from .errors import err_console, prepare_cpu_backend, reported_errors, warn
 from .options import config_options

@@ -9,7 +9,7 @@ import typer
 
 from mlx_aim.errors import InputError
 from mlx_aim.io import check_destination, read_text
-from mlx_aim.text import plural
+from mlx_aim.messages import plural
 
 from .embed import DTYPES, end_partial, find_files, skip_reporter
 from .errors import EXIT_CODES_HELP, err_console, prepare_cpu_backend, reported_errors
@@ -27,7 +27,7 @@ def _labels(labels: str | None, labels_file: Path | None) -> list[str]:
 
 
 def _templates(template: str | None, templates: str | None) -> list[str]:
-    from mlx_aim.zero_shot import TEMPLATE, template_set
+    from mlx_aim.tasks.zero_shot import TEMPLATE, template_set
 
     if template is not None and templates is not None:
         raise InputError("give --template or --templates, not both")
@@ -136,7 +136,7 @@ def _check_options(top_k: int, batch_size: int, dtype: str, workers: int) -> Non
 
 
 def _check_output(output: Path, force: bool) -> None:
-    from mlx_aim.zero_shot import prediction_format
+    from mlx_aim.tasks.zero_shot import prediction_format
 
     try:
         prediction_format(output)
@@ -151,7 +151,7 @@ def _load_classifier(
     import mlx.core as mx
 
     import mlx_aim
-    from mlx_aim.zero_shot import ZeroShotClassifier
+    from mlx_aim.tasks.zero_shot import ZeroShotClassifier
 
     with working(f"loading {model}", enabled=not quiet):
         net = mlx_aim.load(model, dtype=getattr(mx, dtype))
@@ -173,7 +173,7 @@ def _report(
 
 
 def _write(output: Path, paths: list[str], top: list, n_labels: int, quiet: bool) -> None:
-    from mlx_aim.zero_shot import save_predictions
+    from mlx_aim.tasks.zero_shot import save_predictions
 
     save_predictions(output, paths, top)
     if not quiet:

@@ -14,12 +14,12 @@ __version__ = "0.1.0"
 # The API is imported on first use, so that importing a submodule that needs no MLX (the
 # benchmark's torch worker) does not load mlx.core.
 _API = {
-    "REGISTRY": "registry",
-    "Preprocessing": "transforms",
+    "REGISTRY": "checkpoints.registry",
+    "Preprocessing": "data.transforms",
     "build_model": "models",
-    "load": "loading",
-    "load_tokenizer": "tokenizer",
-    "save_model": "weights",
+    "load": "checkpoints.loading",
+    "load_tokenizer": "text.clip_tokenizer",
+    "save_model": "checkpoints.weights",
 }
 __all__ = [*_API, "__version__"]
 

@@ -12,7 +12,7 @@ trunk architecture (``aimv2-nano``), steps, batch, seed and augmentation (no fli
    ``count/``, ``colour/`` and ``shape/`` folders: trained on their train/ split, top-1 on val/
    (``--seed`` seeds the runs, the probes and the random trunk);
 4. the AIMv2 run's captions of the 500 validation scenes: greedy exact match and teacher-forced
-   next-token accuracy (``mlx_aim.captioning.score_captions``).
+   next-token accuracy (``mlx_aim.tasks.caption.score_captions``).
 
 Every stage is resumable: a finished run continues at its last step (nothing to do), a probe
 whose ``probe_report.json`` exists is read back. Writes ``table.md`` and ``evidence.json`` to the
@@ -37,9 +37,9 @@ import mlx_aim  # noqa: E402, F401  (first: it picks the fast BLAS before mlx.co
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mlx_aim.captioning import Captioner, score_captions  # noqa: E402
-from mlx_aim.captions import find_captioned_images  # noqa: E402
-from mlx_aim.datasets import builtin_dataset  # noqa: E402
+from mlx_aim.data.builtin import builtin_dataset  # noqa: E402
+from mlx_aim.data.captions import find_captioned_images  # noqa: E402
+from mlx_aim.tasks.caption import Captioner, score_captions  # noqa: E402
 
 MODEL = "aimv2-nano"
 TASKS = ("count", "colour", "shape")
@@ -53,7 +53,7 @@ def run_cli(*args: str) -> None:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    subprocess.run([sys.executable, "-m", "cli.main", *args], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "mlx_aim_cli.main", *args], cwd=ROOT, env=env, check=True)
 
 
 def pretrain(objective: str, output: Path, scenes: Path, args: argparse.Namespace) -> float:

@@ -12,7 +12,7 @@ from pathlib import Path
 # Run the checkout this script sits in, even when another copy of mlx-aim is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.main import app  # noqa: E402
+from mlx_aim_cli.main import app  # noqa: E402
 
 if __name__ == "__main__":
     app(["bench", *sys.argv[1:]], prog_name="benchmark.py")

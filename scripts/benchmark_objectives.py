@@ -31,9 +31,9 @@ import mlx_aim  # noqa: E402, F401  (first: it picks the fast BLAS before mlx.co
 # isort: split
 import mlx.core as mx  # noqa: E402
 
+from mlx_aim.checkpoints.registry import multimodal_pretrain_config, pretrain_config  # noqa: E402
 from mlx_aim.cpu.blas import blas_info  # noqa: E402
 from mlx_aim.models import build_model  # noqa: E402
-from mlx_aim.registry import multimodal_pretrain_config, pretrain_config  # noqa: E402
 from mlx_aim.train.multimodal_step import make_multimodal_train_step  # noqa: E402
 from mlx_aim.train.optim import build_optimizer, warmup_cosine  # noqa: E402
 from mlx_aim.train.step import make_train_step  # noqa: E402

@@ -1,4 +1,4 @@
-"""The AIMv1 paper's ablations at laptop scale (``mlx_aim.study``): train, probe, tabulate.
+"""The AIMv1 paper's ablations at laptop scale (``mlx_aim.experiments.study``): train, probe, tabulate.
 
 python scripts/study.py [--data DIR] [--probe-data DIR] [--model NAME] [--steps N] [--seeds N]
     [--cells default,pixels,causal,spiral,checkerboard,random-order,shallow-head]
@@ -15,8 +15,9 @@ from pathlib import Path
 # Run the checkout this script sits in, even when another copy of mlx-aim is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cli.errors import reported_errors  # noqa: E402
-from mlx_aim.study import CELLS, StudyConfig, run_study  # noqa: E402
+from mlx_aim_cli.errors import reported_errors  # noqa: E402
+
+from mlx_aim.experiments.study import CELLS, StudyConfig, run_study  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> StudyConfig:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlx_aim.tokenizer import BOS, CLIP_PATTERN, EOS
+from mlx_aim.text.clip_tokenizer import BOS, CLIP_PATTERN, EOS
 
 CORPUS = [
     "a photo of a cat.",

@@ -15,18 +15,18 @@ import mlx.core as mx
 import torch
 from safetensors.torch import save_file
 
-from mlx_aim.benchmark.torch_reference import (
-    AIMv1Torch,
-    AIMv2VisionTorch,
-    init_random_,
-    to_transformers_state_dict,
-)
-from mlx_aim.registry import (
+from mlx_aim.checkpoints.registry import (
     REGISTRY,
     Checkpoint,
     Entry,
     aim_v1_preprocessing,
     aim_v2_preprocessing,
+)
+from mlx_aim.reference.torch_aim import (
+    AIMv1Torch,
+    AIMv2VisionTorch,
+    init_random_,
+    to_transformers_state_dict,
 )
 
 V1_NAME = "aim-test"

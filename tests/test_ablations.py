@@ -9,14 +9,14 @@ from train_helpers import TINY_PRETRAIN
 from mlx_aim.errors import InputError
 from mlx_aim.models import build_model
 from mlx_aim.models.layers import patchify, prefix_causal_mask
-from mlx_aim.objective import (
+from mlx_aim.objectives.next_patch import (
     PAPER_VARIANT,
     Variant,
     next_patch_loss,
     next_patch_targets,
     predicted_patches,
 )
-from mlx_aim.patch_order import (
+from mlx_aim.objectives.patch_order import (
     PATCH_ORDERS,
     checkerboard_order,
     patch_order,

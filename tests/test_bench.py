@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mlx_aim.benchmark import torch_reference as ref
 from mlx_aim.benchmark.report import to_markdown
 from mlx_aim.benchmark.suite import (
     BenchOptions,
@@ -17,6 +16,7 @@ from mlx_aim.benchmark.suite import (
     run_benchmark,
     worker_env,
 )
+from mlx_aim.reference import torch_aim as ref
 
 V1 = {
     "model_type": "aim_v1",
@@ -114,7 +114,7 @@ def test_unknown_names_are_one_line_errors(tmp_path):
 def test_a_torch_worker_never_loads_mlx():
     """libtorch_cpu exports sgemm_: with MLX in the same process one BLAS would serve both."""
     code = (
-        "import sys, mlx_aim.benchmark.worker, mlx_aim.benchmark.torch_reference\n"
+        "import sys, mlx_aim.benchmark.worker, mlx_aim.reference.torch_aim\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlx'))"
     )
     env = worker_env("torch", None, None)

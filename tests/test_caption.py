@@ -1,19 +1,19 @@
-"""Captioning with an AIMv2 pre-training run (mlx_aim/captioning.py, ``mlx-aim caption``)."""
+"""Captioning with an AIMv2 pre-training run (mlx_aim/tasks/caption.py, ``mlx-aim caption``)."""
 
 import json
 
 import mlx.core as mx
 import numpy as np
 import pytest
+from mlx_aim_cli.main import app
 from PIL import Image
 from train_helpers import TINY_AIMV2_TRUNK
 from typer.testing import CliRunner
 
-from cli.main import app
-from mlx_aim.caption_tokenizer import CaptionTokenizer
-from mlx_aim.captioning import Captioner, CaptionScores, score_captions
 from mlx_aim.errors import InputError
 from mlx_aim.models import build_model
+from mlx_aim.tasks.caption import Captioner, CaptionScores, score_captions
+from mlx_aim.text.caption_bpe import CaptionTokenizer
 from mlx_aim.train import TrainConfig, train
 from mlx_aim.train.multimodal_step import make_multimodal_train_step
 from mlx_aim.train.optim import build_optimizer, warmup_cosine

@@ -1,4 +1,4 @@
-"""Image-caption pairs (mlx_aim/captions.py) and the caption tokenizer (caption_tokenizer.py)."""
+"""Image-caption pairs (mlx_aim/data/captions.py) and the caption tokenizer (text/caption_bpe.py)."""
 
 import io
 import json
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlx_aim import captions as captions_module
-from mlx_aim.caption_tokenizer import CaptionTokenizer
-from mlx_aim.captions import find_captioned_images
-from mlx_aim.data import ImageLoader
+from mlx_aim.data import captions as captions_module
+from mlx_aim.data.captions import find_captioned_images
+from mlx_aim.data.loader import ImageLoader
 from mlx_aim.errors import InputError
+from mlx_aim.text.caption_bpe import CaptionTokenizer
 
 pytest.importorskip("tokenizers")
 

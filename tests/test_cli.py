@@ -2,7 +2,6 @@
 
 import ast
 import errno
-import importlib
 import io
 import os
 from pathlib import Path
@@ -10,19 +9,19 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 import typer
+from mlx_aim_cli import errors as cli_errors
+from mlx_aim_cli import progress
+from mlx_aim_cli.main import COMMANDS, app
+from mlx_aim_cli.models import HEADER
 from rich.console import Console
 from typer.testing import CliRunner
 
-import mlx_aim.hub as hub
-from cli import errors as cli_errors
-from cli import progress
-from cli.main import COMMANDS, app
-from cli.models import HEADER
+import mlx_aim.checkpoints.hub as hub
+from mlx_aim.checkpoints.registry import REGISTRY
+from mlx_aim.checkpoints.weights import save_model
 from mlx_aim.errors import EXIT_CODES_HELP
+from mlx_aim.messages import plural
 from mlx_aim.models import build_model
-from mlx_aim.registry import REGISTRY
-from mlx_aim.text import plural
-from mlx_aim.weights import save_model
 
 CLI = Path(__file__).resolve().parents[1] / "cli"
 
@@ -52,16 +51,17 @@ COMMAND_NAMES = [
 
 
 def test_every_command_module_registers_itself_without_importing_main():
-    for name in COMMANDS:
+    for module in COMMANDS:
+        name = module.__name__.rpartition(".")[2]
         source = (CLI / f"{name}.py").read_text()
         imported = {
             node.module
             for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.ImportFrom) and node.module
         }
-        assert not imported & {"main", "cli.main"}, name
+        assert not imported & {"main", "mlx_aim_cli.main"}, name
         fresh = typer.Typer()
-        importlib.import_module(f"cli.{name}").register(fresh)
+        module.register(fresh)
         assert len(fresh.registered_commands) == 1, name
     assert command_names() == COMMAND_NAMES
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hf_constants
+from mlx_aim_cli.main import app
 from parity import PARITY_REL, assert_parity, relative_error
 from release_files import (
     V1_BEST_LAYERS,
@@ -34,12 +35,11 @@ from release_files import (
 from typer.testing import CliRunner
 
 import mlx_aim
-from cli.main import app
-from mlx_aim.convert import convert
+from mlx_aim.checkpoints.convert import convert
+from mlx_aim.checkpoints.hub import HubError
+from mlx_aim.checkpoints.weights import WeightsError, read_safetensors
 from mlx_aim.errors import OutputError
-from mlx_aim.hub import HubError
 from mlx_aim.models.base import ConfigError
-from mlx_aim.weights import WeightsError, read_safetensors
 
 
 @pytest.fixture(autouse=True)

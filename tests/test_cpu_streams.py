@@ -6,11 +6,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_aim.checkpoints.registry import pretrain_config
 from mlx_aim.cpu.blas import blas_threads
 from mlx_aim.cpu.streams import ENV_VAR, cpu_stream_count, usable_cores
-from mlx_aim.features import BatchRunner
 from mlx_aim.models import build_model
-from mlx_aim.registry import pretrain_config
+from mlx_aim.tasks.features import BatchRunner
 
 
 @pytest.mark.parametrize("rows", [5, 2])  # a full batch (padded to 6) and a short one

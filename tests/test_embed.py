@@ -10,11 +10,14 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from image_corpus import make_corpus, noise
+from mlx_aim_cli.main import app
 from PIL import Image
 from typer.testing import CliRunner
 
-from cli.main import app
-from mlx_aim.embed import (
+from mlx_aim.checkpoints.registry import aim_v1_preprocessing, aim_v2_preprocessing
+from mlx_aim.checkpoints.weights import save_model
+from mlx_aim.models import build_model
+from mlx_aim.tasks.embed import (
     Embedder,
     embed_images,
     load_embeddings,
@@ -23,10 +26,7 @@ from mlx_aim.embed import (
     quantize,
     save_embeddings,
 )
-from mlx_aim.features import layer_average, preprocess
-from mlx_aim.models import build_model
-from mlx_aim.registry import aim_v1_preprocessing, aim_v2_preprocessing
-from mlx_aim.weights import save_model
+from mlx_aim.tasks.features import layer_average, preprocess
 
 V1 = {
     "model_type": "aim_v1",

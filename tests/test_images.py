@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from image_corpus import encode, make_corpus, noise
 from PIL import Image
 
-from mlx_aim.images import IMAGE_EXTENSIONS, ImageError, find_images, open_image
+from mlx_aim.data.images import IMAGE_EXTENSIONS, ImageError, find_images, open_image
 
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -143,7 +143,7 @@ def test_pillow_log_records_are_not_printed(tmp_path):
     assert entry in data
     path = tmp_path / "spp.tif"
     path.write_bytes(data.replace(entry, entry[:8] + b"\x88\x13"))  # 5000 samples per pixel
-    code = "import sys\nfrom mlx_aim.images import open_image\nopen_image(sys.argv[1])"
+    code = "import sys\nfrom mlx_aim.data.images import open_image\nopen_image(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True)
     assert "ImageError" in done.stderr and "More samples" not in done.stderr
 

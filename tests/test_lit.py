@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 from clip_vocab import write_clip_vocab
 from mlx.utils import tree_flatten
+from mlx_aim_cli.main import app
 from parity import assert_parity
 from release_files import replace_registry_entry
 from typer.testing import CliRunner
 
 import mlx_aim
-import mlx_aim.convert
-from cli.main import app
-from mlx_aim.convert import convert
-from mlx_aim.registry import LIT_NAME, LIT_REVISION
-from mlx_aim.weights import WeightsError
+import mlx_aim.checkpoints.convert
+from mlx_aim.checkpoints.convert import convert
+from mlx_aim.checkpoints.registry import LIT_NAME, LIT_REVISION
+from mlx_aim.checkpoints.weights import WeightsError
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -181,7 +181,8 @@ def test_text_feature_is_causal_and_read_at_the_first_eos(tmp_path):
     model = mlx_aim.load(tmp_path / "hf")
     ids = np.array([[5, 9, 17, EOS, 3, 4, EOS], [5, 9, 17, EOS, 8, 1, 2]])
     after_eos = np.array(model.encode_text(mx.array(ids)))
-    np.testing.assert_allclose(after_eos[0], after_eos[1], rtol=1e-6)
+    scale = np.abs(after_eos[0]).max()  # float32 rounding differs by row; causality does not
+    np.testing.assert_allclose(after_eos[0], after_eos[1], rtol=0, atol=1e-5 * scale)
     before_eos = np.array(model.encode_text(mx.array([[5, 10, 17, EOS]])))[0]
     assert np.abs(before_eos - after_eos[0]).max() > 1e-3
 
@@ -259,7 +260,7 @@ def test_registry_name_reads_the_pinned_release_and_its_tokenizer(tmp_path, monk
         requested.append((repo, filename, revision))
         return release / filename
 
-    monkeypatch.setattr(mlx_aim.convert, "fetch", fetch)
+    monkeypatch.setattr(mlx_aim.checkpoints.convert, "fetch", fetch)
     model = mlx_aim.load(LIT_NAME)
     assert_matches_reference(model, reference, seed=2)
     assert model.tokenizer is not None and model.tokenizer.encode("a cat")[0][-1] == (

@@ -13,14 +13,14 @@ from mlx.utils import tree_flatten
 from release_files import aim_v2_reference, register_tiny_architectures, write_v2_official_mlx
 
 import mlx_aim
-from mlx_aim.convert import convert, read_pth
+from mlx_aim.checkpoints.convert import convert, read_pth
+from mlx_aim.checkpoints.registry import aim_v1_preprocessing, pretrain_config
+from mlx_aim.checkpoints.weights import WeightsError, save_model
 from mlx_aim.errors import InputError
 from mlx_aim.models import build_model, size
 from mlx_aim.models.base import ConfigError
 from mlx_aim.models.size import estimate_parameters
-from mlx_aim.registry import aim_v1_preprocessing, pretrain_config
 from mlx_aim.train.checkpoint import STATE_FILE, CheckpointStore
-from mlx_aim.weights import WeightsError, save_model
 
 TINY = {
     "model_type": "aim_v1",

@@ -147,7 +147,7 @@ def test_activation_checkpointing_keeps_gradients_identical():
 def test_parameter_count_of_aim_nano_is_as_documented():
     from mlx.utils import tree_flatten
 
-    from mlx_aim.registry import get_entry
+    from mlx_aim.checkpoints.registry import get_entry
 
     model = build_model(get_entry("aim-nano").config)
     count = sum(v.size for _, v in tree_flatten(model.parameters()))

@@ -1,4 +1,4 @@
-"""The AIMv2 objective's documented choices (mlx_aim/multimodal_objective.py)."""
+"""The AIMv2 objective's documented choices (mlx_aim/objectives/multimodal.py)."""
 
 import math
 
@@ -6,13 +6,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_aim.multimodal_objective import (
+from mlx_aim.objectives.multimodal import (
     IMAGE_LOSS_WEIGHT,
     caption_loss,
     caption_sequences,
     multimodal_loss,
 )
-from mlx_aim.objective import next_patch_loss
+from mlx_aim.objectives.next_patch import next_patch_loss
 
 PAD, BOS, EOS = 0, 1, 2
 

@@ -7,13 +7,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from train_helpers import TINY_AIMV2_TRUNK
 
 import mlx_aim
+from mlx_aim.checkpoints.registry import multimodal_pretrain_config
+from mlx_aim.checkpoints.weights import save_model
 from mlx_aim.models import build_model
 from mlx_aim.models.base import ConfigError
-from mlx_aim.multimodal_objective import caption_sequences
-from mlx_aim.registry import multimodal_pretrain_config
+from mlx_aim.objectives.multimodal import caption_sequences
 from mlx_aim.train.multimodal_step import make_multimodal_train_step
 from mlx_aim.train.optim import build_optimizer, warmup_cosine
-from mlx_aim.weights import save_model
 
 PAD, BOS, EOS = 0, 1, 2
 TINY = {

@@ -15,9 +15,8 @@ from parity import assert_parity
 from test_ops import gelu64, gelu_slope64
 from typer.testing import CliRunner
 
-from mlx_aim.cpu import kernels as compiled_kernels
-from mlx_aim.cpu import native
-from mlx_aim.models import ops
+from mlx_aim.cpu import native, ops
+from mlx_aim.cpu import portable as compiled_kernels
 from mlx_aim.models.layers import layer_norm, prefix_causal_mask, rms_norm
 
 LOWEST = np.finfo(np.float32).min
@@ -379,8 +378,7 @@ def test_a_module_built_with_another_nanobind_abi_is_refused(tmp_path):
 
 def test_build_kernels_command_reports_one_line(fresh, monkeypatch):
     import typer
-
-    from cli.kernels import register
+    from mlx_aim_cli.kernels import register
 
     app = typer.Typer()
     register(app)

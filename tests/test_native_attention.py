@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 from parity import assert_parity
 
-from mlx_aim.cpu import kernels as compiled_kernels
-from mlx_aim.cpu import native
-from mlx_aim.models import ops
+from mlx_aim.cpu import native, ops
+from mlx_aim.cpu import portable as compiled_kernels
 from mlx_aim.models.layers import Attention, prefix_causal_mask
 
 LOWEST = np.finfo(np.float32).min

@@ -10,8 +10,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from parity import assert_parity
 
-from mlx_aim.cpu import native
-from mlx_aim.models import ops
+from mlx_aim.cpu import native, ops
 from mlx_aim.train.optim import AdamW, scaled_update
 from mlx_aim.train.step import global_norm
 

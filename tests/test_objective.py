@@ -4,15 +4,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_aim.checkpoints.registry import pretrain_config
 from mlx_aim.models import build_model
-from mlx_aim.objective import (
+from mlx_aim.objectives.next_patch import (
     next_patch_loss,
     next_patch_targets,
     normalize_patches,
     sample_paired_prefix_lengths,
     sample_prefix_lengths,
 )
-from mlx_aim.registry import pretrain_config
 from mlx_aim.train.step import packed_next_patch_loss, packed_prediction_index
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_aim.models import ops
+from mlx_aim.cpu import ops
 from mlx_aim.models.layers import MLP, Block, Transformer, layer_norm, prefix_causal_mask
 
 _erf = np.vectorize(math.erf)

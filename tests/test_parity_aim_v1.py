@@ -15,7 +15,7 @@ from release_files import (
 )
 
 import mlx_aim
-from mlx_aim.convert import convert
+from mlx_aim.checkpoints.convert import convert
 from mlx_aim.models import layers
 
 SIZES = [(28, 28), (28, 42)]  # sin-cos positions: non-square grids work too

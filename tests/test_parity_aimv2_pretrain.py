@@ -15,7 +15,9 @@ from mlx.utils import tree_flatten
 from parity import assert_parity, relative_error
 from release_files import images, nhwc
 
-from mlx_aim.benchmark.torch_reference import (
+from mlx_aim.models import build_model
+from mlx_aim.objectives.multimodal import IMAGE_LOSS_WEIGHT, caption_sequences, multimodal_loss
+from mlx_aim.reference.torch_aim import (
     RMS_NORM_EPS,
     AIMv2VisionTorch,
     Attention,
@@ -26,8 +28,6 @@ from mlx_aim.benchmark.torch_reference import (
     init_random_,
     prefix_causal_mask,
 )
-from mlx_aim.models import build_model
-from mlx_aim.multimodal_objective import IMAGE_LOSS_WEIGHT, caption_sequences, multimodal_loss
 
 CONV = "encoder.preprocessor.patchifier.proj.weight"
 PAD, BOS, EOS = 0, 1, 2

@@ -9,16 +9,16 @@ from mlx.utils import tree_flatten
 from parity import PARITY_REL, relative_error
 from release_files import images, nhwc
 
-from mlx_aim.benchmark.torch_reference import (
+from mlx_aim.checkpoints.registry import pretrain_config
+from mlx_aim.models import build_model
+from mlx_aim.objectives.next_patch import next_patch_loss
+from mlx_aim.reference.torch_aim import (
     AIMForPretrainingTorch,
     AIMv1Torch,
     AIMv2VisionTorch,
     aim_pretraining_loss_torch,
     init_random_,
 )
-from mlx_aim.models import build_model
-from mlx_aim.objective import next_patch_loss
-from mlx_aim.registry import pretrain_config
 from mlx_aim.train.step import packed_next_patch_loss
 
 CONV = "encoder.preprocessor.patchifier.proj.weight"

@@ -56,7 +56,7 @@ def test_block_features_match_transformers_hidden_states(tmp_path):
 def test_converted_directory_round_trips(tmp_path):
     _random_hf_model(tmp_path, False)
     direct = mlx_aim.load(tmp_path / "hf")
-    from mlx_aim.convert import convert
+    from mlx_aim.checkpoints.convert import convert
 
     convert(tmp_path / "hf", tmp_path / "ours")
     again = mlx_aim.load(tmp_path / "ours")

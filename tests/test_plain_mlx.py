@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_aim.benchmark import plain_mlx
 from mlx_aim.models import build_model
-from mlx_aim.objective import next_patch_loss
+from mlx_aim.objectives.next_patch import next_patch_loss
+from mlx_aim.reference import plain_mlx
 
 V1 = {
     "model_type": "aim_v1",

@@ -9,18 +9,21 @@ import pytest
 import skimage.data
 import torch
 from image_corpus import make_corpus
+from mlx_aim_cli.main import app
 from parity import assert_parity
 from PIL import Image
 from typer.testing import CliRunner
 
 import mlx_aim
-from cli.main import app
-from mlx_aim.benchmark.torch_reference import AIMv1Torch, init_random_
+from mlx_aim.checkpoints.registry import aim_v1_preprocessing, default_preprocessing
+from mlx_aim.checkpoints.weights import apply_weights, save_model
+from mlx_aim.data.transforms import Preprocessing
 from mlx_aim.errors import InputError, OutputError
-from mlx_aim.features import FeatureCache
 from mlx_aim.models import build_model
 from mlx_aim.models.aim_v1 import ModelArgs as V1Args
-from mlx_aim.probe import (
+from mlx_aim.reference.torch_aim import AIMv1Torch, init_random_
+from mlx_aim.tasks.features import FeatureCache
+from mlx_aim.tasks.probe import (
     Hooks,
     ProbeConfig,
     check_classes,
@@ -31,9 +34,6 @@ from mlx_aim.probe import (
     save_probe,
     train_probe,
 )
-from mlx_aim.registry import aim_v1_preprocessing, default_preprocessing
-from mlx_aim.transforms import Preprocessing
-from mlx_aim.weights import apply_weights, save_model
 
 TINY = {
     "model_type": "aim_v1",

@@ -10,9 +10,9 @@ import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_aim.benchmark.torch_reference import REFERENCE_ARCHS, expected_state_dict_shapes
+from mlx_aim.checkpoints.registry import REGISTRY
 from mlx_aim.models import build_model
-from mlx_aim.registry import REGISTRY
+from mlx_aim.reference.torch_aim import REFERENCE_ARCHS, expected_state_dict_shapes
 
 # Released vision encoders; the LiT dual encoder's layout is checked in tests/test_lit.py.
 RELEASED = [

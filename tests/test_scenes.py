@@ -1,13 +1,13 @@
-"""The built-in captioned scenes (mlx_aim/scenes.py)."""
+"""The built-in captioned scenes (mlx_aim/data/scenes.py)."""
 
 import numpy as np
 import pytest
 
-from mlx_aim import scenes
-from mlx_aim.captions import find_captioned_images
-from mlx_aim.data import find_labeled_images
-from mlx_aim.datasets import builtin_dataset
-from mlx_aim.scenes import Shape, describe, random_scene, render
+from mlx_aim.data import scenes
+from mlx_aim.data.builtin import builtin_dataset
+from mlx_aim.data.captions import find_captioned_images
+from mlx_aim.data.loader import find_labeled_images
+from mlx_aim.data.scenes import Shape, describe, random_scene, render
 
 
 def test_captions_count_groups_and_place_lone_shapes():

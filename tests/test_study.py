@@ -1,4 +1,4 @@
-"""Downstream tracking during training (``--probe-data``) and the ablation study (``mlx_aim.study``)."""
+"""Downstream tracking during training (``--probe-data``) and the ablation study (``mlx_aim.experiments.study``)."""
 
 import json
 import math
@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from train_helpers import TINY_PRETRAIN
 
-from mlx_aim import study
 from mlx_aim.errors import InputError
-from mlx_aim.study import Checkpoint, StudyConfig, spearman
+from mlx_aim.experiments import study
+from mlx_aim.experiments.study import Checkpoint, StudyConfig, spearman
 from mlx_aim.train import TrainConfig, train
 from mlx_aim.train.checkpoint import CheckpointStore
 from mlx_aim.train.report import loss_curve_image

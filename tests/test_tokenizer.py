@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from clip_vocab import CORPUS, write_clip_vocab
 
-from mlx_aim.tokenizer import CONTEXT_LENGTH, EOS, has_tokenizer, load_tokenizer
+from mlx_aim.text.clip_tokenizer import CONTEXT_LENGTH, EOS, has_tokenizer, load_tokenizer
 
 pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")

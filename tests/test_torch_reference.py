@@ -8,7 +8,7 @@ import torch
 from parity import assert_parity
 from transformers import Aimv2VisionConfig, Aimv2VisionModel
 
-from mlx_aim.benchmark.torch_reference import (
+from mlx_aim.reference.torch_aim import (
     REFERENCE_ARCHS,
     AIMForPretrainingTorch,
     AIMv1Torch,

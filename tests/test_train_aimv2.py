@@ -10,8 +10,8 @@ from PIL import Image
 from train_helpers import TINY_AIMV2_TRUNK
 
 import mlx_aim
-from mlx_aim.caption_tokenizer import CaptionTokenizer
 from mlx_aim.errors import InputError
+from mlx_aim.text.caption_bpe import CaptionTokenizer
 from mlx_aim.train import TrainConfig, train
 
 pytest.importorskip("tokenizers")

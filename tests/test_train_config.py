@@ -4,10 +4,10 @@ import dataclasses
 import math
 
 import pytest
+from mlx_aim_cli.main import app
 from typer.testing import CliRunner
 
 import mlx_aim.train
-from cli.main import app
 from mlx_aim.errors import ExitCode, InputError
 from mlx_aim.train import TrainConfig, read_config_file
 

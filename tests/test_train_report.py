@@ -5,7 +5,8 @@ import json
 import mlx.core as mx
 import numpy as np
 
-from mlx_aim.objective import normalize_patches
+from mlx_aim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from mlx_aim.objectives.next_patch import normalize_patches
 from mlx_aim.train.report import (
     MetricsLog,
     log_ticks,
@@ -15,7 +16,6 @@ from mlx_aim.train.report import (
     preview_image,
     unpatchify,
 )
-from mlx_aim.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 
 def test_patchify_and_unpatchify_invert_each_other():

@@ -9,9 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mlx_aim.errors import InputError
-from mlx_aim.registry import aim_v1_preprocessing, aim_v2_preprocessing
-from mlx_aim.transforms import (
+from mlx_aim.checkpoints.registry import aim_v1_preprocessing, aim_v2_preprocessing
+from mlx_aim.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -27,6 +26,7 @@ from mlx_aim.transforms import (
     normalize,
     shortest_edge_size,
 )
+from mlx_aim.errors import InputError
 
 UNIT = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255))  # normalization that keeps 0..255 values
 

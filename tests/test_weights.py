@@ -8,10 +8,7 @@ import numpy as np
 import pytest
 
 import mlx_aim
-from mlx_aim.errors import InputError, OutputError
-from mlx_aim.models import build_model
-from mlx_aim.models.base import ConfigError
-from mlx_aim.weights import (
+from mlx_aim.checkpoints.weights import (
     WeightsError,
     apply_weights,
     check_safetensors,
@@ -19,6 +16,9 @@ from mlx_aim.weights import (
     read_model_weights,
     save_model,
 )
+from mlx_aim.errors import InputError, OutputError
+from mlx_aim.models import build_model
+from mlx_aim.models.base import ConfigError
 
 TINY = {
     "model_type": "aim_v1",

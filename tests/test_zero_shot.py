@@ -10,19 +10,19 @@ import numpy as np
 import pytest
 from clip_vocab import write_clip_vocab
 from image_corpus import make_corpus, noise
+from mlx_aim_cli.main import app
 from parity import assert_parity
 from typer.testing import CliRunner
 
 import mlx_aim
-from cli.main import app
-from mlx_aim.embed import embed_images, embed_texts, load_embeddings
-from mlx_aim.features import preprocess
+from mlx_aim.checkpoints.registry import aim_v2_preprocessing
+from mlx_aim.checkpoints.weights import save_model
 from mlx_aim.models import build_model
 from mlx_aim.models.aim_v2_lit import l2_normalize
-from mlx_aim.registry import aim_v2_preprocessing
-from mlx_aim.tokenizer import copy_tokenizer_files, load_tokenizer
-from mlx_aim.weights import save_model
-from mlx_aim.zero_shot import ZeroShotClassifier, imagenet_templates, label_embeddings
+from mlx_aim.tasks.embed import embed_images, embed_texts, load_embeddings
+from mlx_aim.tasks.features import preprocess
+from mlx_aim.tasks.zero_shot import ZeroShotClassifier, imagenet_templates, label_embeddings
+from mlx_aim.text.clip_tokenizer import copy_tokenizer_files, load_tokenizer
 
 pytest.importorskip("tokenizers")
 

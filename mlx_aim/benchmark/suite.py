@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from ..checkpoints.registry import get_entry, pretrain_config
 from ..models import build_model_args
-from ..registry import get_entry, pretrain_config
 
 IMPLS = ("mlx-aim", "plain-mlx", "torch-eager", "torch-compile")
 TASKS = ("train", "embed")
@@ -162,7 +162,7 @@ def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tup
     from mlx.utils import tree_flatten
 
     from ..models import build_model
-    from ..objective import sample_paired_prefix_lengths
+    from ..objectives.next_patch import sample_paired_prefix_lengths
 
     mx.random.seed(seed)
     model = build_model(config)

@@ -113,8 +113,8 @@ def _mlx_gemm_gflops(seconds: float) -> float:
 def _mlx_model(spec: dict, embed: bool):
     """(model, loss function) of the MLX implementation named in the spec, with shared weights."""
     from ..models import build_model
-    from ..objective import next_patch_loss
-    from . import plain_mlx
+    from ..objectives.next_patch import next_patch_loss
+    from ..reference import plain_mlx
 
     config = spec["config"]
     pretrain = config["model_type"] == "aim_pretrain"
@@ -136,7 +136,7 @@ def _mlx_model(spec: dict, embed: bool):
 def _mlx_inputs(spec: dict):
     import mlx.core as mx
 
-    from ..objective import sample_paired_prefix_lengths
+    from ..objectives.next_patch import sample_paired_prefix_lengths
 
     if spec.get("inputs"):
         data = mx.load(spec["inputs"])
@@ -221,7 +221,7 @@ def mlx_embed(spec: dict, result: dict) -> None:
     model.eval()
     images, _ = _mlx_inputs(spec)
     if spec["impl"] == "mlx-aim":  # what mlx-aim embed runs: compiled, split over CPU streams
-        from ..features import BatchRunner
+        from ..tasks.features import BatchRunner
 
         forward = BatchRunner(model.encode, images.shape[0], model.state)
         result["cpu_streams"] = max(1, len(forward.run.streams))
@@ -269,8 +269,8 @@ def mlx_loader(spec: dict, result: dict) -> None:
     import numpy as np
     from PIL import Image
 
-    from ..data import ImageLoader, measure_throughput
-    from ..transforms import TrainTransform
+    from ..data.loader import ImageLoader, measure_throughput
+    from ..data.transforms import TrainTransform
 
     enc = spec["config"]["encoder"]
     size, batch = enc["image_size"], spec["batch"]
@@ -358,7 +358,7 @@ def _torch_encoder(ref, config: dict):
 def _torch_model(spec: dict, embed: bool):
     from safetensors.torch import load_file
 
-    from . import torch_reference as ref
+    from ..reference import torch_aim as ref
 
     config = spec["config"]
     pretrain = config["model_type"] == "aim_pretrain"

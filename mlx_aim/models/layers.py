@@ -10,11 +10,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import ops
-from .ops import attention, gelu
+from ..cpu import ops
+from ..cpu.ops import attention, gelu
 
 if TYPE_CHECKING:
-    from ..transforms import Preprocessing
+    from ..data.transforms import Preprocessing
 
 Mask = mx.array | str | None
 NormFactory = Callable[[int], nn.Module]

@@ -25,7 +25,7 @@ from .base import BaseModelArgs, ConfigError
 from .layers import MLP, layer_norm, prefix_causal_mask, sincos_pos_embed
 
 if TYPE_CHECKING:
-    from ..transforms import Preprocessing
+    from ..data.transforms import Preprocessing
 
 
 @dataclass

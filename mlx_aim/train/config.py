@@ -18,8 +18,8 @@ from typing import Any
 from .. import io
 from ..errors import InputError
 from ..models.base import matches_type
-from ..objective import ATTENTIONS, TARGETS
-from ..patch_order import PATCH_ORDERS
+from ..objectives.next_patch import ATTENTIONS, TARGETS
+from ..objectives.patch_order import PATCH_ORDERS
 
 DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers

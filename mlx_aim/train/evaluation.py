@@ -14,9 +14,9 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from ..data import ImageLoader
-from ..images import ImageError, open_image
-from ..objective import PAPER_VARIANT, Variant, next_patch_loss, predicted_patches
+from ..data.images import ImageError, open_image
+from ..data.loader import ImageLoader
+from ..objectives.next_patch import PAPER_VARIANT, Variant, next_patch_loss, predicted_patches
 from .distributed import World
 from .report import preview_image, save_png
 

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 
 from .. import io
-from ..data import split_paths
-from ..datasets import builtin_dataset
+from ..checkpoints.registry import REGISTRY, Preprocessing, default_preprocessing, pretrain_config
+from ..data.builtin import builtin_dataset
+from ..data.images import ImageError, find_images
+from ..data.loader import split_paths
 from ..errors import InputError
-from ..images import ImageError, find_images
 from ..models import build_model_args
 from ..models.base import ConfigError
-from ..registry import REGISTRY, Preprocessing, default_preprocessing, pretrain_config
 from .config import TrainConfig
 from .distributed import World
 

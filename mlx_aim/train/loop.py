@@ -29,25 +29,19 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from .. import io
-from ..caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
+from ..checkpoints.weights import CONFIG_FILE, INDEX_FILE, PREPROCESS_FILE, WEIGHTS_FILE, save_model
 from ..cpu.blas import blas_info
 from ..cpu.memory import reuse_freed_buffers
-from ..data import ImageLoader
+from ..data.loader import ImageLoader
+from ..data.transforms import Preprocessing, TrainTransform
 from ..errors import InputError, Interrupted, MlxAimError, NonFiniteError
+from ..messages import plural
 from ..models import build_model
-from ..objective import Variant
-from ..patch_order import patch_order
+from ..objectives.next_patch import Variant
+from ..objectives.patch_order import patch_order
 from ..random_key import random_key, set_random_key
-from ..text import plural
-from ..transforms import Preprocessing, TrainTransform
-from ..weights import CONFIG_FILE, INDEX_FILE, PREPROCESS_FILE, WEIGHTS_FILE, save_model
-from .checkpoint import (
-    CHECKPOINTS,
-    STATE_FILE,
-    Checkpoint,
-    CheckpointStore,
-    checkpoint_bytes,
-)
+from ..text.caption_bpe import TOKENIZER_FILE, CaptionTokenizer
+from .checkpoint import CHECKPOINTS, STATE_FILE, Checkpoint, CheckpointStore, checkpoint_bytes
 from .config import TrainConfig
 from .distributed import World, agree, broadcast, broadcast_ints, gather_ints, init_world
 from .evaluation import PREVIEWS, Previews, Validation
@@ -444,7 +438,7 @@ def _evaluators(
 
 def _caption_previews(captions: CaptionInputs, evaluation: Preprocessing) -> dict[str, Any]:
     """The arguments that make AIMv2 previews show greedy captions next to the true ones."""
-    from ..captioning import Captioner  # it reads checkpoints: mlx_aim.train is imported first
+    from ..tasks.caption import Captioner  # it reads checkpoints: mlx_aim.train is imported first
 
     def describe(model: nn.Module, images: mx.array) -> list[str]:
         return Captioner(model, captions.tokenizer, evaluation).generate(images)
@@ -462,7 +456,7 @@ def _downstream_probe(
     """The quick probe on ``--probe-data``, if asked for (rank 0)."""
     if config.probe_data is None:
         return None
-    from .tracking import DownstreamProbe  # mlx_aim.probe imports this package
+    from .tracking import DownstreamProbe  # mlx_aim.tasks.probe imports this package
 
     return DownstreamProbe(
         config.probe_data,

@@ -24,17 +24,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
-from ..captions import CaptionedImages, find_captioned_images
-from ..data import ImageLoader, split_paths
-from ..datasets import builtin_dataset
+from ..checkpoints.registry import REGISTRY, default_preprocessing, multimodal_pretrain_config
+from ..data.builtin import builtin_dataset
+from ..data.captions import CaptionedImages, find_captioned_images
+from ..data.images import ImageError
+from ..data.loader import ImageLoader, split_paths
+from ..data.transforms import Preprocessing
 from ..errors import InputError
-from ..images import ImageError
 from ..models import build_model_args
 from ..models.base import ConfigError
-from ..multimodal_objective import multimodal_loss
-from ..registry import REGISTRY, default_preprocessing, multimodal_pretrain_config
-from ..transforms import Preprocessing
+from ..objectives.multimodal import multimodal_loss
+from ..text.caption_bpe import TOKENIZER_FILE, CaptionTokenizer
 from .config import TrainConfig
 from .distributed import World
 from .inputs import Images, fixed_subset

@@ -29,8 +29,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from ..multimodal_objective import IMAGE_LOSS_WEIGHT, multimodal_loss
-from ..objective import predicted_patches, sample_prefix_lengths
+from ..objectives.multimodal import IMAGE_LOSS_WEIGHT, multimodal_loss
+from ..objectives.next_patch import predicted_patches, sample_prefix_lengths
 from .step import accumulate_or_update, cast_floats
 
 Batch = tuple[mx.array, mx.array]  # normalized NHWC images (B, H, W, C), int32 sequences (B, T+1)

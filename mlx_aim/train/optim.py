@@ -10,7 +10,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from ..models import ops
+from ..cpu import ops
 
 Schedule = Callable[[mx.array], mx.array]
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from .. import io
-from ..transforms import denormalize
+from ..data.transforms import denormalize
 
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"

@@ -32,8 +32,14 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_map, tree_reduce
 
-from ..models import ops
-from ..objective import PAPER_VARIANT, Variant, mean_patch_error, next_patch_loss, predicted_patches
+from ..cpu import ops
+from ..objectives.next_patch import (
+    PAPER_VARIANT,
+    Variant,
+    mean_patch_error,
+    next_patch_loss,
+    predicted_patches,
+)
 from .optim import scaled_update
 
 

@@ -2,7 +2,7 @@
 
 The paper's first claim is that the pre-training loss tracks downstream quality. To watch it
 happen, a run can train a linear probe on the frozen trunk of the current step every
-``--probe-every`` steps (``mlx_aim.probe.train_probe``, with the fixed ``PROBE_SETTINGS``) and log
+``--probe-every`` steps (``mlx_aim.tasks.probe.train_probe``, with the fixed ``PROBE_SETTINGS``) and log
 its top-1 next to the validation loss. Nothing is cached across steps (the trunk changes), and
 the probe neither changes the model nor draws from the run's random state.
 """
@@ -18,11 +18,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..datasets import builtin_dataset
+from ..data.builtin import builtin_dataset
+from ..data.images import ImageError
+from ..data.transforms import Preprocessing
 from ..errors import InputError
-from ..images import ImageError
-from ..probe import Hooks, ProbeConfig, check_classes, load_dataset, train_probe
-from ..transforms import Preprocessing
+from ..tasks.probe import Hooks, ProbeConfig, check_classes, load_dataset, train_probe
 from .resume import set_random_key
 
 # Fixed probe settings (the same for every run and every step, so their top-1s compare).

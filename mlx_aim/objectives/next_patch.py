@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .models.layers import patchify
+from ..models.layers import patchify
 
 PIXEL_EPS = 1e-6
 TARGETS = ("norm-pixels", "pixels")

@@ -3,7 +3,7 @@
 Example::
 
     import mlx_aim
-    from mlx_aim.zero_shot import ZeroShotClassifier
+    from mlx_aim.tasks.zero_shot import ZeroShotClassifier
 
     model = mlx_aim.load("aimv2-large-patch14-224-lit")
     classifier = ZeroShotClassifier(model, ["cat", "dog", "car"])
@@ -28,10 +28,10 @@ from importlib import resources
 import mlx.nn as nn
 import numpy as np
 
+from ..data.images import ImageError
+from ..io import write_text
 from .embed import Embedder, EmbedResult, embed_texts
 from .features import ImageLike
-from .images import ImageError
-from .io import write_text
 
 TEMPLATE = "a photo of a {}."
 TEMPLATE_SETS = ("imagenet",)

@@ -28,11 +28,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import InputError
+from ..data.transforms import Preprocessing
+from ..errors import InputError
+from ..io import check_destination, check_regular_file, read_json
+from ..models import build_model
+from ..models.base import ConfigError
+from ..text.clip_tokenizer import BPE_FILES, copy_tokenizer_files, has_tokenizer
 from .hub import fetch
-from .io import check_destination, check_regular_file, read_json
-from .models import build_model
-from .models.base import ConfigError
 from .registry import (
     LIT_NAME,
     REGISTRY,
@@ -41,8 +43,6 @@ from .registry import (
     default_preprocessing,
     get_entry,
 )
-from .tokenizer import BPE_FILES, copy_tokenizer_files, has_tokenizer
-from .transforms import Preprocessing
 from .weights import (
     CONFIG_FILE,
     INDEX_FILE,

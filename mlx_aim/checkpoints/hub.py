@@ -13,7 +13,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-from .errors import InputError
+from ..errors import InputError
 
 
 class HubError(InputError):

@@ -19,8 +19,8 @@ from types import ModuleType
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cpu import kernels
-from ..cpu.native import native_kernels
+from . import portable
+from .native import native_kernels
 
 _OFF = ("0", "false", "off", "no")
 
@@ -30,7 +30,7 @@ def fast_math_enabled(x: mx.array | None = None) -> bool:
     given) ``x`` is float32, float16 or bfloat16."""
     if os.environ.get("MLX_AIM_FAST_MATH", "1").strip().lower() in _OFF:
         return False
-    if x is not None and x.dtype not in kernels.DTYPES:
+    if x is not None and x.dtype not in portable.DTYPES:
         return False
     return mx.default_device() == mx.cpu
 
@@ -40,7 +40,7 @@ def gelu(x: mx.array) -> mx.array:
     if not fast_math_enabled(x):
         return nn.gelu(x)
     native = native_kernels() if x.dtype == mx.float32 else None
-    return native.gelu(x) if native is not None else kernels.gelu(x)
+    return native.gelu(x) if native is not None else portable.gelu(x)
 
 
 def silu_gate(gate: mx.array, value: mx.array) -> mx.array:
@@ -61,7 +61,7 @@ def attention(
     broadcastable to (B, H, N_q, N_k).
     """
     if fast_math_enabled(q):
-        return kernels.attention(q, k, v, scale, mask, native=native_kernels())
+        return portable.attention(q, k, v, scale, mask, native=native_kernels())
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 

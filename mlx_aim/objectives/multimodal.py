@@ -25,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .objective import next_patch_loss
+from .next_patch import next_patch_loss
 
 IMAGE_LOSS_WEIGHT = 0.4
 

@@ -9,13 +9,13 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from .errors import InputError
-from .io import FileRefused, check_regular_file, read_json
-from .models import build_model
-from .models.base import ConfigError
+from ..data.transforms import Preprocessing
+from ..errors import InputError
+from ..io import FileRefused, check_regular_file, read_json
+from ..models import build_model
+from ..models.base import ConfigError
+from ..text.clip_tokenizer import has_tokenizer, load_tokenizer
 from .registry import REGISTRY, default_preprocessing
-from .tokenizer import has_tokenizer, load_tokenizer
-from .transforms import Preprocessing
 from .weights import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -59,7 +59,7 @@ def _is_training_checkpoint(path: Path) -> bool:
     """A checkpoint folder written by ``mlx-aim train`` (``checkpoints/step-N``)."""
     if (path / CONFIG_FILE).exists():
         return False
-    from .train.checkpoint import INTEGRITY_FILE, STATE_FILE
+    from ..train.checkpoint import INTEGRITY_FILE, STATE_FILE
 
     return all((path / name).exists() for name in (INTEGRITY_FILE, STATE_FILE, WEIGHTS_FILE))
 
@@ -70,7 +70,7 @@ def load_training_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) ->
     Every file is first verified against the checkpoint's sha256 list; the pixel head is left
     out. ``preprocessing`` is the run's (``run.json`` two folders up), else the family default.
     """
-    from .train.checkpoint import INTEGRITY_FILE, STATE_FILE, verify_checkpoint
+    from ..train.checkpoint import INTEGRITY_FILE, STATE_FILE, verify_checkpoint
 
     path = Path(path)
     for name in (INTEGRITY_FILE, STATE_FILE):
@@ -103,7 +103,7 @@ def load_training_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) ->
 
 def _run_preprocessing(run: Path, encoder: dict[str, Any]) -> Preprocessing:
     """The preprocessing a run trained with (its ``run.json``), else the family default."""
-    from .train.loop import RUN_FILE
+    from ..train.loop import RUN_FILE
 
     default = default_preprocessing(encoder)
     if not (run / RUN_FILE).exists():
@@ -123,7 +123,7 @@ def _refuse_unexported_run(path: Path) -> None:
     checkpoint to load instead."""
     if (path / CONFIG_FILE).exists():
         return
-    from .train.checkpoint import list_checkpoints
+    from ..train.checkpoint import list_checkpoints
 
     found = list_checkpoints(path)
     if found:

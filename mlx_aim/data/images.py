@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputError
-from .io import FileRefused, check_regular_file, open_regular, read_text
+from ..errors import InputError
+from ..io import FileRefused, check_regular_file, open_regular, read_text
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MIN_SIDE = 1  # 1x1 images are accepted: the transforms handle them (a flat colour patch).

@@ -29,9 +29,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
+from ..io import open_regular, read_text
 from .images import ImageError, PathLike, decode_image, find_images, is_image_file, open_image
-from .io import open_regular, read_text
 
 MAX_IMAGE_BYTES = 64 * 2**20
 MAX_CAPTION_BYTES = 2**20

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import io
-from .errors import InputError
-from .train.config import TrainConfig
-from .train.report import METRICS_FILE, chart_font, save_png
-from .train.tracking import PROBE_SETTINGS
-from .weights import CONFIG_FILE
+from .. import io
+from ..checkpoints.weights import CONFIG_FILE
+from ..errors import InputError
+from ..train.config import TrainConfig
+from ..train.report import METRICS_FILE, chart_font, save_png
+from ..train.tracking import PROBE_SETTINGS
 
 # cell name: (what it changes, the settings it changes)
 CELLS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -240,7 +240,7 @@ def markdown(config: StudyConfig, points: list[Checkpoint]) -> str:
 
 def run_study(config: StudyConfig, log: Callable[[str], None] = print) -> list[Checkpoint]:
     """Train (or finish) every run of the grid, then write ``STUDY_FILES`` into the output."""
-    from .train import train
+    from ..train import train
 
     config.validate()
     points: list[Checkpoint] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .transforms import CLIP_MEAN, CLIP_STD, Preprocessing
+from ..data.transforms import CLIP_MEAN, CLIP_STD, Preprocessing
 
 
 def aim_v1_preprocessing(size: int) -> Preprocessing:

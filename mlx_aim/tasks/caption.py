@@ -25,14 +25,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from .caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
-from .errors import InputError
-from .io import read_json
-from .models import build_model
-from .models.base import ConfigError
-from .models.layers import prefix_causal_mask
-from .train.checkpoint import list_checkpoints, verify_checkpoint
-from .transforms import Preprocessing
+from ..data.transforms import Preprocessing
+from ..errors import InputError
+from ..io import read_json
+from ..models import build_model
+from ..models.base import ConfigError
+from ..models.layers import prefix_causal_mask
+from ..text.caption_bpe import TOKENIZER_FILE, CaptionTokenizer
+from ..train.checkpoint import list_checkpoints, verify_checkpoint
 
 RUN_FILE = "run.json"
 

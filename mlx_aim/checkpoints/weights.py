@@ -20,13 +20,13 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .errors import InputError
-from .io import atomic_directory, open_regular, read_json, write_json
-from .io import replace_directory as replace_directory  # re-exported for train.checkpoint
-from .models import build_model, build_model_args
-from .models.base import ConfigError
+from ..data.transforms import Preprocessing
+from ..errors import InputError
+from ..io import atomic_directory, open_regular, read_json, write_json
+from ..io import replace_directory as replace_directory  # re-exported for train.checkpoint
+from ..models import build_model, build_model_args
+from ..models.base import ConfigError
 from .registry import default_preprocessing
-from .transforms import Preprocessing
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -34,8 +34,17 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .data import ImageLoader, find_labeled_images, split_paths
-from .errors import InputError
+from ..checkpoints.registry import REGISTRY, default_preprocessing
+from ..checkpoints.weights import apply_weights, read_config, read_preprocessing, save_model
+from ..data.images import ImageError
+from ..data.loader import ImageLoader, find_labeled_images, split_paths
+from ..data.transforms import Preprocessing, TrainTransform
+from ..errors import InputError
+from ..io import atomic_directory, atomic_paths, check_destination, read_json, write_json
+from ..models import build_model, build_model_args
+from ..models.base import last_six_blocks
+from ..models.layers import LinearClassifier, build_classifier
+from ..train.optim import warmup_cosine
 from .features import (
     BatchRunner,
     FeatureCache,
@@ -47,15 +56,6 @@ from .features import (
     model_fingerprint,
     vision_model,
 )
-from .images import ImageError
-from .io import atomic_directory, atomic_paths, check_destination, read_json, write_json
-from .models import build_model, build_model_args
-from .models.base import last_six_blocks
-from .models.layers import LinearClassifier, build_classifier
-from .registry import REGISTRY, default_preprocessing
-from .train.optim import warmup_cosine
-from .transforms import Preprocessing, TrainTransform
-from .weights import apply_weights, read_config, read_preprocessing, save_model
 
 CLASSES_FILE = "classes.json"
 REPORT_FILE = "probe_report.json"

@@ -26,12 +26,12 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from PIL import Image
 
-from .cpu.streams import StreamSplit, cpu_stream_count
-from .images import ImageError, open_image, to_rgb
-from .io import atomic_paths
-from .models.layers import layer_average as layer_average  # the one definition; re-exported
-from .registry import default_preprocessing
-from .transforms import NativeResolution, Preprocessing
+from ..checkpoints.registry import default_preprocessing
+from ..cpu.streams import StreamSplit, cpu_stream_count
+from ..data.images import ImageError, open_image, to_rgb
+from ..data.transforms import NativeResolution, Preprocessing
+from ..io import atomic_paths
+from ..models.layers import layer_average as layer_average  # the one definition; re-exported
 
 # AIMv2-native accepts 112 to 4096 patches; larger images are downscaled to fit.
 NATIVE_MAX_PATCHES = 4096
@@ -197,7 +197,7 @@ def extract_features(
     Features are stored as ``dtype`` in RAM or, with ``out_file``, in a memory-mapped ``.npy``.
     If a float16 value would overflow, the extraction is redone in float32.
     """
-    from .data import ImageLoader
+    from ..data.loader import ImageLoader
 
     errors: list[str] = []
 

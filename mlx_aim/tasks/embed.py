@@ -3,7 +3,7 @@
 Example::
 
     import mlx_aim
-    from mlx_aim.embed import embed_images
+    from mlx_aim.tasks.embed import embed_images
 
     model = mlx_aim.load("aimv2-large-patch14-224")
     vectors = embed_images(model, ["cat.jpg", Image.open("dog.png")], normalize=True)  # (2, 1024)
@@ -34,8 +34,12 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from .data import ImageLoader
-from .errors import InputError
+from ..data.images import ImageError
+from ..data.loader import ImageLoader
+from ..errors import InputError
+from ..io import atomic_paths
+from ..models.aim_v2_lit import l2_normalize
+from ..text.clip_tokenizer import model_tokenizer
 from .features import (
     BatchRunner,
     ImageLike,
@@ -45,10 +49,6 @@ from .features import (
     to_nhwc,
     vision_model,
 )
-from .images import ImageError
-from .io import atomic_paths
-from .models.aim_v2_lit import l2_normalize
-from .tokenizer import model_tokenizer
 
 POOLS = ("auto", "mean", "head", "layers", "tokens", "projection")
 FORMATS = (".npy", ".safetensors", ".jsonl")

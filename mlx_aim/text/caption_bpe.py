@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InputError
-from .io import read_text, write_text
-from .multimodal_objective import caption_sequences
+from ..errors import InputError
+from ..io import read_text, write_text
+from ..objectives.multimodal import caption_sequences
 
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, BOS, EOS)

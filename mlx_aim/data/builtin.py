@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
+from ..io import atomic_directory, read_json, write_json
 from .images import PathLike
-from .io import atomic_directory, read_json, write_json
 from .scenes import write_scenes
 
 DATASETS = ("digits", "scenes")
 DIGITS_SIZE = 32
-_ASSETS = Path(__file__).parent / "assets"
+_ASSETS = Path(__file__).parents[1] / "assets"
 _FORMAT_VERSION = 1
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 from .images import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
