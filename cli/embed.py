@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
     app.command("embed", epilog=EXIT_CODES_HELP)(embed_command)
 
 
-def _sources(paths: list[str]) -> list[str]:
+def read_sources(paths: list[str]) -> list[str]:
     """The command-line sources with ``-`` replaced by the paths read from standard input."""
     sources: list[str] = []
     for source in paths:
@@ -180,7 +180,7 @@ def find_files(
     from mlx_aim.data.images import find_images
     from mlx_aim.tasks.embed import check_sources
 
-    files, errors = find_images(_sources(paths))
+    files, errors = find_images(read_sources(paths))
     for error in errors:
         report(error)
     if not files:

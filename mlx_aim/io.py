@@ -43,6 +43,12 @@ _REASONS = {
 }
 
 
+def cache_root() -> Path:
+    """mlx-aim's cache folder: ``$MLX_AIM_CACHE``, else ``~/.cache/mlx-aim``."""
+    root = os.environ.get("MLX_AIM_CACHE") or os.path.join("~", ".cache", "mlx-aim")
+    return Path(root).expanduser()
+
+
 def os_reason(error: BaseException) -> str:
     """A short human reason for an OS-level failure ("read-only file system", ...)."""
     if isinstance(error, OSError) and error.errno in _REASONS:

@@ -74,7 +74,7 @@ def open_image(path: PathLike, *, min_side: int = MIN_SIDE) -> Image.Image:
         ImageError: for any file that cannot be decoded, with a human reason.
     """
     path = Path(path)
-    return decode_image(_read_bytes(path), path, min_side=min_side)
+    return decode_image(read_image_bytes(path), path, min_side=min_side)
 
 
 def decode_image(data: bytes, path: PathLike, *, min_side: int = MIN_SIDE) -> Image.Image:
@@ -143,7 +143,7 @@ def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_image_bytes(path: Path) -> bytes:
     """The bytes of a regular file of at most ``MAX_IMAGE_BYTES`` (checked before reading)."""
     try:
         with open_regular(path, MAX_IMAGE_BYTES) as f:

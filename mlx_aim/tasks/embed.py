@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,7 @@ import mlx.nn as nn
 import numpy as np
 from PIL import Image
 
-from ..data.images import ImageError
+from ..data.images import ImageError, open_image
 from ..data.loader import ImageLoader
 from ..errors import InputError
 from ..io import atomic_paths
@@ -211,25 +211,52 @@ class Embedder:
 
         out: list[np.ndarray] = []
         done: list[str] = []
+        for batch_paths, vectors in self.stream_files(
+            paths, on_error=skip, num_workers=num_workers
+        ):
+            out.extend(vectors)
+            done.extend(batch_paths)
+            if progress is not None:
+                progress(len(batch_paths))
+        return EmbedResult(_stack(out), done, errors)
+
+    def stream_files(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        on_error: Callable[[ImageError], None] | None = None,
+        num_workers: int = 2,
+        opener: Callable[[Path], Image.Image] = open_image,
+    ) -> Iterator[tuple[list[str], np.ndarray]]:
+        """Batches ``(paths, embeddings)`` of the readable files, in order, decoded in background
+        threads while the model runs; unreadable files are reported once and skipped.
+
+        ``opener(path)`` decodes a file (default ``open_image``).
+        """
+        failed = 0
+
+        def skip(error: ImageError) -> None:
+            nonlocal failed
+            failed += 1
+            if on_error is not None:
+                on_error(error)
+
         if not paths:
-            return EmbedResult(np.zeros((0,), np.float32), [], [])
+            return
         loader = ImageLoader.in_order(
             [str(p) for p in paths],
             self.transform,
             self.batch_size,
             num_workers=num_workers,
             on_error=skip,
+            opener=opener,
         )
         try:
             for batch in loader:
-                out.extend(np.asarray(self.runner(batch["images"])))
-                done.extend(str(p) for p in batch["paths"])
-                if progress is not None:
-                    progress(len(batch["paths"]))
+                yield [str(p) for p in batch["paths"]], np.asarray(self.runner(batch["images"]))
         except ValueError:
-            if len(errors) < len(paths):
+            if failed < len(paths):
                 raise  # not the loader's "no image could be read"
-        return EmbedResult(_stack(out), done, errors)
 
 
 def _stack(arrays: list[np.ndarray]) -> Embeddings:

@@ -30,7 +30,7 @@ from ..checkpoints.registry import default_preprocessing
 from ..cpu.streams import StreamSplit, cpu_stream_count
 from ..data.images import ImageError, open_image, to_rgb
 from ..data.transforms import NativeResolution, Preprocessing
-from ..io import atomic_paths
+from ..io import atomic_paths, cache_root
 from ..models.layers import layer_average as layer_average  # the one definition; re-exported
 
 # AIMv2-native accepts 112 to 4096 patches; larger images are downscaled to fit.
@@ -256,20 +256,25 @@ def extract_features(
 
 def default_cache_dir() -> Path:
     """``$MLX_AIM_CACHE/features``, else ``~/.cache/mlx-aim/features``."""
-    root = os.environ.get("MLX_AIM_CACHE") or os.path.join("~", ".cache", "mlx-aim")
-    return Path(root).expanduser() / "features"
+    return cache_root() / "features"
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of a trunk's config and weights (any classifier head excluded)."""
     trunk = vision_model(model)
-    h = hashlib.blake2b(digest_size=16)
     config = {
         k: v for k, v in trunk.args.to_dict().items() if k not in ("num_classes", "classifier")
     }
+    return weights_digest(trunk, config, skip="head.")
+
+
+def weights_digest(module: nn.Module, config: Any, skip: str | None = None) -> str:
+    """Hash of ``config`` (JSON-able) and every parameter of ``module`` (names, dtypes, shapes,
+    values), parameters whose name starts with ``skip`` left out."""
+    h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps(config, sort_keys=True).encode())
-    for key, value in sorted(tree_flatten(trunk.parameters()), key=lambda kv: kv[0]):
-        if key.startswith("head."):
+    for key, value in sorted(tree_flatten(module.parameters()), key=lambda kv: kv[0]):
+        if skip is not None and key.startswith(skip):
             continue
         h.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
         if value.dtype == mx.bfloat16:

@@ -1,0 +1,165 @@
+"""``mlx-aim search``: find images in an index by text, by example images, or find duplicates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from mlx_aim.errors import InputError
+from mlx_aim.messages import plural
+
+from .errors import EXIT_CODES_HELP, err_console, prepare_cpu_backend, reported_errors
+from .index import index_model
+from .progress import working
+
+if TYPE_CHECKING:
+    from mlx_aim.index import Index
+
+# ``-people`` is a query term, not an unknown option (``--`` before the terms always works).
+CONTEXT = {"ignore_unknown_options": True}
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``mlx-aim search`` to ``app``."""
+    app.command("search", epilog=EXIT_CODES_HELP, context_settings=CONTEXT)(search_command)
+
+
+def _results(index: Index, query: list[str], k: int, within: Path | None, quiet: bool):
+    with working("searching", enabled=not quiet):
+        return index.search(query, k, within=within)
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    for hit in hits:
+        if as_json:
+            typer.echo(json.dumps({"path": hit.path, "score": round(hit.score, 6)}))
+        else:
+            typer.echo(hit.path)
+
+
+def _print_pairs(pairs, as_json: bool) -> None:
+    for pair in pairs:
+        if as_json:
+            typer.echo(
+                json.dumps({"paths": [pair.a, pair.b], "similarity": round(pair.similarity, 6)})
+            )
+        else:
+            typer.echo(f"{pair.similarity:.4f}\t{pair.a}\t{pair.b}")
+
+
+def _sheet(html: Path, title: str, items: list[tuple[str, str]], quiet: bool) -> None:
+    from mlx_aim.index.sheet import write_contact_sheet
+
+    with working(f"writing {html}", enabled=not quiet):
+        write_contact_sheet(html, title, items)
+    if not quiet:
+        err_console.print(f"wrote {html}", highlight=False, soft_wrap=True, markup=False)
+
+
+def search_command(
+    query: list[str] | None = typer.Argument(
+        None,
+        help="Texts and image paths; +/- signs and N: weights combine them, e.g. "
+        "\"beach\" +./sunset.jpg -people or '2:golden retriever'.",
+        show_default=False,
+    ),
+    db: Path | None = typer.Option(
+        None,
+        "--db",
+        help="The index database (default: the model's in $MLX_AIM_CACHE/index).",
+        show_default=False,
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="The model that embeds the query (default: the one the index was built with).",
+        show_default=False,
+    ),
+    k: int = typer.Option(10, "-k", "--top", help="How many results."),
+    within: Path | None = typer.Option(
+        None, "--dir", help="Only results inside this folder.", show_default=False
+    ),
+    duplicates: bool = typer.Option(
+        False, "--duplicates", help="List pairs of near-identical images instead of searching."
+    ),
+    threshold: float = typer.Option(
+        0.95, "--threshold", help="--duplicates: the cosine similarity from which images match."
+    ),
+    as_json: bool = typer.Option(
+        False,
+        "--json",
+        help="One JSON object a line: {path, score}; with --duplicates {paths, similarity}.",
+    ),
+    html: Path | None = typer.Option(
+        None,
+        "--html",
+        help="Also write an HTML contact sheet (thumbnails and scores).",
+        show_default=False,
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages."),
+) -> None:
+    """Search an index made by mlx-aim index: best matches first, one path a line.
+
+    Examples:
+
+      mlx-aim search "a red boat at sunset"
+
+      mlx-aim search beach +./sunset.jpg -people -k 20 | xargs open
+
+      mlx-aim search -- '2:golden retriever' -grass --dir ~/Pictures/2024 --json
+
+      mlx-aim search photo.jpg --html similar.html
+
+      mlx-aim search --duplicates --threshold 0.97
+
+    Text queries need a LiT model (the default index model, or a LiT run); images work with any.
+    A term starting with - that is also an option of this command needs -- before the terms.
+    """
+    from mlx_aim.index import Index
+
+    with reported_errors():
+        if k < 1:
+            raise InputError(f"-k must be >= 1, not {k}")
+        if duplicates == bool(query):
+            raise InputError("give a query, or --duplicates (not both)")
+        if html is not None:
+            from mlx_aim.io import check_destination
+
+            check_destination(html, overwrite=True)
+        chosen = index_model(model, db) if db is None else model
+        index = Index(db, model=chosen)
+        if not index.db.is_file():
+            raise InputError(f"{index.db}: no index here; build one with mlx-aim index first")
+        if duplicates:
+            _duplicates(index, threshold, within, as_json, html, quiet)
+            return
+        prepare_cpu_backend()
+        hits = _results(index, query, k, within, quiet)
+        _print_hits(hits, as_json)
+        if html is not None:
+            title = "search: " + " ".join(query)
+            _sheet(html, title, [(h.path, f"{h.score:.3f}") for h in hits], quiet)
+
+
+def _duplicates(
+    index: Index,
+    threshold: float,
+    within: Path | None,
+    as_json: bool,
+    html: Path | None,
+    quiet: bool,
+) -> None:
+    with working("comparing every pair", enabled=not quiet):
+        pairs = index.duplicates(threshold, within=within)
+    _print_pairs(pairs, as_json)
+    if not quiet:
+        err_console.print(
+            f"{plural(len(pairs), 'pair')} at or above {threshold:g}", highlight=False
+        )
+    if html is not None:
+        items = [(p, f"{pair.similarity:.3f}") for pair in pairs for p in (pair.a, pair.b)]
+        _sheet(html, f"near-duplicates (cosine >= {threshold:g})", items, quiet)
