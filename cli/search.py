@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import click
 import typer
+from typer.core import TyperCommand
 
 from mlx_aim.errors import InputError
 from mlx_aim.messages import plural
@@ -18,13 +20,32 @@ from .progress import working
 if TYPE_CHECKING:
     from mlx_aim.index import Index
 
-# ``-people`` is a query term, not an unknown option (``--`` before the terms always works).
-CONTEXT = {"ignore_unknown_options": True}
+
+class QueryCommand(TyperCommand):
+    """A command whose arguments may be negative query terms: ``-people`` is passed on as the
+    two words ``-`` ``people`` unless it is one of the command's options (``-k``, ``-q``...) or
+    a short option with a number attached (``-k5``)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        known = {name for param in self.params for name in getattr(param, "opts", ())}
+        out: list[str] = []
+        for i, arg in enumerate(args):
+            if arg == "--":
+                out.extend(args[i:])
+                break
+            option = arg.split("=", 1)[0]
+            if arg.startswith("-") and not arg.startswith("--") and len(arg) > 1:
+                attached = arg[:2] in known and arg[2:].isdigit()  # -k5
+                if option not in known and not attached:
+                    out.extend(["-", arg[1:]])
+                    continue
+            out.append(arg)
+        return super().parse_args(ctx, out)
 
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim search`` to ``app``."""
-    app.command("search", epilog=EXIT_CODES_HELP, context_settings=CONTEXT)(search_command)
+    app.command("search", epilog=EXIT_CODES_HELP, cls=QueryCommand)(search_command)
 
 
 def _results(index: Index, query: list[str], k: int, within: Path | None, quiet: bool):
@@ -117,7 +138,8 @@ def search_command(
       mlx-aim search --duplicates --threshold 0.97
 
     Text queries need a LiT model (the default index model, or a LiT run); images work with any.
-    A term starting with - that is also an option of this command needs -- before the terms.
+    A word starting with - is a negative term unless it is an option (-k, -m, -q); -- before the
+    terms makes every word a term.
     """
     from mlx_aim.index import Index
 

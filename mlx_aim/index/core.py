@@ -14,7 +14,6 @@ Example::
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,6 @@ from .query import combine, groups, parse_terms, scores, similar_pairs, top_k
 from .scan import HashingOpener, Plan, plan_update
 from .store import Store, WriterLock
 
-COMMIT_SECONDS = 2.0  # a transaction at least this often (and at the end)
 DEFAULT_THRESHOLD = 0.95
 
 Bar = Callable[[str, int], Callable[[int], None]]
@@ -209,7 +207,7 @@ class Index:
         report: Callable[[ImageError], None],
         progress: Bar | None,
     ) -> None:
-        """Embed ``plan.embed``, committing a transaction every ``COMMIT_SECONDS``."""
+        """Embed ``plan.embed``, committing each batch in its own transaction."""
         if not plan.embed:
             return
         advance = progress("indexing", len(plan.embed)) if progress is not None else None
@@ -225,25 +223,22 @@ class Index:
             if advance is not None:
                 advance(1)
 
-        pending: list[tuple[bytes, Any, np.ndarray]] = []
-        last = time.monotonic()
         for paths, vectors in encoder.stream(plan.embed, skip, opener):
+            rows = []
             for path, vector in zip(paths, vectors, strict=True):
                 key = os.fsencode(path)
-                pending.append((key, opener.take(path), vector))
+                rows.append((key, opener.take(path), vector))
                 if key in plan.changed:
                     summary.updated += 1
                 else:
                     summary.added += 1
+            with store.transaction() as db:  # one per batch: kill -9 loses at most this one
+                store.put(db, rows)
             if advance is not None:
                 advance(len(paths))
-            if time.monotonic() - last >= COMMIT_SECONDS:
-                with store.transaction() as db:
-                    store.put(db, pending)
-                pending, last = [], time.monotonic()
-        with store.transaction() as db:
-            store.put(db, pending)
-            db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in failed])
+        if failed:
+            with store.transaction() as db:
+                db.executemany("DELETE FROM files WHERE path = ?", [(p,) for p in failed])
 
     # ---- searching ---------------------------------------------------------------------------
 

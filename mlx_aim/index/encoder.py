@@ -19,6 +19,8 @@ from PIL import Image
 from ..data.images import ImageError
 from ..errors import InputError
 
+DIGEST_SAMPLE = 4096  # values hashed per large tensor: see weights_digest
+
 
 class Encoder(Protocol):
     """What an index needs from a model (tests substitute a fast fake)."""
@@ -75,7 +77,7 @@ class ModelEncoder:
         probe = self.embedder(Image.new("RGB", (32, 32)))
         self.identity = {
             "model": source,
-            "digest": weights_digest(net, net.args.to_dict()),
+            "digest": weights_digest(net, net.args.to_dict(), sample=DIGEST_SAMPLE),
             "pool": self.embedder.pool,
             "dim": int(probe.shape[-1]),
         }

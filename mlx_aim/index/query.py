@@ -69,7 +69,7 @@ def parse_terms(parts: Sequence[str | os.PathLike]) -> list[Term]:
         sign = 1.0
     if not terms:
         raise InputError("give a query: a text or an image path")
-    if sum(t.weight for t in terms) <= 0:
+    if not any(t.weight > 0 for t in terms):
         raise InputError("a query needs at least one positive term (not only -terms)")
     return terms
 
