@@ -147,7 +147,8 @@ class Index:
         are tried again on the next run. Another process updating the same index is an
         :class:`~mlx_aim.errors.OutputError` naming it (``wait=True``: wait for it)."""
         report = on_error or (lambda error: None)
-        files, errors = find_images(paths if isinstance(paths, (list, tuple)) else [paths])
+        sources = paths if isinstance(paths, (list, tuple)) else [paths]
+        files, errors = find_images([os.path.abspath(os.path.expanduser(s)) for s in sources])
         for error in errors:
             report(error)
         summary = Summary(failed=len(errors))

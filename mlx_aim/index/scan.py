@@ -64,7 +64,9 @@ def plan_update(files: Sequence[Path], known: dict[bytes, Entry]) -> Plan:
     plan = Plan()
     found: dict[bytes, tuple[str, os.stat_result]] = {}
     for file in files:
-        path = os.path.abspath(file)
+        path = os.fspath(file)
+        if not os.path.isabs(path) or "/." in path:
+            path = os.path.abspath(path)  # normalised ("a/../b", "./b")
         try:
             st = os.stat(path)
         except OSError as e:

@@ -177,18 +177,24 @@ class Store:
         )
 
     def vectors(self) -> tuple[list[bytes], np.ndarray]:
-        """Every path and its vector (N, D), in the stored type, in path order."""
+        """Every path and its vector, as float32 (N, D) (the accumulation type of the search:
+        converted once here, not per query), in storage order."""
         dim = int(self.identity["dim"]) if self.identity else 0
         kind = self.vector_type
         paths: list[bytes] = []
-        chunks: list[np.ndarray] = [np.zeros((0, dim), kind)]
         with self.guard():
-            cursor = self.conn.execute("SELECT path, vector FROM files ORDER BY path")
-            while rows := cursor.fetchmany(_READ_CHUNK):
-                paths.extend(r[0] for r in rows)
-                blob = b"".join(r[1] for r in rows)
-                chunks.append(np.frombuffer(blob, kind).reshape(len(rows), dim))
-        return paths, np.concatenate(chunks)
+            self.conn.execute("BEGIN")  # one snapshot for the count and the rows
+            try:
+                out = np.empty((self.count(), dim), np.float32)
+                cursor = self.conn.execute("SELECT path, vector FROM files")
+                while rows := cursor.fetchmany(_READ_CHUNK):
+                    blob = b"".join(r[1] for r in rows)
+                    block = np.frombuffer(blob, kind).reshape(len(rows), dim)
+                    out[len(paths) : len(paths) + len(rows)] = block
+                    paths.extend(r[0] for r in rows)
+            finally:
+                self.conn.execute("COMMIT")
+        return paths, out
 
     def close(self) -> None:
         with contextlib.suppress(sqlite3.Error):
