@@ -29,6 +29,10 @@ if TYPE_CHECKING:
     from mlx_aim.tasks.embed import Embedder, EmbedResult
 
 DTYPES = ("float32", "bfloat16", "float16")
+PATHS_HELP = (
+    "Image files, folders (recursive), glob patterns, .txt path lists, or - to read paths from "
+    "standard input."
+)
 SLOW_ON_CPU = "on a CPU, bfloat16, float16 and --quantize run 9-15x slower than float32"
 
 
@@ -276,8 +280,7 @@ def _print(result: EmbedResult, as_json: bool) -> None:
 def embed_command(
     paths: list[str] | None = typer.Argument(
         None,
-        help="Image files, folders (recursive), glob patterns, .txt path lists, or - to read "
-        "paths from standard input.",
+        help=PATHS_HELP,
         show_default=False,
     ),
     model: str = typer.Option(

@@ -10,7 +10,7 @@ import typer
 from mlx_aim.errors import InputError
 from mlx_aim.messages import plural
 
-from .embed import end_partial, read_sources, skip_reporter
+from .embed import PATHS_HELP, end_partial, read_sources, skip_reporter
 from .errors import EXIT_CODES_HELP, err_console, prepare_cpu_backend, reported_errors
 from .progress import progress_bars, working
 
@@ -44,8 +44,7 @@ def _check(batch_size: int, workers: int, vectors: str) -> None:
 def index_command(
     paths: list[str] = typer.Argument(
         ...,
-        help="Image files, folders (recursive), glob patterns, .txt path lists, or - to read "
-        "paths from standard input.",
+        help=PATHS_HELP,
         show_default=False,
     ),
     model: str | None = typer.Option(
@@ -94,6 +93,7 @@ def index_command(
     next run. A second index run on the same database exits 3 naming the first (or --wait).
     """
     from mlx_aim.index import Index
+    from mlx_aim.index.store import Store, WriterLock
 
     skipped, report = skip_reporter()
     with reported_errors():
@@ -103,10 +103,9 @@ def index_command(
         index = Index(
             db, model=chosen, pool=pool, batch_size=batch_size, workers=workers, vectors=vectors
         )
+        WriterLock(index.db).acquire(wait=wait).release()  # a busy index: say so before loading
         prepare_cpu_backend()
         with working(f"loading {chosen or 'the model'}", enabled=not quiet):
-            from mlx_aim.index.store import Store
-
             store = Store(index.db, create=True)
             try:
                 index.encoder(store)

@@ -45,6 +45,8 @@ COMMAND_NAMES = [
     "embed",
     "zero-shot",
     "caption",
+    "index",
+    "search",
     "bench",
     "build-kernels",
 ]
