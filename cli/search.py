@@ -153,7 +153,7 @@ def search_command(
 
             check_destination(html, overwrite=True)
         chosen = index_model(model, db) if db is None else model
-        index = Index(db, model=chosen)
+        index = Index(db, model=chosen, batch_size=1)  # a query is one image or text
         if not index.db.is_file():
             raise InputError(f"{index.db}: no index here; build one with mlx-aim index first")
         if duplicates:

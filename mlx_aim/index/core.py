@@ -157,7 +157,10 @@ class Index:
         try:
             store = Store(self.db, create=True)
             encoder = self.encoder(store)
-            store.claim(encoder.identity, self.vectors)
+            if store.identity is None:
+                identity = encoder.identity
+                width = identity["dim"] if "dim" in identity else encoder.width()
+                store.claim({**identity, "dim": width}, self.vectors)
             plan = plan_update(files, store.entries())
             for error in plan.errors:
                 report(error)
@@ -256,7 +259,7 @@ class Index:
         parts = [query] if isinstance(query, (str, os.PathLike)) else list(query)
         terms = parse_terms(parts)
         encoder = self.encoder(store)
-        vectors = np.zeros((len(terms), int(encoder.identity["dim"])), np.float32)
+        vectors = np.zeros((len(terms), int(store.identity["dim"])), np.float32)
         texts = [i for i, t in enumerate(terms) if t.text is not None]
         images = [i for i, t in enumerate(terms) if t.image is not None]
         if texts:

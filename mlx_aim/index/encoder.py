@@ -2,8 +2,8 @@
 
 :class:`ModelEncoder` wraps :class:`~mlx_aim.tasks.embed.Embedder` (the compiled batched forward,
 images decoded in background threads while the model runs), so ``index`` runs at ``embed``'s
-throughput. Its ``identity`` (model source, weights digest, pooling, width) is what an index
-records and checks.
+throughput. Its ``identity`` (model source, weights digest, pooling) and the vectors' width are
+what an index records and checks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ DIGEST_SAMPLE = 4096  # values hashed per large tensor: see weights_digest
 class Encoder(Protocol):
     """What an index needs from a model (tests substitute a fast fake)."""
 
-    identity: dict[str, Any]
+    identity: dict[str, Any]  # model, digest, pool (and dim, or ``width()`` gives it)
+
+    def width(self) -> int: ...
 
     def stream(
         self,
@@ -74,13 +76,15 @@ class ModelEncoder:
             raise InputError(f"model {source}: {e}") from None
         self.model = net
         self.workers = workers
-        probe = self.embedder(Image.new("RGB", (32, 32)))
         self.identity = {
             "model": source,
             "digest": weights_digest(net, net.args.to_dict(), sample=DIGEST_SAMPLE),
             "pool": self.embedder.pool,
-            "dim": int(probe.shape[-1]),
         }
+
+    def width(self) -> int:
+        """The width of the vectors (one forward pass of a blank image)."""
+        return int(self.embedder(Image.new("RGB", (32, 32))).shape[-1])
 
     def stream(
         self,

@@ -147,7 +147,8 @@ class Store:
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
             self.meta = meta
             return
-        same = all(known.get(k) == identity.get(k) for k in ("digest", "pool", "dim"))
+        keys = [k for k in ("digest", "pool", "dim") if k in identity]
+        same = all(known.get(k) == identity[k] for k in keys)
         if not same:
             raise InputError(
                 f"{self.path} holds embeddings of {known.get('model')} ({known.get('pool')} "
