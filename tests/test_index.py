@@ -26,9 +26,10 @@ from typer.testing import CliRunner
 import mlx_aim
 from mlx_aim.errors import InputError, OutputError
 from mlx_aim.index import Index, default_db
+from mlx_aim.index.cache import cache_path
 from mlx_aim.index.query import combine, parse_terms, scores, similar_pairs, top_k
 from mlx_aim.index.scan import HashingOpener
-from mlx_aim.index.store import WriterLock
+from mlx_aim.index.store import Store, WriterLock
 from mlx_aim.tasks.embed import embed_images, embed_texts
 
 
@@ -384,3 +385,27 @@ def test_a_word_starting_with_a_dash_is_a_negative_term(photos, model_dir, tmp_p
     assert [f["path"] for f in found] == [h.path for h in expected] and len(found) == 9
     plain = Index(db, model=model_dir).search("coffee.jpg", 9)
     assert [h.path for h in expected] != [h.path for h in plain]
+
+
+def test_searches_map_a_cached_copy_of_the_vectors_that_any_change_invalidates(tmp_path):
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    files = [tiny_png(folder / f"{i}.png", i) for i in range(6)]
+    db = tmp_path / "i.sqlite"
+    Index(db, model=FakeEncoder()).add(folder)
+    first = Index(db, model=FakeEncoder()).search(files[0], k=6)
+    cache = cache_path(db)
+    assert cache.is_file()
+    store = Store(db)
+    paths, matrix = store.vectors()
+    store.close()
+    assert isinstance(matrix, np.memmap) and len(paths) == 6
+    assert Index(db, model=FakeEncoder()).search(files[0], k=6) == first
+    files[1].unlink()
+    extra = tiny_png(folder / "new.png", 99)
+    Index(db, model=FakeEncoder()).add(folder)
+    found = [h.path for h in Index(db, model=FakeEncoder()).search(extra, k=6)]
+    assert found[0] == str(extra) and str(files[1]) not in found and len(found) == 6
+    cache.write_bytes(cache.read_bytes()[:-7])  # a torn copy is ignored and rewritten
+    again = [h.path for h in Index(db, model=FakeEncoder()).search(extra, k=6)]
+    assert again == found and cache.stat().st_size % 4 == 0

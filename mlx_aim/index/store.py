@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import InputError, OutputError
 from ..io import os_reason
+from .cache import read_cache, write_cache
 
 FORMAT = "mlx-aim-index"
 VERSION = 1
@@ -54,7 +55,10 @@ class Entry:
 
 
 def rebuild_hint(path: Path) -> str:
-    return f"delete {path} (and its -wal and -shm files) and run mlx-aim index again to rebuild it"
+    return (
+        f"delete {path} (and its -wal, -shm and .vectors files) and run mlx-aim index again to "
+        "rebuild it"
+    )
 
 
 class Store:
@@ -111,6 +115,9 @@ class Store:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self.conn
+                self.conn.execute(  # invalidates the cached vectors (cache.py)
+                    "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'"
+                )
             except BaseException:
                 self.conn.execute("ROLLBACK")
                 raise
@@ -142,7 +149,7 @@ class Store:
             if vectors not in VECTOR_TYPES:
                 raise InputError(f"vectors must be float16 or float32, not {vectors!r}")
             meta = {"format": FORMAT, "version": str(VERSION), "model": json.dumps(identity)}
-            meta["vectors"] = vectors
+            meta.update(vectors=vectors, generation="0")
             with self.transaction() as db:
                 db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta.items())
             self.meta = meta
@@ -178,23 +185,34 @@ class Store:
         )
 
     def vectors(self) -> tuple[list[bytes], np.ndarray]:
-        """Every path and its vector, as float32 (N, D) (the accumulation type of the search:
-        converted once here, not per query), in storage order."""
+        """Every path and its vector as float32 (N, D) (the accumulation type of the search,
+        converted once, not per query): memory-mapped from the cache beside the database when it
+        is current (:mod:`mlx_aim.index.cache`), else read from SQLite and cached."""
         dim = int(self.identity["dim"]) if self.identity else 0
-        kind = self.vector_type
-        paths: list[bytes] = []
         with self.guard():
-            self.conn.execute("BEGIN")  # one snapshot for the count and the rows
+            self.conn.execute("BEGIN")  # one snapshot for the generation, the count and the rows
             try:
-                out = np.empty((self.count(), dim), np.float32)
-                cursor = self.conn.execute("SELECT path, vector FROM files")
-                while rows := cursor.fetchmany(_READ_CHUNK):
-                    blob = b"".join(r[1] for r in rows)
-                    block = np.frombuffer(blob, kind).reshape(len(rows), dim)
-                    out[len(paths) : len(paths) + len(rows)] = block
-                    paths.extend(r[0] for r in rows)
+                row = self.conn.execute("SELECT value FROM meta WHERE key = 'generation'")
+                generation = (row.fetchone() or [None])[0]
+                cached = read_cache(self.path, generation, dim) if generation else None
+                if cached is not None:
+                    return cached
+                paths, out = self._read_vectors(dim)
             finally:
                 self.conn.execute("COMMIT")
+        if generation:
+            write_cache(self.path, generation, paths, out)
+        return paths, out
+
+    def _read_vectors(self, dim: int) -> tuple[list[bytes], np.ndarray]:
+        kind = self.vector_type
+        paths: list[bytes] = []
+        out = np.empty((self.count(), dim), np.float32)
+        cursor = self.conn.execute("SELECT path, vector FROM files")
+        while rows := cursor.fetchmany(_READ_CHUNK):
+            blob = b"".join(r[1] for r in rows)
+            out[len(paths) : len(paths) + len(rows)] = np.frombuffer(blob, kind).reshape(-1, dim)
+            paths.extend(r[0] for r in rows)
         return paths, out
 
     def close(self) -> None:
