@@ -68,4 +68,4 @@ def write_cache(db: Path, generation: str, paths: list[bytes], matrix: np.ndarra
     with contextlib.suppress(OSError, MlxAimError):
         with atomic_write(cache_path(db)) as f:
             f.write(line + blob + b"\0" * padding)
-            f.write(np.ascontiguousarray(matrix, np.float32).tobytes())
+            f.write(memoryview(np.ascontiguousarray(matrix, np.float32)).cast("B"))
