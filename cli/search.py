@@ -18,7 +18,7 @@ from .index import index_model
 from .progress import working
 
 if TYPE_CHECKING:
-    from mlx_aim.index import Index
+    from mlx_aim.index import Hit, Index, Pair
 
 
 class QueryCommand(TyperCommand):
@@ -48,12 +48,12 @@ def register(app: typer.Typer) -> None:
     app.command("search", epilog=EXIT_CODES_HELP, cls=QueryCommand)(search_command)
 
 
-def _results(index: Index, query: list[str], k: int, within: Path | None, quiet: bool):
+def _results(index: Index, query: list[str], k: int, within: Path | None, quiet: bool) -> list[Hit]:
     with working("searching", enabled=not quiet):
         return index.search(query, k, within=within)
 
 
-def _print_hits(hits, as_json: bool) -> None:
+def _print_hits(hits: list[Hit], as_json: bool) -> None:
     for hit in hits:
         if as_json:
             typer.echo(json.dumps({"path": hit.path, "score": round(hit.score, 6)}))
@@ -61,7 +61,7 @@ def _print_hits(hits, as_json: bool) -> None:
             typer.echo(hit.path)
 
 
-def _print_pairs(pairs, as_json: bool) -> None:
+def _print_pairs(pairs: list[Pair], as_json: bool) -> None:
     for pair in pairs:
         if as_json:
             typer.echo(

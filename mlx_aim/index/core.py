@@ -25,7 +25,7 @@ from ..data.images import ImageError, find_images
 from ..errors import InputError
 from ..io import cache_root
 from .encoder import Encoder, ModelEncoder, model_source
-from .query import combine, groups, parse_terms, scores, similar_pairs, top_k
+from .query import combine, parse_terms, scores, similar_pairs, top_k
 from .scan import HashingOpener, Plan, plan_update
 from .store import Store, WriterLock
 
@@ -306,13 +306,6 @@ class Index:
             paths, matrix = [paths[i] for i in index], matrix[index]
         pairs = sorted(similar_pairs(matrix, threshold), key=lambda p: (-p[2], p[0], p[1]))
         return [Pair(os.fsdecode(paths[i]), os.fsdecode(paths[j]), s) for i, j, s in pairs]
-
-    def duplicate_groups(self, pairs: Sequence[Pair]) -> list[list[str]]:
-        """The pairs joined into groups of copies of one image."""
-        names = sorted({p.a for p in pairs} | {p.b for p in pairs})
-        number = {n: i for i, n in enumerate(names)}
-        found = groups([(number[p.a], number[p.b], p.similarity) for p in pairs])
-        return [[names[i] for i in g] for g in found]
 
     def __len__(self) -> int:
         store = Store(self.db)

@@ -125,21 +125,3 @@ def similar_pairs(
                 i, j = top + int(r), left + int(c)
                 if j > i:
                     yield i, j, float(block[r, c])
-
-
-def groups(pairs: Sequence[tuple[int, int, float]]) -> list[list[int]]:
-    """Connected groups of the pairs (union-find), each sorted, ordered by their first member."""
-    parent: dict[int, int] = {}
-
-    def find(i: int) -> int:
-        while parent.setdefault(i, i) != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for i, j, _ in pairs:
-        parent[find(i)] = find(j)
-    out: dict[int, list[int]] = {}
-    for i in parent:
-        out.setdefault(find(i), []).append(i)
-    return sorted((sorted(g) for g in out.values()), key=lambda g: g[0])
