@@ -409,3 +409,12 @@ def test_searches_map_a_cached_copy_of_the_vectors_that_any_change_invalidates(t
     cache.write_bytes(cache.read_bytes()[:-7])  # a torn copy is ignored and rewritten
     again = [h.path for h in Index(db, model=FakeEncoder()).search(extra, k=6)]
     assert again == found and cache.stat().st_size % 4 == 0
+
+
+def test_search_uses_the_pooling_the_index_was_built_with(photos, model_dir, tmp_path):
+    folder, _, copy = photos
+    db = tmp_path / "photos.sqlite"
+    index(folder, model_dir, db, "--pool", "layers")
+    result = run("search", folder / "coffee.jpg", "--db", db, "-k", "2", "-q")
+    assert result.exit_code == 0, result.output
+    assert lines(result.stdout) == [str(folder / "coffee.jpg"), str(copy)]

@@ -121,11 +121,14 @@ class Index:
                 if store.identity is None:
                     raise InputError(f"{self.db}: empty index; give the model to build it with")
                 model = store.identity["model"]
+            pool = self.pool
+            if pool == "auto" and store.identity is not None:
+                pool = store.identity["pool"]  # the pooling the index was built with
             if hasattr(model, "identity") and hasattr(model, "stream"):
                 self._encoder = model
             else:
                 self._encoder = ModelEncoder(
-                    model, pool=self.pool, batch_size=self.batch_size, workers=self.workers
+                    model, pool=pool, batch_size=self.batch_size, workers=self.workers
                 )
         if store.identity is not None:
             store.claim(self._encoder.identity)  # refuses another model
