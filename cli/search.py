@@ -131,7 +131,7 @@ def search_command(
 
       mlx-aim search beach +./sunset.jpg -people -k 20 | xargs open
 
-      mlx-aim search -- '2:golden retriever' -grass --dir ~/Pictures/2024 --json
+      mlx-aim search --dir ~/Pictures/2024 --json -- '2:golden retriever' -grass
 
       mlx-aim search photo.jpg --html similar.html
 
