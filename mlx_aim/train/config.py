@@ -25,6 +25,9 @@ DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
 SEED_MAX = 2**32 - 1
 OBJECTIVES = ("aimv1", "aimv2")
+# default --steps per objective: at 100 steps an aimv2-nano trunk probes below a random one on
+# the scenes' shapes (docs/aimv2-default-run.md)
+STEPS = {"aimv1": 100, "aimv2": 500}
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
@@ -137,7 +140,11 @@ class TrainConfig:
         "Objective",
     )
     # optimisation
-    steps: int = _opt(100, "Optimizer steps.")
+    steps: int | None = _opt(
+        None,
+        f"Optimizer steps (default {STEPS['aimv1']}; {STEPS['aimv2']} for --objective aimv2, "
+        "whose trunk needs them to probe above a random one on the built-in scenes).",
+    )
     batch_size: int = _opt(
         32, "Images per step over all processes (each of N processes loads batch-size / N)."
     )
@@ -201,6 +208,8 @@ class TrainConfig:
         """Fill the defaults that depend on the objective (recorded as filled, so a resumed run
         compares concrete values)."""
         builtin_scenes = self.objective == "aimv2" and self.data is None
+        if self.steps is None:
+            self.steps = STEPS.get(self.objective, STEPS["aimv1"])
         if self.model is None:
             self.model = "aimv2-nano" if self.objective == "aimv2" else "aim-nano"
         if self.hflip is None:
