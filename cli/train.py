@@ -58,6 +58,8 @@ def train_command(ctx: typer.Context, config_file: Path | None = None, **flags: 
 
       mlx-aim train
 
+      mlx-aim train --objective aimv2   [dim](aimv2-nano, 300 steps on the built-in scenes)[/dim]
+
       mlx-aim train --data ~/Pictures --model aim-tiny --steps 5000 -b 64 -o runs/photos
 
       mlx-aim train --config pretrain.toml --lr 5e-4

@@ -27,7 +27,7 @@ SEED_MAX = 2**32 - 1
 OBJECTIVES = ("aimv1", "aimv2")
 # default --steps per objective: at 100 steps an aimv2-nano trunk probes below a random one on
 # the scenes' shapes (docs/aimv2-default-run.md)
-STEPS = {"aimv1": 100, "aimv2": 500}
+STEPS = {"aimv1": 100, "aimv2": 300}
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
