@@ -149,4 +149,3 @@ def test_the_default_aimv2_run_is_long_enough_to_beat_a_random_trunk():
     assert TrainConfig(objective="aimv2", steps=30).steps == 30
     # a config file's missing or empty setting is filled the same way
     assert TrainConfig.from_dict({"objective": "aimv2", "steps": None}).steps == 300
-
