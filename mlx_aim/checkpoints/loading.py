@@ -152,7 +152,7 @@ def load(
         Hugging Face cache (``HF_HUB_OFFLINE=1`` works once cached).
 
     The AIMv2 LiT model (``"aimv2-large-patch14-224-lit"``) also gets ``model.tokenizer`` from the
-    checkpoint's tokenizer files (needs ``pip install 'mlx-aim[text]'``).
+    checkpoint's tokenizer files.
 
     ``head`` picks the AIMv1 probe head of a released checkpoint (``"last"`` or ``"best"``).
     Weights are read, checked (shapes, dtypes, finite values) and evaluated.

@@ -3,8 +3,8 @@
 A run trains one on its training captions (``CaptionTokenizer.train``, the ``tokenizers``
 library's BPE trainer over bytes, so any text encodes) or loads a ``tokenizer.json``
 (``CaptionTokenizer.load``) that defines the three special tokens, and keeps it as
-``tokenizer.json`` in the run directory. ``tokenizers`` is an optional dependency
-(``pip install 'mlx-aim[text]'``).
+``tokenizer.json`` in the run directory. ``tokenizers`` is a core dependency
+(``pip install tokenizers``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _tokenizers() -> Any:
         import tokenizers
     except ModuleNotFoundError:
         raise InputError(
-            "captions need the 'tokenizers' package: pip install 'mlx-aim[text]'"
+            "captions need the 'tokenizers' package: pip install tokenizers"
         ) from None
     return tokenizers
 

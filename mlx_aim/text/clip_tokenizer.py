@@ -6,7 +6,7 @@ reference of apple/ml-aim): NFC, whitespace runs to one space, lowercase; split 
 single digits, punctuation runs and contractions; byte-level BPE with ``</w>`` ending each word;
 ``<|startoftext|> ... <|endoftext|>``, truncated to the context length with the end token kept.
 
-Needs the optional ``tokenizers`` package: ``pip install 'mlx-aim[text]'``.
+Runs on the ``tokenizers`` package (a core dependency).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def _tokenizers():
         import tokenizers
     except ImportError:
         raise ImportError(
-            "text needs the tokenizers package: pip install 'mlx-aim[text]'"
+            "text needs the tokenizers package: pip install tokenizers"
         ) from None
     return tokenizers
 
