@@ -78,12 +78,15 @@ def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
 def reported_errors() -> Iterator[None]:
     """Turn user errors into one ``error:`` line and the shared exit code."""
     try:
-        yield
+        try:
+            yield
+        finally:
+            sys.stdout.flush()  # a pipe closed early fails here, inside the handlers below
     except MlxAimError as e:
         raise fail(str(e), e.exit_code) from None
-    except BrokenPipeError:  # the reader went away (``mlx-aim models | head``): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(int(ExitCode.OUTPUT)) from None
+    except BrokenPipeError:  # the reader went away (``mlx-aim embed --json | head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
+        raise typer.Exit(int(ExitCode.OK)) from None
     except _INPUT_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise fail(str(message)) from None
