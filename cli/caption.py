@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from mlx_aim.errors import EXIT_CODES_HELP, ExitCode
+from mlx_aim.errors import ExitCode, exit_codes_help
 
 from .errors import err_console, fail, reported_errors
 
@@ -101,4 +101,14 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim caption`` to ``app``."""
-    app.command("caption", epilog=EXIT_CODES_HELP)(caption_command)
+    app.command(
+        "caption",
+        epilog=exit_codes_help(
+            ExitCode.OK,
+            ExitCode.BAD_INPUT,
+            ExitCode.USAGE,
+            ExitCode.OUTPUT,
+            ExitCode.PARTIAL,
+            ExitCode.INTERRUPTED,
+        ),
+    )(caption_command)

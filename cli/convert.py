@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from mlx_aim.errors import InputError
+from mlx_aim.errors import ExitCode, InputError, exit_codes_help
 from mlx_aim.io import check_destination
 
-from .errors import EXIT_CODES_HELP, reported_errors
+from .errors import reported_errors
 from .progress import working
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -17,7 +17,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim convert`` to ``app``."""
-    app.command("convert", epilog=EXIT_CODES_HELP)(convert_command)
+    app.command(
+        "convert",
+        epilog=exit_codes_help(
+            ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.USAGE, ExitCode.OUTPUT, ExitCode.INTERRUPTED
+        ),
+    )(convert_command)
 
 
 def convert_command(

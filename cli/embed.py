@@ -10,13 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mlx_aim.errors import InputError, OutputError
+from mlx_aim.errors import ExitCode, InputError, OutputError, exit_codes_help
 from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
 
 from .errors import (
-    EXIT_CODES_HELP,
-    ExitCode,
     err_console,
     prepare_cpu_backend,
     reported_errors,
@@ -34,7 +32,17 @@ SLOW_ON_CPU = "on a CPU, bfloat16, float16 and --quantize run 9-15x slower than 
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim embed`` to ``app``."""
-    app.command("embed", epilog=EXIT_CODES_HELP)(embed_command)
+    app.command(
+        "embed",
+        epilog=exit_codes_help(
+            ExitCode.OK,
+            ExitCode.BAD_INPUT,
+            ExitCode.USAGE,
+            ExitCode.OUTPUT,
+            ExitCode.PARTIAL,
+            ExitCode.INTERRUPTED,
+        ),
+    )(embed_command)
 
 
 def _sources(paths: list[str]) -> list[str]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import typer
 
+from mlx_aim.errors import exit_codes_table
+
 from . import bench, caption, convert, embed, kernels, models, probe, train, zero_shot
 
 app = typer.Typer(
     name="mlx-aim",
     help="AIM and AIMv2 image models in MLX: pre-train, probe, embed, zero-shot, caption, convert.",
+    epilog=exit_codes_table(),
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",

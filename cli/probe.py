@@ -17,7 +17,7 @@ import typer
 import mlx_aim
 from mlx_aim.checkpoints.registry import LAPTOP_ARCHITECTURES
 from mlx_aim.data.builtin import builtin_dataset
-from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, InputError, OutputError
+from mlx_aim.errors import ExitCode, InputError, OutputError, exit_codes_help
 from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
 from mlx_aim.tasks.features import FeatureCache
@@ -254,4 +254,14 @@ probe_command.__signature__ = inspect.Signature(_declared + config_options(Probe
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim probe`` to ``app``."""
-    app.command("probe", epilog=EXIT_CODES_HELP)(probe_command)
+    app.command(
+        "probe",
+        epilog=exit_codes_help(
+            ExitCode.OK,
+            ExitCode.BAD_INPUT,
+            ExitCode.USAGE,
+            ExitCode.OUTPUT,
+            ExitCode.PARTIAL,
+            ExitCode.INTERRUPTED,
+        ),
+    )(probe_command)

@@ -33,10 +33,47 @@ class ExitCode(IntEnum):
     TERMINATED = 128 + signal.SIGTERM
 
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 done, 1 bad input, 2 usage, 3 output (exists, not writable, disk full, locked), "
-    "4 some inputs skipped, 5 non-finite loss, 129/130/143 stopped by SIGHUP/Ctrl-C/SIGTERM."
-)
+_MEANINGS = {
+    ExitCode.OK: "done",
+    ExitCode.BAD_INPUT: "bad input",
+    ExitCode.USAGE: "usage",
+    ExitCode.OUTPUT: "output (exists, not writable, disk full, locked)",
+    ExitCode.PARTIAL: "some inputs skipped",
+    ExitCode.NON_FINITE: "non-finite loss",
+    ExitCode.HANGUP: "SIGHUP",
+    ExitCode.INTERRUPTED: "Ctrl-C",
+    ExitCode.TERMINATED: "SIGTERM",
+}
+_SIGNALS = (ExitCode.HANGUP, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
+
+
+def exit_codes_help(*codes: ExitCode) -> str:
+    """One line listing the exit codes a command can return (all of them without arguments)."""
+    chosen = sorted(set(codes or ExitCode))
+    parts = [f"{int(c)} {_MEANINGS[c]}" for c in chosen if c not in _SIGNALS]
+    signals = [c for c in chosen if c in _SIGNALS]
+    if signals:
+        numbers = "/".join(str(int(c)) for c in signals)
+        parts.append(f"{numbers} stopped by {'/'.join(_MEANINGS[c] for c in signals)}")
+    return "Exit codes: " + ", ".join(parts) + "."
+
+
+EXIT_CODES_HELP = exit_codes_help()
+
+
+def exit_codes_table() -> str:
+    """The exit-code table, short enough for an 80-column terminal (``mlx-aim --help``)."""
+    rows = (
+        ("0", "done"),
+        ("1", "bad input: an option, config, model or data that cannot be used"),
+        ("2", "usage: unknown flag, missing argument"),
+        ("3", "output: exists (no --force), not writable, disk full, locked"),
+        ("4", "partial: unreadable inputs skipped (named on stderr), the rest done"),
+        ("5", "training stopped: non-finite loss or gradient (checkpoint kept)"),
+        ("129/130/143", "stopped by SIGHUP / Ctrl-C / SIGTERM"),
+    )
+    lines = [f"{code:>11}  {meaning}" for code, meaning in rows]
+    return "Exit codes (each command's --help lists the ones it returns):\n\n" + "\n".join(lines)
 
 
 class MlxAimError(Exception):
