@@ -68,7 +68,7 @@ def exit_codes_table() -> str:
         ("1", "bad input: an option, config, model or data that cannot be used"),
         ("2", "usage: unknown flag, missing argument"),
         ("3", "output: exists (no --force), not writable, disk full, locked"),
-        ("4", "partial: unreadable inputs skipped (named on stderr), the rest done"),
+        ("4", "partial: unreadable inputs skipped and named, the rest done"),
         ("5", "training stopped: non-finite loss or gradient (checkpoint kept)"),
         ("129/130/143", "stopped by SIGHUP / Ctrl-C / SIGTERM"),
     )

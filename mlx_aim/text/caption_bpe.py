@@ -28,9 +28,7 @@ def _tokenizers() -> Any:
     try:
         import tokenizers
     except ModuleNotFoundError:
-        raise InputError(
-            "captions need the 'tokenizers' package: pip install tokenizers"
-        ) from None
+        raise InputError("captions need the 'tokenizers' package: pip install tokenizers") from None
     return tokenizers
 
 

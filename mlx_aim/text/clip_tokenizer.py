@@ -33,9 +33,7 @@ def _tokenizers():
     try:
         import tokenizers
     except ImportError:
-        raise ImportError(
-            "text needs the tokenizers package: pip install tokenizers"
-        ) from None
+        raise ImportError("text needs the tokenizers package: pip install tokenizers") from None
     return tokenizers
 
 
