@@ -9,6 +9,7 @@ import typer
 
 from mlx_aim.errors import ExitCode, exit_codes_help
 
+from .embed import image_sources
 from .errors import err_console, fail, reported_errors
 
 
@@ -70,7 +71,7 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
     if output is not None:
         check_destination(output, overwrite=force)
     captioner = Captioner.from_run(model)
-    files, errors = find_images(paths)
+    files, errors = find_images(image_sources(paths))
     key = mx.random.key(seed)
     lines, records = [], []
     for start in range(0, len(files), batch_size):

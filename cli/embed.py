@@ -45,14 +45,17 @@ def register(app: typer.Typer) -> None:
     )(embed_command)
 
 
-def _sources(paths: list[str]) -> list[str]:
-    """The command-line sources with ``-`` replaced by the paths read from standard input."""
+def image_sources(paths: list[str]) -> list[str]:
+    """The command-line sources with ``-`` replaced by the paths read from standard input and
+    built-in dataset names (``digits/val/7``) by their folders."""
+    from mlx_aim.data.builtin import resolve_builtin
+
     sources: list[str] = []
     for source in paths:
         if source == "-":
             sources.extend(line.strip() for line in sys.stdin if line.strip())
         else:
-            sources.append(source)
+            sources.append(str(resolve_builtin(source)))
     return sources
 
 
@@ -188,7 +191,7 @@ def find_files(
     from mlx_aim.data.images import find_images
     from mlx_aim.tasks.embed import check_sources
 
-    files, errors = find_images(_sources(paths))
+    files, errors = find_images(image_sources(paths))
     for error in errors:
         report(error)
     if not files:

@@ -6,7 +6,7 @@ import typer
 
 from mlx_aim.errors import exit_codes_table
 
-from . import bench, caption, convert, embed, kernels, models, probe, train, zero_shot
+from . import bench, caption, convert, datasets, embed, kernels, models, probe, train, zero_shot
 
 app = typer.Typer(
     name="mlx-aim",
@@ -20,7 +20,7 @@ app = typer.Typer(
 
 # The command modules, each adding its command to ``app`` with ``register(app)``, in the order
 # ``mlx-aim --help`` lists them. Each imports its heavy dependencies inside the command.
-COMMANDS = (models, convert, train, probe, embed, zero_shot, caption, bench, kernels)
+COMMANDS = (models, datasets, convert, train, probe, embed, zero_shot, caption, bench, kernels)
 
 
 def version_callback(value: bool) -> None:

@@ -16,7 +16,7 @@ import typer
 
 import mlx_aim
 from mlx_aim.checkpoints.registry import LAPTOP_ARCHITECTURES
-from mlx_aim.data.builtin import builtin_dataset
+from mlx_aim.data.builtin import builtin_dataset, resolve_builtin
 from mlx_aim.errors import ExitCode, InputError, OutputError, exit_codes_help
 from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
@@ -76,8 +76,8 @@ def probe_command(
         None,
         "--data",
         "-d",
-        help="Image folder: <class>/<images>, or train/<class>/ and val/<class>/. "
-        "Default: the built-in digits.",
+        help="Image folder: <class>/<images>, or train/<class>/ and val/<class>/; or a built-in "
+        "one by name: digits, scenes/count, scenes/colour, scenes/shape. Default: digits.",
         rich_help_panel="Data",
     ),
     output: Path | None = typer.Option(
@@ -118,7 +118,7 @@ def probe_command(
     prepare_cpu_backend()
     with reported_errors():
         config = ProbeConfig(**settings).validate()
-        data_dir = data if data is not None else builtin_dataset("digits")
+        data_dir = resolve_builtin(data) if data is not None else builtin_dataset("digits")
         if eval_only:
             if random_init:
                 raise InputError("--eval-only and --random-init exclude each other")

@@ -55,6 +55,36 @@ def builtin_dataset(name: str = "digits", root: PathLike | None = None) -> Path:
     return target
 
 
+def resolve_builtin(source: PathLike) -> PathLike:
+    """``source`` itself, or the built-in folder it names when no such path exists: ``digits``,
+    ``scenes`` or a path inside one (``scenes/count``, ``digits/val/7``), written first if needed.
+
+    Lets every command take the built-in data by name, from any folder."""
+    text = str(source)
+    name, _, inside = text.partition("/")
+    if name not in DATASETS or Path(text).expanduser().exists():
+        return source
+    return builtin_dataset(name) / inside if inside else builtin_dataset(name)
+
+
+def training_splits(name: str) -> tuple[Path, Path]:
+    """The (train, val) folders of a built-in dataset as ``--data NAME`` trains on it."""
+    root = builtin_dataset(name)
+    return (
+        (root / "train", root / "val")
+        if name == "digits"
+        else (
+            root / "captioned" / "train",
+            root / "captioned" / "val",
+        )
+    )
+
+
+def is_builtin_name(source: PathLike | None) -> bool:
+    """Whether ``source`` is a bare built-in dataset name with no such path on disk."""
+    return source is not None and str(source) in DATASETS and not Path(str(source)).exists()
+
+
 def _is_complete(folder: Path) -> bool:
     try:
         info = read_json(folder / "dataset.json")

@@ -38,8 +38,9 @@ class TrainConfig:
     # data
     data: str | None = _opt(
         None,
-        "Training images: a folder (searched recursively), a glob, or a .txt file listing paths. "
-        "Default: the built-in digits set.",
+        "Training images: a folder (searched recursively), a glob, or a .txt file listing paths; "
+        "or a built-in set by name: digits, scenes (`mlx-aim datasets`). Default: digits "
+        "(scenes with --objective aimv2).",
         "Data",
     )
     val_data: str | None = _opt(
@@ -178,8 +179,8 @@ class TrainConfig:
     preview_images: int = _opt(4, "Images shown in each preview.", "Output")
     probe_data: str | None = _opt(
         None,
-        "Labelled images (class folders, optionally split in train/ and val/; digits: the "
-        "built-in digits) for a quick linear probe of the trunk every --probe-every steps; its "
+        "Labelled images (class folders, optionally split in train/ and val/; or a built-in set "
+        "by name: digits, scenes/count, scenes/colour, scenes/shape) for a quick linear probe of the trunk every --probe-every steps; its "
         "top-1 goes to metrics.jsonl and loss.png.",
         "Output",
     )

@@ -25,7 +25,7 @@ import mlx.nn as nn
 import numpy as np
 
 from ..checkpoints.registry import REGISTRY, default_preprocessing, multimodal_pretrain_config
-from ..data.builtin import builtin_dataset
+from ..data.builtin import is_builtin_name, resolve_builtin, training_splits
 from ..data.captions import CaptionedImages, find_captioned_images
 from ..data.images import ImageError
 from ..data.loader import ImageLoader, split_paths
@@ -58,13 +58,15 @@ class CaptionInputs:
 
 def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
     """Find the captions, get the tokenizer and resolve the model (see the module docstring)."""
-    if config.data is None:
-        root = builtin_dataset("scenes") / "captioned"
-        train, description = _find(root / "train", "--data"), f"built-in scenes ({root})"
-        val = _find(config.val_data or root / "val", "--val-data")
+    val_data = resolve_builtin(config.val_data) if config.val_data else None
+    if config.data is None or is_builtin_name(config.data):
+        name = str(config.data or "scenes")
+        train_root, val_root = training_splits(name)
+        train, description = _find(train_root, "--data"), f"built-in {name} ({train_root})"
+        val = _find(val_data or val_root, "--val-data")
     else:
-        train, description = _find(config.data, "--data"), str(config.data)
-        val = _find(config.val_data, "--val-data") if config.val_data else None
+        train, description = _find(resolve_builtin(config.data), "--data"), str(config.data)
+        val = _find(val_data, "--val-data") if val_data else None
     skipped = train.skipped + (val.skipped if val else [])
     train_items = list(zip(train.images, train.captions, strict=True))
     if val is not None:
