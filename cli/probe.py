@@ -19,7 +19,7 @@ from mlx_aim.checkpoints.registry import LAPTOP_ARCHITECTURES
 from mlx_aim.data.builtin import builtin_dataset, resolve_builtin
 from mlx_aim.errors import ExitCode, InputError, OutputError, exit_codes_help
 from mlx_aim.io import check_destination
-from mlx_aim.messages import plural
+from mlx_aim.messages import accuracy, plural
 from mlx_aim.tasks.features import FeatureCache
 from mlx_aim.tasks.probe import (
     Hooks,
@@ -196,7 +196,7 @@ def _train(
         f"{config.head} probe on {model}{trunk_kind}: {plural(report['num_train'], 'train image')}"
     )
     if final.get("top1") is not None:
-        summary += f", val top-1 {100 * final['top1']:.2f}% top-5 {100 * final['top5']:.2f}%"
+        summary += f", val {accuracy(final['top1'], final['top5'], len(report['classes']))}"
     typer.echo(summary)
     typer.echo(f"wrote {output} (mlx_aim.load it for the classifier)")
     _exit_if_skipped(len(report["unreadable"]))
@@ -233,7 +233,7 @@ def _evaluate(
     split = "val" if dataset.val else "all"
     typer.echo(
         f"{model} on {data_dir} ({split}, {plural(result['count'], 'image')}): "
-        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
+        + accuracy(result["top1"], result["top5"], len(dataset.classes))
     )
     if output is not None:
         files = save_evaluation(result, output, model=model, data=str(data_dir), overwrite=force)

@@ -41,6 +41,7 @@ from ..data.loader import ImageLoader, find_labeled_images, split_paths
 from ..data.transforms import Preprocessing, TrainTransform
 from ..errors import InputError
 from ..io import atomic_directory, atomic_paths, check_destination, read_json, write_json
+from ..messages import accuracy
 from ..models import build_model, build_model_args
 from ..models.base import last_six_blocks
 from ..models.layers import LinearClassifier, build_classifier
@@ -597,15 +598,15 @@ def _train_head(
             record.update(top1=top1, top5=top5)
         record["seconds"] = round(time.perf_counter() - start, 3)
         history.append(record)
-        hooks.log(format_epoch(record, config.epochs))
+        hooks.log(format_epoch(record, config.epochs, len(data.classes)))
     return history
 
 
-def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    """One log line per epoch."""
+def format_epoch(record: dict[str, Any], epochs: int, classes: int) -> str:
+    """One log line per epoch (top-5 only with more than 5 classes)."""
     line = f"epoch {record['epoch']:>3}/{epochs}  loss {record['loss']:.4f}"
     if record.get("top1") is not None:
-        line += f"  val top-1 {100 * record['top1']:.2f}%  top-5 {100 * record['top5']:.2f}%"
+        line += f"  val {accuracy(record['top1'], record['top5'], classes)}"
     return line + f"  ({record['seconds']:.1f} s)"
 
 

@@ -520,6 +520,13 @@ def _blas_name() -> str:
     return "Accelerate" if sys.platform == "darwin" else "MLX's bundled reference BLAS"
 
 
+def _validation_images(used: int, found: int) -> str:
+    """``297 validation images``, or ``256 of 297 validation images (--val-images)``."""
+    if used < found:
+        return f"{used} of {plural(found, 'validation image')} (--val-images)"
+    return plural(found, "validation image")
+
+
 def _log_header(
     config: TrainConfig,
     world: World,
@@ -537,7 +544,7 @@ def _log_header(
         f"mlx-aim train: {config.model_name} ({trunk_params / 1e6:.2f}M trunk + "
         f"{(num_params - trunk_params) / 1e6:.2f}M head parameters, {encoder.image_size} px, "
         f"patch {encoder.patch_size}), {plural(len(images.train), 'training image')} and "
-        f"{plural(val_images, 'validation image')} from {images.description}; "
+        f"{_validation_images(val_images, len(images.val))} from {images.description}; "
         f"batch {config.batch_size}"
         + (f" ({world.size} processes x {local_batch})" if world.size > 1 else "")
         + (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "")
@@ -752,7 +759,8 @@ class _Loop:
             record.update(image_loss=image, text_loss=text)
         if self.world.is_main:
             self.metrics.append(record)
-            self.reporter.step(self.step, {**record, "val_loss": self.last_val})
+            val = {"val_loss": self.last_val, "val_step": self.last_val_step}
+            self.reporter.step(self.step, {**record, **val})
 
     def checkpoint(self) -> None:
         """Write the checkpoint of the current step (rank 0), with every rank's data position."""

@@ -111,7 +111,7 @@ class Reporter:
         speed = metrics["images_per_s"]
         status = (
             f"loss {metrics['loss']:.4f}"
-            + (f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else "")
+            + _val_status(metrics)
             + f" lr {metrics['lr']:.2e} "
             + (f"{speed:.1f} img/s ETA {format_duration(metrics['eta_s'])}" if speed else "")
             + f" peak {metrics['peak_memory_gb']:.2f} GB"
@@ -153,6 +153,14 @@ class MetricsLog:
                 if _is_number(record.get("loss")):
                     records.append(record)
         return records
+
+
+def _val_status(metrics: dict[str, Any]) -> str:
+    """`` val 0.2231 @50``: the last validation loss and its step (blank before the first)."""
+    if metrics.get("val_loss") is None:
+        return ""
+    step = metrics.get("val_step")
+    return f" val {metrics['val_loss']:.4f}" + (f" @{step}" if step is not None else "")
 
 
 def _is_number(value: Any) -> bool:
