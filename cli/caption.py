@@ -34,7 +34,7 @@ def caption_command(
         None,
         "--output",
         "-o",
-        help='Write {"image": ..., "caption": ...} lines to this .jsonl file instead of printing '
+        help='Write {"path": ..., "caption": ...} lines to this .jsonl file instead of printing '
         "path<TAB>caption lines.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
@@ -87,7 +87,7 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
         key, sub = mx.random.split(key)
         captions = captioner.generate(mx.array(np.stack(images)), max_tokens, temperature, sub)
         for path, caption in zip(kept, captions, strict=True):
-            records.append(json.dumps({"image": str(path), "caption": caption}))
+            records.append(json.dumps({"path": str(path), "caption": caption}))
             lines.append(f"{path}\t{caption}")
             if output is None:
                 typer.echo(lines[-1])

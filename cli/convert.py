@@ -9,7 +9,7 @@ import typer
 from mlx_aim.errors import ExitCode, InputError, exit_codes_help
 from mlx_aim.io import check_destination
 
-from .errors import reported_errors
+from .errors import reported_errors, warn
 from .progress import working
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -82,4 +82,20 @@ def convert_command(
                 )
             except ValueError as e:  # unreadable metadata in the source (e.g. invalid JSON)
                 raise InputError(f"{source}: {e}") from None
+        _warn_if_lit_without_tokenizer(path)
     typer.echo(f"wrote {path}")
+
+
+def _warn_if_lit_without_tokenizer(model: Path) -> None:
+    """A LiT model converted without its tokenizer files cannot read text: say so now."""
+    from mlx_aim.io import read_json
+    from mlx_aim.text.clip_tokenizer import has_tokenizer
+
+    if read_json(model / "config.json").get("model_type") == "aim_v2_lit" and not has_tokenizer(
+        model
+    ):
+        warn(
+            f"{model} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
+            "zero-shot and embed --text will need them; copy them from the source checkpoint "
+            "into it"
+        )

@@ -96,7 +96,7 @@ def test_the_command_writes_jsonl_and_names_unreadable_files(run):
     assert result.exit_code == 4, result.output
     assert "broken.png" in result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["image"] for r in records] == [str(run / "images" / f"{i}.png") for i in range(6)]
+    assert [r["path"] for r in records] == [str(run / "images" / f"{i}.png") for i in range(6)]
     assert all(isinstance(r["caption"], str) for r in records)
     again = CliRunner().invoke(app, [*args, "-o", str(out)])
     assert again.exit_code == 3 and "already exists" in again.output

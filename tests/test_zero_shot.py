@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 import sys
 
 import mlx.core as mx
@@ -255,3 +256,18 @@ def test_embed_text_with_a_vision_model_is_one_line(images, tmp_path):
     result = run(["embed", "--text", "a cat", "-m", vision])
     assert result.exit_code == 1 and "has no text tower" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_converting_a_lit_model_without_tokenizer_files_says_zero_shot_will_need_them(
+    lit_dir, tmp_path
+):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocess.json"):
+        shutil.copy(lit_dir / name, bare / name)
+    result = run(["convert", bare, tmp_path / "out"])
+    assert result.exit_code == 0
+    assert "no tokenizer files" in result.stderr and "zero-shot" in result.stderr
+
+    result = run(["convert", lit_dir, tmp_path / "with-tokenizer"])
+    assert result.exit_code == 0 and "tokenizer" not in result.stderr
