@@ -60,11 +60,20 @@ def resolve_builtin(source: PathLike) -> PathLike:
     ``scenes`` or a path inside one (``scenes/count``, ``digits/val/7``), written first if needed.
 
     Lets every command take the built-in data by name, from any folder."""
-    text = str(source)
-    name, _, inside = text.partition("/")
-    if name not in DATASETS or Path(text).expanduser().exists():
+    name = builtin_name(source)
+    if name is None:
         return source
+    inside = str(source).partition("/")[2]
     return builtin_dataset(name) / inside if inside else builtin_dataset(name)
+
+
+def builtin_name(source: PathLike | None) -> str | None:
+    """The built-in dataset ``source`` names (``scenes`` for ``scenes/count``) when no such path
+    exists, else None; writes nothing."""
+    if source is None or Path(str(source)).expanduser().exists():
+        return None
+    name = str(source).partition("/")[0]
+    return name if name in DATASETS else None
 
 
 def training_splits(name: str) -> tuple[Path, Path]:
@@ -82,7 +91,7 @@ def training_splits(name: str) -> tuple[Path, Path]:
 
 def is_builtin_name(source: PathLike | None) -> bool:
     """Whether ``source`` is a bare built-in dataset name with no such path on disk."""
-    return source is not None and str(source) in DATASETS and not Path(str(source)).exists()
+    return builtin_name(source) == str(source)
 
 
 def _is_complete(folder: Path) -> bool:

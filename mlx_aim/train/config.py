@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
+from ..data.builtin import builtin_name
 from ..errors import InputError
 from ..models.base import matches_type
 from ..objectives.next_patch import ATTENTIONS, TARGETS
@@ -201,7 +202,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Fill the defaults that depend on the objective (recorded as filled, so a resumed run
         compares concrete values)."""
-        builtin_scenes = self.objective == "aimv2" and self.data is None
+        scenes = "scenes" if self.objective == "aimv2" else None
+        builtin_scenes = (builtin_name(self.data) if self.data else scenes) == "scenes"
         if self.model is None:
             self.model = "aimv2-nano" if self.objective == "aimv2" else "aim-nano"
         if self.hflip is None:
