@@ -44,7 +44,7 @@ def caption_command(
 
     Examples:
 
-      mlx-aim caption scene.png --model runs/aimv2-nano
+      mlx-aim caption scenes/captioned/val/05000.png --model runs/aimv2-nano
 
       mlx-aim caption photos/ -m runs/aimv2-nano -t 0.7 -o captions.jsonl
 
