@@ -7,10 +7,10 @@ from pathlib import Path
 
 import typer
 
-from mlx_aim.errors import ExitCode, exit_codes_help
+from mlx_aim.errors import ExitCode
 
 from .embed import image_sources
-from .errors import err_console, fail, reported_errors
+from .errors import IMAGE_COMMAND_EXITS, err_console, fail, reported_errors
 
 
 def caption_command(
@@ -104,12 +104,5 @@ def register(app: typer.Typer) -> None:
     """Add ``mlx-aim caption`` to ``app``."""
     app.command(
         "caption",
-        epilog=exit_codes_help(
-            ExitCode.OK,
-            ExitCode.BAD_INPUT,
-            ExitCode.USAGE,
-            ExitCode.OUTPUT,
-            ExitCode.PARTIAL,
-            ExitCode.INTERRUPTED,
-        ),
+        epilog=IMAGE_COMMAND_EXITS,
     )(caption_command)

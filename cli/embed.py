@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mlx_aim.errors import ExitCode, InputError, OutputError, exit_codes_help
+from mlx_aim.errors import ExitCode, InputError, OutputError
 from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
 
 from .errors import (
+    IMAGE_COMMAND_EXITS,
     err_console,
     prepare_cpu_backend,
     reported_errors,
@@ -34,14 +35,7 @@ def register(app: typer.Typer) -> None:
     """Add ``mlx-aim embed`` to ``app``."""
     app.command(
         "embed",
-        epilog=exit_codes_help(
-            ExitCode.OK,
-            ExitCode.BAD_INPUT,
-            ExitCode.USAGE,
-            ExitCode.OUTPUT,
-            ExitCode.PARTIAL,
-            ExitCode.INTERRUPTED,
-        ),
+        epilog=IMAGE_COMMAND_EXITS,
     )(embed_command)
 
 

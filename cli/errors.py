@@ -18,13 +18,14 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError
+from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError, exit_codes_help
 from mlx_aim.io import os_reason, output_error
 
 err_console = Console(stderr=True)
 
 __all__ = [
     "EXIT_CODES_HELP",
+    "IMAGE_COMMAND_EXITS",
     "ExitCode",
     "err_console",
     "fail",
@@ -32,6 +33,16 @@ __all__ = [
     "warn",
     "prepare_cpu_backend",
 ]
+
+# The exit codes of the commands that read images and skip the unreadable ones (their --help).
+IMAGE_COMMAND_EXITS = exit_codes_help(
+    ExitCode.OK,
+    ExitCode.BAD_INPUT,
+    ExitCode.USAGE,
+    ExitCode.OUTPUT,
+    ExitCode.PARTIAL,
+    ExitCode.INTERRUPTED,
+)
 
 # Standard errors that still reach a command from libraries; they mean bad input.
 _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError, ImportError)

@@ -17,7 +17,7 @@ import typer
 import mlx_aim
 from mlx_aim.checkpoints.registry import LAPTOP_ARCHITECTURES
 from mlx_aim.data.builtin import builtin_dataset, resolve_builtin
-from mlx_aim.errors import ExitCode, InputError, OutputError, exit_codes_help
+from mlx_aim.errors import ExitCode, InputError, OutputError
 from mlx_aim.io import check_destination
 from mlx_aim.messages import accuracy, plural
 from mlx_aim.tasks.features import FeatureCache
@@ -35,7 +35,7 @@ from mlx_aim.tasks.probe import (
     train_probe,
 )
 
-from .errors import err_console, prepare_cpu_backend, reported_errors, warn
+from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors, warn
 from .options import config_options
 from .progress import progress_bars
 
@@ -256,12 +256,5 @@ def register(app: typer.Typer) -> None:
     """Add ``mlx-aim probe`` to ``app``."""
     app.command(
         "probe",
-        epilog=exit_codes_help(
-            ExitCode.OK,
-            ExitCode.BAD_INPUT,
-            ExitCode.USAGE,
-            ExitCode.OUTPUT,
-            ExitCode.PARTIAL,
-            ExitCode.INTERRUPTED,
-        ),
+        epilog=IMAGE_COMMAND_EXITS,
     )(probe_command)

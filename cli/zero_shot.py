@@ -7,12 +7,12 @@ from pathlib import Path
 
 import typer
 
-from mlx_aim.errors import ExitCode, InputError, exit_codes_help
+from mlx_aim.errors import InputError
 from mlx_aim.io import check_destination, read_text
 from mlx_aim.messages import plural
 
 from .embed import DTYPES, end_partial, find_files, skip_reporter
-from .errors import err_console, prepare_cpu_backend, reported_errors
+from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors
 from .progress import progress_bars, working
 
 
@@ -190,12 +190,5 @@ def register(app: typer.Typer) -> None:
     """Add ``zero-shot`` to the ``mlx-aim`` app."""
     app.command(
         "zero-shot",
-        epilog=exit_codes_help(
-            ExitCode.OK,
-            ExitCode.BAD_INPUT,
-            ExitCode.USAGE,
-            ExitCode.OUTPUT,
-            ExitCode.PARTIAL,
-            ExitCode.INTERRUPTED,
-        ),
+        epilog=IMAGE_COMMAND_EXITS,
     )(zero_shot_command)
