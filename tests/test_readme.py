@@ -13,7 +13,10 @@ README = ROOT / "README.md"
 MARKER = "<!-- readme-test: quick commands -->"
 # Added to the commands so that the test takes seconds, not minutes; everything else runs as
 # written (the same data, models, output folders and order).
-SHORTER = {"train": ["--steps", "2", "--preview-every", "0"], "probe": ["--epochs", "1"]}
+SHORTER = {
+    "train": ["--steps", "2", "--val-images", "16", "--preview-every", "0"],
+    "probe": ["--epochs", "1"],
+}
 SESSION_WORDS = ("this stop", "previous stop", "earlier stop", "this machine", "this session")
 
 
