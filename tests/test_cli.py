@@ -274,3 +274,19 @@ def test_convert_of_a_broken_model_folder_is_one_line(model_dir, tmp_path):
     result = invoke("convert", broken, tmp_path / "out")
     assert result.exit_code == 1
     assert result.output.startswith(f"error: {broken}") and result.output.count("\n") == 1
+
+
+def test_datasets_prints_each_builtin_folder_and_one_folder_by_name():
+    from mlx_aim.data.builtin import DATASETS, builtin_dataset
+
+    result = invoke("datasets")
+    assert result.exit_code == 0
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [(n, str(builtin_dataset(n))) for n in DATASETS]
+    result = invoke("datasets", "digits")
+    assert result.exit_code == 0 and result.stdout == f"{builtin_dataset('digits')}\n"
+    result = invoke("datasets", "nope")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: 'nope' is not a built-in dataset (digits, scenes)"
+    ]
