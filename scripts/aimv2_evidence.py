@@ -1,4 +1,4 @@
-"""Does the AIMv2 objective help at laptop scale? The README's table, reproduced by one command.
+"""Does the AIMv2 objective help at laptop scale? The table of docs/aimv2-pretraining.md, reproduced by one command.
 
     python scripts/aimv2_evidence.py                # 300 steps of batch 32, seed 0 -> runs/evidence
     python scripts/aimv2_evidence.py --seed 1 -o runs/evidence-seed1
@@ -123,7 +123,7 @@ def caption_scores(run: Path, scenes: Path) -> dict:
 
 
 def table(results: dict) -> str:
-    """The markdown table of the README."""
+    """The markdown table of docs/aimv2-pretraining.md."""
     lines = [
         "| trunk (aimv2-nano) | count | colour | shape | caption exact match | caption token accuracy |",
         "|---|---|---|---|---|---|",
