@@ -205,10 +205,10 @@ def _load_embedder(
     import mlx.core as mx
 
     import mlx_aim
+    from mlx_aim.checkpoints.registry import resolve_layers
     from mlx_aim.tasks.embed import Embedder, output_format
     from mlx_aim.tasks.embed import quantize as quantize_model
     from mlx_aim.tasks.features import vision_model
-    from mlx_aim.tasks.probe import resolve_layers
 
     net = mlx_aim.load(model, dtype=getattr(mx, dtype))
     try:

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import mlx_aim
-from mlx_aim.checkpoints.registry import aim_v1_preprocessing, default_preprocessing
+from mlx_aim.checkpoints.registry import aim_v1_preprocessing, default_preprocessing, resolve_layers
 from mlx_aim.checkpoints.weights import apply_weights, save_model
 from mlx_aim.data.transforms import Preprocessing
 from mlx_aim.errors import InputError, OutputError
@@ -30,7 +30,6 @@ from mlx_aim.tasks.probe import (
     compute_features,
     load_dataset,
     random_model,
-    resolve_layers,
     save_probe,
     train_probe,
 )
