@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import BaseModelArgs, ConfigError
+from .encoder import VisionEncoder
 from .layers import (
     MLP,
     Block,
     SinCosPreprocessor,
     Transformer,
-    VisionEncoder,
     build_classifier,
     layer_norm,
 )

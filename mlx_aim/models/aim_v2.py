@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import BaseModelArgs, ConfigError
+from .encoder import VisionEncoder
 from .layers import (
     AttentionPoolingClassifier,
     Block,
@@ -15,7 +16,6 @@ from .layers import (
     SinCosPreprocessor,
     SwiGLU,
     Transformer,
-    VisionEncoder,
     build_classifier,
     rms_norm,
 )

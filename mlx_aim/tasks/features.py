@@ -31,7 +31,7 @@ from ..cpu.streams import StreamSplit, cpu_stream_count
 from ..data.images import ImageError, open_image, to_rgb
 from ..data.transforms import NativeResolution, Preprocessing
 from ..io import atomic_paths
-from ..models.layers import layer_average as layer_average  # the one definition; re-exported
+from ..models.encoder import layer_average as layer_average  # the one definition; re-exported
 
 # AIMv2-native accepts 112 to 4096 patches; larger images are downscaled to fit.
 NATIVE_MAX_PATCHES = 4096
