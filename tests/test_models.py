@@ -160,11 +160,18 @@ def test_parameter_count_of_aim_nano_is_as_documented():
 
 @pytest.mark.parametrize("config", [TINY_V1, TINY_V2])
 def test_linear_probe_classifier_pools_the_token_mean(config):
-    model = build_model({**config, "num_classes": 4, "probe_layers": [1], "classifier": "linear"})
+    model = build_model({**config, "num_classes": 4, "probe_layers": [1], "head": "linear"})
     model.eval()
     x = mx.random.normal((3, config["image_size"], config["image_size"], 3))
     feature = model.extract_features(x)[1].mean(axis=1)
     np.testing.assert_allclose(model(x), model.head.linear(model.head.bn(feature)), atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [TINY_V1, TINY_V2])
+def test_a_config_written_with_the_former_classifier_field_loads_its_head(config):
+    old = build_model({**config, "num_classes": 4, "probe_layers": [1], "classifier": "linear"})
+    assert old.args.head == "linear" and "classifier" not in old.args.to_dict()
+    assert type(old.head).__name__ == "LinearClassifier"
 
 
 def test_v2_encoder_accepts_an_attentive_probe_classifier():

@@ -122,7 +122,7 @@ def test_saved_probe_loads_as_the_full_classifier(colour_data, tmp_path):
     out = save_probe(result, tmp_path / "probe")
     loaded = mlx_aim.load(out)
     assert loaded.args.num_classes == 3 and loaded.args.probe_layers == [0, 1]
-    assert loaded.args.classifier == "attentive"
+    assert loaded.args.head == "attentive"
     assert json.loads((out / "classes.json").read_text()) == ["blue", "green", "red"]
     assert json.loads((out / "probe_report.json").read_text())["layers"] == [0, 1]
     x = mx.random.normal((4, 28, 28, 3))

@@ -182,7 +182,7 @@ def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tup
 
 
 @dataclass(frozen=True)
-class Variant:
+class Column:
     """One measured column: an implementation, MLX's BLAS mode, activation checkpointing."""
 
     label: str
@@ -199,17 +199,17 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def variants(options: BenchOptions, tasks: tuple[str, ...]) -> list[Variant]:
+def columns(options: BenchOptions, tasks: tuple[str, ...]) -> list[Column]:
     out = []
     for i, blas in enumerate(options.mlx_blas):
         suffix = "" if i == 0 else f" [{blas} BLAS]"
         for impl in ("mlx-aim", "plain-mlx"):
             if impl in options.impls:
-                out.append(Variant(impl + suffix, impl, blas))
+                out.append(Column(impl + suffix, impl, blas))
         if options.grad_checkpoint and "mlx-aim" in options.impls and "train" in tasks:
-            out.append(Variant("mlx-aim +ckpt" + suffix, "mlx-aim", blas, True))
+            out.append(Column("mlx-aim +ckpt" + suffix, "mlx-aim", blas, True))
     if torch_available():
-        out += [Variant(i, i) for i in ("torch-eager", "torch-compile") if i in options.impls]
+        out += [Column(i, i) for i in ("torch-eager", "torch-compile") if i in options.impls]
     return out
 
 
@@ -222,7 +222,7 @@ THREAD_VARIABLES = (
 )
 
 
-def worker_env(variant_backend: str, blas: str | None, threads: int | None) -> dict[str, str]:
+def worker_env(column_backend: str, blas: str | None, threads: int | None) -> dict[str, str]:
     """The environment of a worker: this checkout first on the path, no preloaded or selected BLAS
     for torch and for MLX's bundled BLAS, and ``threads`` for every thread pool when given."""
     env = dict(os.environ)
@@ -230,7 +230,7 @@ def worker_env(variant_backend: str, blas: str | None, threads: int | None) -> d
         env.update({name: str(threads) for name in THREAD_VARIABLES})
     root = str(PACKAGE.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    if variant_backend == "torch" or blas == "bundled":
+    if column_backend == "torch" or blas == "bundled":
         env.pop("LD_PRELOAD", None)
         env["MLX_AIM_BLAS"] = "off"  # importing mlx_aim then loads no BLAS
     return env
@@ -416,7 +416,7 @@ def _result_header(options: BenchOptions, config: dict, tasks: tuple[str, ...], 
     return result
 
 
-def measure_peaks(chosen: list[Variant], base: dict, options: BenchOptions, folder: Path):
+def measure_peaks(chosen: list[Column], base: dict, options: BenchOptions, folder: Path):
     """(GEMM GFLOP/s, BLAS name) of each backend and BLAS mode, each measured in its own process."""
     peaks, blas_names = {}, {}
     for key, impl, blas in _peak_jobs(chosen):
@@ -428,7 +428,7 @@ def measure_peaks(chosen: list[Variant], base: dict, options: BenchOptions, fold
 
 
 def measure_task(
-    task: str, chosen: list[Variant], base: dict, peaks: dict, options: BenchOptions, folder: Path
+    task: str, chosen: list[Column], base: dict, peaks: dict, options: BenchOptions, folder: Path
 ) -> tuple[dict[str, dict], dict[str, float]]:
     """(metrics per column, agreement with mlx-aim) of one task; rounds are interleaved and each
     column keeps its best round."""
@@ -463,7 +463,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     check_options(options)
     config, tasks, default_batch = resolve_config(options.config, options.tasks)
     batch = options.batch_size or default_batch
-    chosen = variants(options, tasks)
+    chosen = columns(options, tasks)
     result = _result_header(options, config, tasks, batch)
     with tempfile.TemporaryDirectory(prefix="mlx-aim-bench-") as tmp:
         folder = Path(tmp)
@@ -522,7 +522,7 @@ def _peak_key(impl: str, blas: str | None) -> str:
     return "torch" if impl.startswith("torch") else f"mlx ({blas} BLAS)"
 
 
-def _peak_jobs(chosen: list[Variant]) -> list[tuple[str, str, str | None]]:
+def _peak_jobs(chosen: list[Column]) -> list[tuple[str, str, str | None]]:
     jobs = {}
     for v in chosen:
         jobs.setdefault(_peak_key(v.impl, v.blas), (v.impl, v.blas))
@@ -557,7 +557,7 @@ def _checkpoint_summary(train: dict) -> dict[str, Any]:
     }
 
 
-def _run_growth(options: BenchOptions, chosen: list[Variant], folder: Path, peaks: dict) -> dict:
+def _run_growth(options: BenchOptions, chosen: list[Column], folder: Path, peaks: dict) -> dict:
     cells = growth_cells(options.growth_depth, options.growth_batch)
     out: dict[str, Any] = {
         "depth": options.growth_depth,

@@ -28,7 +28,7 @@ class ModelArgs(BaseModelArgs):
     mlp_ratio: float = 4.0
     num_classes: int = 0
     probe_layers: list[int] | None = None
-    classifier: str = "attentive"
+    head: str = "attentive"  # the probe head when num_classes > 0: attentive or linear
 
     def validate(self) -> None:
         super().validate()

@@ -34,7 +34,7 @@ class ModelArgs(BaseModelArgs):
     pos_embed_type: str = "absolute"
     num_classes: int = 0
     probe_layers: list[int] | None = None
-    classifier: str = "attentive"
+    head: str = "attentive"  # the probe head when num_classes > 0: attentive or linear
     pooling_head: bool = False  # transformers' Aimv2VisionModel(use_head=True) attention pooling
 
     def validate(self) -> None:

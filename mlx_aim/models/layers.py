@@ -262,8 +262,8 @@ class LinearClassifier(nn.Module):
 
 
 def build_classifier(args) -> nn.Module:
-    """The probe head a config asks for (``classifier``: attentive or linear)."""
-    if args.classifier == "linear":
+    """The probe head a config asks for (``head``: attentive or linear)."""
+    if args.head == "linear":
         return LinearClassifier(args.embed_dim, args.num_classes)
     return AttentionPoolingClassifier(args.embed_dim, args.num_classes, args.num_heads)
 

@@ -12,14 +12,14 @@ from typing import Any
 import mlx.nn as nn
 
 from ...data.images import ImageError
-from ...data.loader import find_labeled_images, split_paths
+from ...data.loader import LabeledImages, find_labeled_images, split_paths
 from ...errors import InputError
+from ...models.base import HEADS
 
 CLASSES_FILE = "classes.json"
 REPORT_FILE = "probe_report.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 EVAL_REPORT_FILE = "eval_report.json"
-HEADS = ("attentive", "linear")
 DEFAULT_BATCH_SIZE = 128
 SMALL_SET_BATCH_SIZE = 16
 
@@ -116,17 +116,6 @@ def _flag(name: str) -> str:
 
 
 @dataclass
-class ProbeData:
-    """A labelled image folder split into train and validation items."""
-
-    train: Items
-    val: Items
-    classes: list[str]
-    errors: list[ImageError] = field(default_factory=list)
-    root: str = ""
-
-
-@dataclass
 class Hooks:
     """Callbacks a front end (the CLI) passes in: log lines, unreadable files, progress bars."""
 
@@ -144,8 +133,11 @@ class ProbeResult:
     report: dict[str, Any]
 
 
-def load_dataset(root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0) -> ProbeData:
-    """Class folders with ``train/`` and ``val/`` splits, or one folder split by ``val_fraction``."""
+def load_dataset(
+    root: str | os.PathLike, val_fraction: float = 0.2, seed: int = 0
+) -> LabeledImages:
+    """Class folders with ``train/`` and ``val/`` splits, or one folder split by ``val_fraction``
+    (``val`` is always a list)."""
     try:
         found = find_labeled_images(root)
     except ValueError as e:
@@ -153,10 +145,10 @@ def load_dataset(root: str | os.PathLike, val_fraction: float = 0.2, seed: int =
     train, val = found.train, found.val
     if val is None:
         train, val = split_paths(found.train, val_fraction, seed)
-    return ProbeData(train, val, found.classes, list(found.errors), str(root))
+    return LabeledImages(train, val, found.classes, list(found.errors), str(root))
 
 
-def check_classes(data: ProbeData) -> None:
+def check_classes(data: LabeledImages) -> None:
     """Refuse data with fewer than two classes (a probe could not learn anything from it)."""
     if len(data.classes) >= 2:
         return

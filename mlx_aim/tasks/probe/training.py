@@ -18,7 +18,7 @@ from mlx.utils import tree_flatten
 
 from ...checkpoints.registry import REGISTRY, default_preprocessing, resolve_layers
 from ...checkpoints.weights import apply_weights, read_config, read_preprocessing, save_model
-from ...data.loader import ImageLoader
+from ...data.loader import ImageLoader, LabeledImages
 from ...data.transforms import TrainTransform
 from ...errors import InputError
 from ...io import atomic_directory, write_json
@@ -29,7 +29,7 @@ from ..features import (
     BatchRunner,
     FeatureCache,
     FeatureSet,
-    extract_features,
+    compute_feature_set,
     items_fingerprint,
     layer_average,
     model_fingerprint,
@@ -41,7 +41,6 @@ from .config import (
     Hooks,
     Items,
     ProbeConfig,
-    ProbeData,
     ProbeResult,
     check_classes,
 )
@@ -64,9 +63,7 @@ def random_model(source: str, seed: int = 0) -> nn.Module:
         prep = read_preprocessing(source, config)
     if config["model_type"] == "aim_pretrain":
         config = config["encoder"]
-    config = {
-        k: v for k, v in config.items() if k not in ("num_classes", "probe_layers", "classifier")
-    }
+    config = {k: v for k, v in config.items() if k not in ("num_classes", "probe_layers", "head")}
     mx.random.seed(seed)
     model = build_model(config)
     model.eval()
@@ -98,7 +95,7 @@ def compute_features(
     runner = BatchRunner(_feature_fn(trunk, layers), config.forward_batch_size, trunk.state)
 
     def compute(out_file: Path | None) -> FeatureSet:
-        return extract_features(
+        return compute_feature_set(
             runner,
             items,
             transform,
@@ -120,13 +117,13 @@ def compute_features(
 
 def _classifier_config(trunk: nn.Module, num_classes: int, layers: list[int], head: str) -> dict:
     config = trunk.args.to_dict()
-    config.update(num_classes=num_classes, probe_layers=list(layers), classifier=head)
+    config.update(num_classes=num_classes, probe_layers=list(layers), head=head)
     return config
 
 
 def train_probe(
     model: nn.Module,
-    data: ProbeData,
+    data: LabeledImages,
     config: ProbeConfig | None = None,
     *,
     model_name: str | None = None,
@@ -247,7 +244,7 @@ def _feature_batches(
 
 
 def _augmented_batches(
-    model: nn.Module, data: ProbeData, batch_size: int, config: ProbeConfig
+    model: nn.Module, data: LabeledImages, batch_size: int, config: ProbeConfig
 ) -> Callable[[int], ImageLoader]:
     """``epoch -> loader`` of randomly cropped and flipped training images."""
     prep = probe_preprocessing(model)
@@ -298,7 +295,7 @@ def _train_head(
     model: nn.Module,
     head: nn.Module,
     layers: list[int],
-    data: ProbeData,
+    data: LabeledImages,
     train: FeatureSet,
     val: FeatureSet | None,
     config: ProbeConfig,
