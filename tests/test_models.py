@@ -2,6 +2,7 @@
 
 import math
 
+import configs
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -9,23 +10,8 @@ import pytest
 from mlx_aim.models import build_model
 from mlx_aim.models.layers import patchify, prefix_causal_mask, sincos_pos_embed
 
-TINY_V1 = {
-    "model_type": "aim_v1",
-    "image_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "num_blocks": 3,
-    "num_heads": 4,
-}
-TINY_V2 = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 14,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 48,
-}
+TINY_V1 = {**configs.TINY_V1, "image_size": 32, "patch_size": 8, "num_blocks": 3}
+TINY_V2 = configs.TINY_V2
 
 
 def test_prefix_causal_mask_matches_definition():

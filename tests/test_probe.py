@@ -3,6 +3,7 @@
 
 import json
 
+import configs
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -34,23 +35,8 @@ from mlx_aim.tasks.probe import (
     train_probe,
 )
 
-TINY = {
-    "model_type": "aim_v1",
-    "image_size": 28,
-    "patch_size": 7,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 4,
-}
-TINY_V2 = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 7,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 48,
-}
+TINY = configs.TINY_V1
+TINY_V2 = {**configs.TINY_V2, "patch_size": 7}
 COLORS = {"red": 0, "green": 1, "blue": 2}
 TEXTURES = ("brick", "grass", "gravel", "moon", "camera")  # grey images shipped with scikit-image
 
