@@ -10,13 +10,8 @@ from configs import TINY_V1
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlx_aim.benchmark.report import to_markdown
-from mlx_aim.benchmark.suite import (
-    BenchOptions,
-    flops_per_image,
-    growth_cells,
-    run_benchmark,
-    worker_env,
-)
+from mlx_aim.benchmark.suite import BenchOptions, run_benchmark, worker_env
+from mlx_aim.benchmark.workload import flops_per_image, growth_cells
 from mlx_aim.reference import torch_aim as ref
 
 V1 = {**TINY_V1, "image_size": 32, "patch_size": 8, "num_heads": 2}
