@@ -55,9 +55,18 @@ def _imported(module: str, path: Path, node: ast.stmt) -> list[str]:
     return [base] + [f"{base}.{alias.name}" for alias in node.names]
 
 
+def _type_checking_only(node: ast.stmt) -> bool:
+    """``if TYPE_CHECKING:``: imports for type checkers, never run."""
+    return isinstance(node, ast.If) and ast.unparse(node.test) in (
+        "TYPE_CHECKING",
+        "typing.TYPE_CHECKING",
+    )
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports when it is imported (module-level statements;
-    imports inside functions run later and cannot form an import-time cycle)."""
+    imports inside functions run later and those under ``if TYPE_CHECKING:`` never, so neither
+    can form an import-time cycle)."""
     files = module_files()
     graph: dict[str, set[str]] = {}
     for module, path in files.items():
@@ -66,7 +75,7 @@ def import_graph() -> dict[str, set[str]]:
         top = {id(n) for n in tree.body} | {
             id(child)
             for n in tree.body
-            if isinstance(n, (ast.If, ast.Try))
+            if isinstance(n, (ast.If, ast.Try)) and not _type_checking_only(n)
             for child in ast.walk(n)
         }
         graph[module] = {

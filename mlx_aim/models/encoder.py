@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import mlx.nn as nn
 
-from .layers import Mask
-
 if TYPE_CHECKING:
     from ..data.transforms import Preprocessing
+    from .layers import Mask
 
 
 class VisionEncoder(nn.Module):
