@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_aim.errors import ExitCode  # noqa: E402
 from mlx_aim_cli.scripting import ArgumentParser, positive_int, run_script
 
-from mlx_aim.benchmark.suite import resolve_config
+from mlx_aim.benchmark.workload import resolve_config
 from mlx_aim.cpu import portable
 from mlx_aim.cpu.native import native_kernels, native_status
 from mlx_aim.models import build_model
