@@ -13,6 +13,7 @@ thread ends the wait at once (the library's training does not look at signals).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -114,6 +115,11 @@ class CaptionTokenizer:
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` atomically."""
         write_text(path, self.tokenizer.to_str(pretty=True))
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the whole tokenizer (vocabulary, merges, settings)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:

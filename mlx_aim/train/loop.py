@@ -103,7 +103,7 @@ def train(config: TrainConfig) -> TrainResult:
             f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes"
         )
     reporter = Reporter(config.output_dir, config.steps, enabled=world.is_main, quiet=config.quiet)
-    stop = StopSignals(enabled=world.size == 1)
+    stop = StopSignals(enabled=world.size == 1, at_once=True)  # until the loop starts
     try:
         with contextlib.ExitStack() as cleanup:
             return _train(config, world, reporter, stop, cleanup)
@@ -133,7 +133,7 @@ def _train(
     images = (
         captions.images if captions else _on_every_rank(lambda: find_training_images(config), world)
     )
-    listing = data_listing([*images.train, *images.val]) if world.is_main else {}
+    listing = data_listing([*images.train, *images.val], captions) if world.is_main else {}
     probe = _on_main(lambda: _downstream_probe(config, preprocessing, model, reporter), world)
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
     _on_main(lambda: _open_output(config, model, reporter, cleanup), world)
@@ -790,6 +790,7 @@ class _Loop:
 
 def _run_loop(loop: _Loop, stop: StopSignals, store: CheckpointStore) -> None:
     """Run the loop; a non-finite loss names the last good checkpoint to resume from."""
+    stop.at_once = False  # from here a stop signal ends the run after a step and a checkpoint
     try:
         loop.run(stop)
     except NonFiniteError as e:
