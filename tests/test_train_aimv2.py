@@ -152,9 +152,7 @@ def test_a_stop_signal_during_the_caption_scan_ends_the_run_at_once(data, tmp_pa
     assert stopped.value.exit_code == 143 and not finished
 
 
-def test_a_stop_signal_during_tokenizer_training_ends_the_run_at_once(
-    data, tmp_path, monkeypatch
-):
+def test_a_stop_signal_during_tokenizer_training_ends_the_run_at_once(data, tmp_path, monkeypatch):
     finished, released = [], threading.Event()
 
     def blocking_training(tokenizer, captions, trainer):  # as the library's does: no signals
