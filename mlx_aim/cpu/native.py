@@ -23,6 +23,7 @@ built or used with MLX's Metal or CUDA backends, nor outside Linux.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import importlib.machinery
@@ -193,9 +194,17 @@ def _open_verified(path: Path) -> int:
     NativeBuildError saying what is wrong."""
     _check_private(path.parent, os.stat(path.parent))
     with _cache_lock(path.parent, fcntl.LOCK_SH):
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            _check_private(path, os.fstat(fd))
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise NativeBuildError(f"{path} is a symbolic link; not loaded") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NativeBuildError(f"{path} is not a regular file; not loaded")
+            _check_private(path, info)
             expected = _recorded_digest(path)
             with os.fdopen(os.dup(fd), "rb") as f:
                 actual = _sha256(f.read())
@@ -238,8 +247,6 @@ def _recorded_digest(path: Path) -> str:
 def _check_private(path: Path, info: os.stat_result) -> None:
     """Refuse a cache file or folder that another user owns or may write (a shared cache)."""
     kind = "folder" if stat.S_ISDIR(info.st_mode) else "file"
-    if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
-        raise NativeBuildError(f"{path} is not a regular file; not loaded")
     if info.st_uid != os.geteuid():
         raise NativeBuildError(
             f"the cache {kind} {path} belongs to another user (uid {info.st_uid}); set "

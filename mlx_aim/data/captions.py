@@ -155,7 +155,7 @@ def _read_sidecars(folder: Path, found: CaptionedImages) -> None:
 
 def _jsonl_rows(path: Path):
     # lines end at "\n" only: JSON strings may hold raw U+2028 and other separators splitlines cuts at
-    for line, text in enumerate(read_text(path).split("\n"), 1):
+    for line, text in enumerate(read_text(path).removeprefix("\ufeff").split("\n"), 1):
         if not text.strip():
             continue
         try:
