@@ -14,8 +14,8 @@ module it produced next to it (``<module>.sha256``); a module is loaded only whe
 folder belong to this user and no one else can write them, and its bytes (read from the file
 descriptor that is then loaded) match that record. Anything else at the module's path (a planted
 module, random bytes, an older build) is not loaded: one warning, the portable kernels run, and
-``build-kernels`` builds a new module over it. That needs cmake, nanobind and a C++
-compiler (``pip install 'mlx-aim[native]'`` and e.g. ``apt-get install g++``); nanobind must be
+``build-kernels`` builds a new module over it (and makes a cache folder of this user's that
+others may write private). Building needs cmake, nanobind and a C++ compiler (``pip install 'mlx-aim[native]'`` and e.g. ``apt-get install g++``); nanobind must be
 the version MLX was built with, which the build checks. Without them one warning says so and the
 portable kernels of ``mlx_aim.models.ops`` run; ``MLX_AIM_NATIVE=0`` turns the kernels off. Never
 built or used with MLX's Metal or CUDA backends, nor outside Linux.
@@ -119,7 +119,7 @@ def build_kernels(force: bool = False) -> Path:
         raise NativeBuildError(f"they need {', '.join(missing)}: {HINT}")
     logger.info("building mlx-aim's native CPU kernels (once) into %s", target)
     target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_private(target.parent, os.stat(target.parent))
+    _make_private(target.parent)
     _failure_log().unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build_dir:
         try:
@@ -221,8 +221,7 @@ def _open_verified(path: Path) -> int:
 
 
 def _verifies(path: Path) -> bool:
-    """Whether the module at ``path`` verifies (NativeBuildError if its folder is not private)."""
-    _check_private(path.parent, os.stat(path.parent))
+    """Whether the module at ``path`` and its folder verify (see ``_open_verified``)."""
     try:
         os.close(_open_verified(path))
     except (NativeBuildError, OSError):
@@ -242,6 +241,16 @@ def _recorded_digest(path: Path) -> str:
     with os.fdopen(fd, "rb") as f:
         _check_private(record, os.fstat(f.fileno()))
         return f.read(100).decode("ascii", errors="replace").strip()
+
+
+def _make_private(folder: Path) -> None:
+    """Take write access to this user's cache folder from the others; refuse another's folder."""
+    info = os.stat(folder)
+    if info.st_uid == os.geteuid() and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        logger.info("making the cache folder %s private (chmod go-w)", folder)
+        os.chmod(folder, stat.S_IMODE(info.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+        info = os.stat(folder)
+    _check_private(folder, info)
 
 
 def _check_private(path: Path, info: os.stat_result) -> None:
