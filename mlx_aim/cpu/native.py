@@ -362,6 +362,7 @@ def _failure_log() -> Path:
 def _build_key() -> str:
     """Digest of what the compiled module depends on: versions, CPU flags, the sources."""
     parts = [
+        "sha256-recorded",  # builds that record their digest; older ones are never looked at
         mx.__version__,
         _version("nanobind"),
         sysconfig.get_config_var("EXT_SUFFIX") or "",
