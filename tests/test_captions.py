@@ -269,7 +269,14 @@ def test_json_lines_may_hold_a_raw_line_separator_in_a_caption(tmp_path):
     assert found.captions == ["one two", "three"]
 
 
-def test_a_csv_saved_by_excel_with_a_byte_order_mark_reads_its_header(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("l.csv", "image,caption\r\na.png,one\r\n"),
+        ("l.jsonl", '{"image": "a.png", "caption": "one"}'),
+    ],
+)
+def test_a_listing_saved_with_a_byte_order_mark_reads_its_header(tmp_path, name, text):
     write(tmp_path / "a.png", png_bytes(0))
-    found = find_captioned_images(write(tmp_path / "l.csv", "\ufeffimage,caption\r\na.png,one\r\n"))
+    found = find_captioned_images(write(tmp_path / name, "\ufeff" + text))  # as Excel saves
     assert found.captions == ["one"]
