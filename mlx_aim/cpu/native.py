@@ -174,7 +174,9 @@ def _load(path: Path) -> ModuleType:
     does not, or does not load."""
     fd = _open_verified(path)
     try:
-        verified = f"/proc/self/fd/{fd}"  # the very bytes that were checked
+        # the very bytes that were checked (Python caches extension modules by path and name;
+        # a process loads the kernels once, see native_kernels)
+        verified = f"/proc/self/fd/{fd}"
         loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, verified)
         spec = importlib.util.spec_from_file_location(MODULE_NAME, verified, loader=loader)
         module = importlib.util.module_from_spec(spec)
