@@ -3,18 +3,24 @@
 A run trains one on its training captions (``CaptionTokenizer.train``, the ``tokenizers``
 library's BPE trainer over bytes, so any text encodes) or loads a ``tokenizer.json``
 (``CaptionTokenizer.load``) that defines the three special tokens, and keeps it as
-``tokenizer.json`` in the run directory. ``tokenizers`` is a core dependency
-(``pip install tokenizers``).
+``tokenizer.json`` in the run directory. ``tokenizers`` is a core dependency.
+
+Training sees each caption cut to ``MAX_CAPTION_CHARS`` (BPE training slows down sharply with the
+length of one caption) and runs in a worker thread, so that a stop signal handled in the main
+thread ends the wait at once (the library's training does not look at signals).
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data.captions import MAX_CAPTION_CHARS
 from ..errors import InputError
 from ..io import read_text, write_text
 from ..objectives.multimodal import caption_sequences
@@ -30,6 +36,32 @@ def _tokenizers() -> Any:
     except ModuleNotFoundError:
         raise InputError("captions need the 'tokenizers' package: pip install tokenizers") from None
     return tokenizers
+
+
+def _learn(tokenizer: Any, captions: Sequence[str], trainer: Any) -> None:
+    tokenizer.train_from_iterator(captions, trainer=trainer, length=len(captions))
+
+
+def _in_worker(work: Any) -> None:
+    """Run ``work()`` in a daemon thread while the main thread waits, able to handle signals.
+
+    An exception from a signal handler (``Interrupted``, ``KeyboardInterrupt``) ends the wait and
+    leaves the thread behind; an exception of ``work`` is raised here.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # handed to the waiting thread
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="caption-bpe", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if failure:
+        raise failure[0]
 
 
 class CaptionTokenizer:
@@ -62,7 +94,7 @@ class CaptionTokenizer:
             initial_alphabet=alphabet,
             show_progress=False,
         )
-        tokenizer.train_from_iterator(captions, trainer=trainer, length=len(captions))
+        _in_worker(lambda: _learn(tokenizer, [c[:MAX_CAPTION_CHARS] for c in captions], trainer))
         return cls(tokenizer, "trained tokenizer")
 
     @classmethod
@@ -80,6 +112,11 @@ class CaptionTokenizer:
     def save(self, path: str | Path) -> None:
         """Write ``tokenizer.json`` atomically."""
         write_text(path, self.tokenizer.to_str(pretty=True))
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the whole tokenizer (vocabulary, merges, settings)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
 
     @property
     def vocab_size(self) -> int:

@@ -247,6 +247,7 @@ class TrainLoop:
 
 def run_loop(loop: TrainLoop, stop: StopSignals, store: CheckpointStore) -> None:
     """Run the loop; a non-finite loss names the last good checkpoint to resume from."""
+    stop.at_once = False  # from here a stop signal ends the run after a step and a checkpoint
     try:
         loop.run(stop)
     except NonFiniteError as e:

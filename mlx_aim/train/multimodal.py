@@ -54,6 +54,7 @@ class CaptionInputs:
     preprocessing: Preprocessing
     open_image: Callable  # an ImageLoader opener reading files and tar members
     captions: dict[Path, str]  # the caption of every training and validation image
+    members: dict[Path, tuple[Path, int, int]]  # tar members: (shard, offset, size)
 
 
 def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
@@ -88,6 +89,7 @@ def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
         preprocessing=preprocessing,
         open_image=train.open_image,
         captions=dict(train_items + val_items),
+        members=train.members,
     )
 
 

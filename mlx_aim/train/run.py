@@ -43,7 +43,7 @@ from .optim import build_optimizer, warmup_cosine
 from .output import LOCK_FILE, OutputLock, preflight, remove_leftovers
 from .plans import plan_for
 from .report import LOG_FILE, METRICS_FILE, MetricsLog, Reporter, loss_curve_image, save_png
-from .resume import DATA_FILE, check_resumable, data_listing, restore
+from .resume import DATA_FILE, check_resumable, restore
 from .stopping import StopSignals
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def train(config: TrainConfig) -> TrainResult:
             f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes"
         )
     reporter = Reporter(config.output_dir, config.steps, enabled=world.is_main, quiet=config.quiet)
-    stop = StopSignals(enabled=world.size == 1)
+    stop = StopSignals(enabled=world.size == 1, at_once=True)  # until the loop starts
     try:
         with contextlib.ExitStack() as cleanup:
             return _train(config, world, reporter, stop, cleanup)
@@ -118,7 +118,7 @@ def _train(
     mx.random.seed(config.seed)
     model = plan.build_model()
     images = plan.find_images()
-    listing = data_listing([*images.train, *images.val]) if world.is_main else {}
+    listing = plan.data_listing(images) if world.is_main else {}
     probe = on_main(lambda: _downstream_probe(config, preprocessing, model, reporter), world)
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
     on_main(lambda: _open_output(config, model, reporter, cleanup), world)
