@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mlx_aim.errors import InputError, OutputError
+from mlx_aim.errors import InputError
 from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
 
@@ -154,23 +154,12 @@ def _check_options(
         raise InputError(f"--workers must be >= 0, not {workers}")
 
 
-def _check_output(output: Path, model: str, force: bool) -> None:
+def _check_output(output: Path, force: bool, reads: list) -> None:
     """Refuse, before any work, an output that cannot or must not be written."""
     from mlx_aim.tasks.embed import output_files
 
-    files = output_files(output)
-    source = Path(model).expanduser()
-    if source.exists():
-        read = source.resolve()
-        for file in files:
-            target = file.expanduser().resolve()
-            if target == read or (source.is_dir() and target.is_relative_to(read)):
-                raise OutputError(
-                    f"{file} is inside the model {source} being read; write the embeddings "
-                    "elsewhere"
-                )
-    for file in files:
-        check_destination(file, overwrite=force)
+    for file in output_files(output):
+        check_destination(file, overwrite=force, reads=reads)
 
 
 def find_files(
@@ -350,7 +339,7 @@ def embed_command(
     with reported_errors():
         _check_options(_pooling(pool, tokens, layers), layers, dtype, quantize, batch_size, workers)
         if output is not None:
-            _check_output(output, model, force)
+            _check_output(output, force, [model, *([text_file] if text_file else [])])
         if text or text_file is not None:
             texts = _texts(paths, text, text_file)
             return _embed_texts(texts, model, output, normalize, dtype, as_json, quiet)

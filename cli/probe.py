@@ -173,7 +173,7 @@ def _train(
     quiet: bool,
 ) -> None:
     """Check the destinations, train the probe, write OUTPUT and print the summary."""
-    check_destination(output, overwrite=force, directory=True)
+    check_destination(output, overwrite=force, directory=True, reads=(model, data_dir))
     _check_cache(config)
     dataset = load_dataset(data_dir, config.val_fraction, config.seed)
     check_classes(dataset)
@@ -213,7 +213,7 @@ def _evaluate(
 ) -> None:
     """Score a classifier on ``data_dir`` (val/ when it has one); write the results with -o."""
     for file in eval_files(output) if output is not None else []:
-        check_destination(file, overwrite=force)
+        check_destination(file, overwrite=force, reads=(model,))
     dataset = load_dataset(data_dir, 0.0, config.seed)  # val/ when there is one, else every image
     for error in dataset.errors:
         warn(f"skipped {error}")

@@ -105,7 +105,7 @@ def zero_shot_command(
     with reported_errors():
         _check_options(top_k, batch_size, dtype, workers)
         if output is not None:
-            _check_output(output, force)
+            _check_output(output, force, [model, *([labels_file] if labels_file else [])])
         label_names, prompts = _labels(labels, labels_file), _templates(template, templates)
         files = find_files(paths, None, report)
         prepare_cpu_backend()
@@ -135,14 +135,14 @@ def _check_options(top_k: int, batch_size: int, dtype: str, workers: int) -> Non
             raise InputError(f"{flag} must be >= {low}, not {value}")
 
 
-def _check_output(output: Path, force: bool) -> None:
+def _check_output(output: Path, force: bool, reads: list) -> None:
     from mlx_aim.tasks.zero_shot import prediction_format
 
     try:
         prediction_format(output)
     except ValueError as e:
         raise InputError(str(e)) from None
-    check_destination(output, overwrite=force)
+    check_destination(output, overwrite=force, reads=reads)
 
 
 def _load_classifier(

@@ -3,7 +3,9 @@ importing MLX, so that ``mlx_aim.cpu.blas`` can ask before MLX loads."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -11,11 +13,25 @@ from pathlib import Path
 
 ENV_VAR = "MLX_AIM_NATIVE"
 _OFF = ("0", "false", "off", "no")
+_ON = ("1", "true", "on", "yes", "")
 
 
 def switched_off() -> bool:
-    """Whether ``MLX_AIM_NATIVE`` turns the native kernels off (0, false, off, no)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() in _OFF
+    """Whether ``MLX_AIM_NATIVE`` turns the native kernels off (0, false, off, no); any value but
+    those and 1, true, on, yes is warned about (once) and leaves them on."""
+    value = os.environ.get(ENV_VAR, "1").strip().lower()
+    if value not in _OFF + _ON:
+        _warn_unknown(value)
+    return value in _OFF
+
+
+@functools.cache
+def _warn_unknown(value: str) -> None:
+    logging.getLogger("mlx_aim").warning(
+        "%s=%s is not a known value (0/false/off/no or 1/true/on/yes); the native kernels stay on",
+        ENV_VAR,
+        ascii(value),
+    )
 
 
 def cmake_path() -> str | None:
