@@ -255,3 +255,16 @@ def test_embed_text_with_a_vision_model_is_one_line(images, tmp_path):
     result = run(["embed", "--text", "a cat", "-m", vision])
     assert result.exit_code == 1 and "has no text tower" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_zero_shot_never_writes_into_the_model_it_reads(lit_dir, images, tmp_path):
+    before = {p: p.read_bytes() for p in lit_dir.iterdir()}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("cat\ndog\n")
+    for target in (lit_dir / "top.csv", lit_dir / "new" / "top.jsonl", labels):
+        args = [images[0], "-m", lit_dir, "--labels-file", labels, "-o", target, "--force"]
+        result = run(["zero-shot", *args])
+        assert result.exit_code == 3, result.output
+        assert "which this command reads" in result.stderr
+    assert {p: p.read_bytes() for p in lit_dir.iterdir()} == before
+    assert labels.read_text() == "cat\ndog\n"
