@@ -140,7 +140,9 @@ def _csv_rows(path: Path):
             raise InputError(f"{path}: needs a header with 'image' and 'caption' columns")
         rows = [(reader.line_num, row["image"], row["caption"]) for row in reader if row["image"]]
     except csv.Error as e:  # a field over csv.field_size_limit(), a bare CR inside a field
-        raise InputError(f"{path}:{max(reader.line_num, 1)}: not a readable CSV row ({e})") from None
+        raise InputError(
+            f"{path}:{max(reader.line_num, 1)}: not a readable CSV row ({e})"
+        ) from None
     yield from rows
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import InputError
-from ..io import read_json, read_text
+from ..io import check_regular_file, read_json, read_text
 from .caption_bpe import check_vocabulary
 
 BOS = "<|startoftext|>"
@@ -52,14 +52,16 @@ def has_tokenizer(directory: str | Path) -> bool:
 
 
 def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[Path]:
-    """Copy the tokenizer files found in ``source`` into ``destination``; returns the copies."""
+    """Copy the tokenizer files found in ``source`` into ``destination``; returns the copies.
+
+    Each must be a regular file within the size limit of what :func:`load_tokenizer` reads."""
     source, destination = Path(source), Path(destination)
-    names = (FULL_FILE, *BPE_FILES, *CONFIG_FILES)
-    return [
-        Path(shutil.copyfile(source / name, destination / name))
-        for name in names
-        if (source / name).is_file()
-    ]
+    limits = dict.fromkeys((FULL_FILE, *BPE_FILES), MAX_TOKENIZER_BYTES)
+    limits |= dict.fromkeys(CONFIG_FILES, MAX_CONFIG_BYTES)
+    found = [name for name in limits if (source / name).is_file()]
+    for name in found:
+        check_regular_file(source / name, limits[name])
+    return [Path(shutil.copyfile(source / name, destination / name)) for name in found]
 
 
 def _bpe_files(directory: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
