@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from configs import TINY_PRETRAIN
 from PIL import Image
-from train_helpers import TINY_PRETRAIN
 
 from mlx_aim.errors import InputError
 from mlx_aim.experiments import study
@@ -223,17 +223,17 @@ def test_an_interrupted_study_rerun_equals_an_uninterrupted_one(
         )  # fmt: skip
 
     whole = study.run_study(settings(tmp_path / "whole"), log=lambda message: None)
-    after_step = loop._Loop._after_step
+    after_step = loop.TrainLoop._after_step
 
     def stop_at_step_3(self, *args):
         after_step(self, *args)
         if self.step == 3:
             os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: caught, the run stops after step 3
 
-    monkeypatch.setattr(loop._Loop, "_after_step", stop_at_step_3)
+    monkeypatch.setattr(loop.TrainLoop, "_after_step", stop_at_step_3)
     with pytest.raises(Interrupted):
         study.run_study(settings(tmp_path / "cut"), log=lambda message: None)
-    monkeypatch.setattr(loop._Loop, "_after_step", after_step)
+    monkeypatch.setattr(loop.TrainLoop, "_after_step", after_step)
     resumed = study.run_study(settings(tmp_path / "cut"), log=lambda message: None)
     assert [p.step for p in resumed] == [0, 2, 4]
     assert resumed == whole

@@ -7,10 +7,10 @@ import shutil
 import mlx.core as mx
 import pytest
 from clip_vocab import write_clip_vocab
+from configs import TINY_AIMV2_TRUNK
 from image_corpus import noise
 from mlx_aim_cli.main import app
 from test_zero_shot import lit_config
-from train_helpers import TINY_AIMV2_TRUNK
 from typer.testing import CliRunner
 
 import mlx_aim
