@@ -168,7 +168,7 @@ def _train(
     """Check the destinations, train the probe, write OUTPUT and print the summary."""
     from mlx_aim.tasks.probe import check_classes, load_dataset, save_probe, train_probe
 
-    check_destination(output, overwrite=force, directory=True, reads=(model, data_dir))
+    check_destination(output, overwrite=force, directory=True, reads=(model,))
     _check_cache(config)
     dataset = load_dataset(data_dir, config.val_fraction, config.seed)
     check_classes(dataset)
