@@ -26,7 +26,10 @@ def caption_command(
         None, "--max-tokens", help="Most tokens per caption (default: the decoder's maximum)."
     ),
     temperature: float = typer.Option(
-        0.0, "--temperature", "-t", help="0: greedy decoding; > 0: sample at this temperature."
+        0.0,
+        "--temperature",
+        "-t",
+        help="0: greedy decoding; > 0 (at most 100): sample at this temperature.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed of sampled decoding."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
@@ -64,12 +67,13 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
 
     from mlx_aim.data.images import ImageError, find_images, open_image
     from mlx_aim.io import check_destination, write_text
-    from mlx_aim.tasks.caption import Captioner
+    from mlx_aim.tasks.caption import Captioner, check_temperature
 
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or temperature < 0:
-        raise fail("--batch-size and --max-tokens must be >= 1 and --temperature >= 0")
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise fail("--batch-size and --max-tokens must be >= 1")
+    check_temperature(temperature)
     if output is not None:
-        check_destination(output, overwrite=force)
+        check_destination(output, overwrite=force, reads=[model])
     captioner = Captioner.from_run(model)
     files, errors = find_images(image_sources(paths))
     key = mx.random.key(seed)

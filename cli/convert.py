@@ -67,7 +67,9 @@ def convert_command(
     with reported_errors():
         if dtype is not None and dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-        check_destination(destination, overwrite=force, directory=True)
+        check_destination(
+            destination, overwrite=force, directory=True, reads=[source, *([head] if head else [])]
+        )
         with working(f"converting {source}", enabled=not quiet):
             try:
                 path = convert(

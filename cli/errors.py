@@ -20,6 +20,7 @@ from rich.markup import escape
 
 from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError, exit_codes_help
 from mlx_aim.io import os_reason, output_error
+from mlx_aim.messages import printable
 
 err_console = Console(stderr=True)
 
@@ -51,7 +52,9 @@ _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyEr
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr (one line, shown even with --quiet)."""
     err_console.print(
-        f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False, soft_wrap=True
+        f"[bold yellow]warning:[/bold yellow] {escape(printable(message))}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -80,7 +83,9 @@ def prepare_cpu_backend() -> None:
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
     err_console.print(
-        f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True
+        f"[bold red]error:[/bold red] {escape(printable(message))}",
+        highlight=False,
+        soft_wrap=True,
     )
     return typer.Exit(int(code))
 

@@ -168,7 +168,7 @@ def _train(
     """Check the destinations, train the probe, write OUTPUT and print the summary."""
     from mlx_aim.tasks.probe import check_classes, load_dataset, save_probe, train_probe
 
-    check_destination(output, overwrite=force, directory=True)
+    check_destination(output, overwrite=force, directory=True, reads=(model,))
     _check_cache(config)
     dataset = load_dataset(data_dir, config.val_fraction, config.seed)
     check_classes(dataset)
@@ -217,7 +217,7 @@ def _evaluate(
     )
 
     for file in eval_files(output) if output is not None else []:
-        check_destination(file, overwrite=force)
+        check_destination(file, overwrite=force, reads=(model,))
     dataset = load_dataset(data_dir, 0.0, config.seed)  # val/ when there is one, else every image
     for error in dataset.errors:
         warn(f"skipped {error}")

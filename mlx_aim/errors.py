@@ -18,6 +18,8 @@ from __future__ import annotations
 import signal
 from enum import IntEnum
 
+from .messages import printable
+
 
 class ExitCode(IntEnum):
     """Exit status of every ``mlx-aim`` command (see the module docstring)."""
@@ -82,7 +84,7 @@ class MlxAimError(Exception):
     exit_code: int = ExitCode.BAD_INPUT
 
     def __init__(self, message: object, exit_code: int | None = None):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(printable(" ".join(str(message).split())))
         if exit_code is not None:
             self.exit_code = exit_code
 

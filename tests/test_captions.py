@@ -81,11 +81,26 @@ def test_jsonl_and_csv_listings_are_relative_to_their_file(tmp_path):
         ("bad.jsonl", '{"image": "a.png", "caption": "x"}\n{oops\n', r"bad.jsonl:2: invalid JSON"),
         ("bad.jsonl", '["a.png", "x"]\n', r"bad.jsonl:1: expected an object"),
         ("bad.csv", "path,text\na.png,x\n", r"bad.csv: needs a header"),
+        ("deep.jsonl", "[" * 100_000 + "\n", r"deep.jsonl:1: invalid JSON \(nested too deeply\)"),
+        (
+            "huge.csv",
+            "image,caption\na.png," + "x" * 140_000 + "\n",
+            r"huge.csv:\d+: not a readable",
+        ),
     ],
 )
 def test_malformed_listings_name_the_file_and_line(tmp_path, name, text, message):
     with pytest.raises(InputError, match=message):
         find_captioned_images(write(tmp_path / name, text))
+
+
+def test_csv_with_cr_only_line_endings_is_read(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    table = tmp_path / "mac.csv"
+    table.write_bytes(b'image,caption\ra.png,a red square\rb.png,"two\rlines"\r')
+    found = find_captioned_images(table)
+    assert found.images == [tmp_path / "a.png"] and found.captions == ["a red square"]
+    assert [e.path for e in found.skipped] == [tmp_path / "b.png"]  # listed but missing
 
 
 def write_shard(path: Path, members: dict[str, bytes], link: str | None = None) -> Path:

@@ -271,3 +271,16 @@ def test_converting_a_lit_model_without_tokenizer_files_says_zero_shot_will_need
 
     result = run(["convert", lit_dir, tmp_path / "with-tokenizer"])
     assert result.exit_code == 0 and "tokenizer" not in result.stderr
+
+
+def test_zero_shot_never_writes_into_the_model_it_reads(lit_dir, images, tmp_path):
+    before = {p: p.read_bytes() for p in lit_dir.iterdir()}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("cat\ndog\n")
+    for target in (lit_dir / "top.csv", lit_dir / "new" / "top.jsonl", labels):
+        args = [images[0], "-m", lit_dir, "--labels-file", labels, "-o", target, "--force"]
+        result = run(["zero-shot", *args])
+        assert result.exit_code == 3, result.output
+        assert "which this command reads" in result.stderr
+    assert {p: p.read_bytes() for p in lit_dir.iterdir()} == before
+    assert labels.read_text() == "cat\ndog\n"

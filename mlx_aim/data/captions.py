@@ -162,6 +162,8 @@ def _jsonl_rows(path: Path):
             row = json.loads(text)
         except ValueError as e:
             raise InputError(f"{path}:{line}: invalid JSON ({e.args[0]})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{line}: invalid JSON (nested too deeply)") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise InputError(f"{path}:{line}: expected an object with 'image' and 'caption'")
         caption = row.get("caption")
@@ -169,12 +171,17 @@ def _jsonl_rows(path: Path):
 
 
 def _csv_rows(path: Path):
-    reader = csv.DictReader(io.StringIO(read_text(path).removeprefix("\ufeff")))  # Excel's BOM
-    if not {"image", "caption"} <= set(reader.fieldnames or ()):
-        raise InputError(f"{path}: needs a header with 'image' and 'caption' columns")
-    for row in reader:
-        if row["image"]:
-            yield reader.line_num, row["image"], row["caption"]
+    text = read_text(path).removeprefix("\ufeff")  # Excel's byte order mark
+    reader = csv.DictReader(io.StringIO(text, newline=None))  # CR-only endings too
+    try:
+        if not {"image", "caption"} <= set(reader.fieldnames or ()):
+            raise InputError(f"{path}: needs a header with 'image' and 'caption' columns")
+        rows = [(reader.line_num, row["image"], row["caption"]) for row in reader if row["image"]]
+    except csv.Error as e:  # a field over csv.field_size_limit(), a bare CR inside a field
+        raise InputError(
+            f"{path}:{max(reader.line_num, 1)}: not a readable CSV row ({e})"
+        ) from None
+    yield from rows
 
 
 def _read_shard(shard: Path, found: CaptionedImages) -> None:

@@ -14,7 +14,6 @@ label row (``labels=``) and ``CaptionedImages.open_image`` as opener (tar member
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..data.images import ImageError
 from ..data.loader import ImageLoader, split_paths
 from ..data.transforms import Preprocessing
 from ..errors import InputError
+from ..io import read_json
 from ..models import build_model_args
 from ..models.base import ConfigError
 from ..objectives.multimodal import multimodal_loss
@@ -80,9 +80,12 @@ def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
     tokenizer = _tokenizer(config, output, [c for _, c in train_items])
     model_config, preprocessing = _resolve_model(config, tokenizer.vocab_size)
     length = model_config.get("max_text_tokens", 32)
+    train_sequences = tokenizer.sequences([c for _, c in train_items], length)
+    if len(train_sequences) and (train_sequences[:, 1] == tokenizer.eos).all():
+        raise InputError(f"{tokenizer.source}: encodes every training caption to no tokens")
     return CaptionInputs(
         images=Images([p for p, _ in train_items], [p for p, _ in val_items], description, skipped),
-        train_sequences=tokenizer.sequences([c for _, c in train_items], length),
+        train_sequences=train_sequences,
         val_sequences=tokenizer.sequences([c for _, c in val_items], length),
         tokenizer=tokenizer,
         model_config=model_config,
@@ -128,7 +131,7 @@ def _resolve_model(config: TrainConfig, vocab_size: int) -> tuple[dict[str, Any]
             model_config = multimodal_pretrain_config(config.model, **decoder)
             preprocessing = REGISTRY[config.model].preprocessing
         elif source.is_file() and source.suffix == ".json":
-            raw = json.loads(source.read_text())
+            raw = read_json(source, max_bytes=2**20)
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
             if raw.get("model_type") != "aimv2_pretrain":

@@ -150,6 +150,12 @@ def train_probe(
     train, train_hit = compute_features(model, data.train, layers, config, hooks, "train features")
     if len(train) < 2:
         raise InputError(f"{data.root}: fewer than two readable training images")
+    readable = sorted({data.classes[i] for i in np.unique(train.labels)})
+    if len(readable) < 2:
+        raise InputError(
+            f"{data.root}: only the class {', '.join(readable)} has readable training images "
+            "after skipping the unreadable ones; a probe needs two or more classes"
+        )
     feature_seconds = time.perf_counter() - started
 
     mx.random.seed(config.seed)
