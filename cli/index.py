@@ -9,9 +9,10 @@ import typer
 
 from mlx_aim.errors import InputError
 from mlx_aim.messages import plural
+from mlx_aim.tasks.config import PATHS_HELP
 
-from .embed import PATHS_HELP, end_partial, read_sources, skip_reporter
-from .errors import EXIT_CODES_HELP, err_console, prepare_cpu_backend, reported_errors
+from .embed import end_partial, image_sources, skip_reporter
+from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors
 from .progress import progress_bars, working
 
 VECTOR_TYPES = ("float16", "float32")
@@ -19,7 +20,7 @@ VECTOR_TYPES = ("float16", "float32")
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim index`` to ``app``."""
-    app.command("index", epilog=EXIT_CODES_HELP)(index_command)
+    app.command("index", epilog=IMAGE_COMMAND_EXITS)(index_command)
 
 
 def index_model(model: str | None, db: Path | None) -> str | None:
@@ -98,7 +99,7 @@ def index_command(
     skipped, report = skip_reporter()
     with reported_errors():
         _check(batch_size, workers, vectors)
-        sources = read_sources(paths)
+        sources = image_sources(paths)
         chosen = index_model(model, db)
         index = Index(
             db, model=chosen, pool=pool, batch_size=batch_size, workers=workers, vectors=vectors

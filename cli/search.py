@@ -10,10 +10,10 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from mlx_aim.errors import InputError
+from mlx_aim.errors import ExitCode, InputError, exit_codes_help
 from mlx_aim.messages import plural
 
-from .errors import EXIT_CODES_HELP, err_console, prepare_cpu_backend, reported_errors
+from .errors import err_console, prepare_cpu_backend, reported_errors
 from .index import index_model
 from .progress import working
 
@@ -43,9 +43,14 @@ class QueryCommand(TyperCommand):
         return super().parse_args(ctx, out)
 
 
+SEARCH_EXITS = exit_codes_help(
+    ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.USAGE, ExitCode.OUTPUT, ExitCode.INTERRUPTED
+)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim search`` to ``app``."""
-    app.command("search", epilog=EXIT_CODES_HELP, cls=QueryCommand)(search_command)
+    app.command("search", epilog=SEARCH_EXITS, cls=QueryCommand)(search_command)
 
 
 def _results(index: Index, query: list[str], k: int, within: Path | None, quiet: bool) -> list[Hit]:

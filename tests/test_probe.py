@@ -3,6 +3,7 @@
 
 import json
 
+import configs
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import mlx_aim
-from mlx_aim.checkpoints.registry import aim_v1_preprocessing, default_preprocessing
+from mlx_aim.checkpoints.registry import aim_v1_preprocessing, default_preprocessing, resolve_layers
 from mlx_aim.checkpoints.weights import apply_weights, save_model
 from mlx_aim.data.transforms import Preprocessing
 from mlx_aim.errors import InputError, OutputError
@@ -30,28 +31,12 @@ from mlx_aim.tasks.probe import (
     compute_features,
     load_dataset,
     random_model,
-    resolve_layers,
     save_probe,
     train_probe,
 )
 
-TINY = {
-    "model_type": "aim_v1",
-    "image_size": 28,
-    "patch_size": 7,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 4,
-}
-TINY_V2 = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 7,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 48,
-}
+TINY = configs.TINY_V1
+TINY_V2 = {**configs.TINY_V2, "patch_size": 7}
 COLORS = {"red": 0, "green": 1, "blue": 2}
 TEXTURES = ("brick", "grass", "gravel", "moon", "camera")  # grey images shipped with scikit-image
 
@@ -123,7 +108,7 @@ def test_saved_probe_loads_as_the_full_classifier(colour_data, tmp_path):
     out = save_probe(result, tmp_path / "probe")
     loaded = mlx_aim.load(out)
     assert loaded.args.num_classes == 3 and loaded.args.probe_layers == [0, 1]
-    assert loaded.args.classifier == "attentive"
+    assert loaded.args.head == "attentive"
     assert json.loads((out / "classes.json").read_text()) == ["blue", "green", "red"]
     assert json.loads((out / "probe_report.json").read_text())["layers"] == [0, 1]
     x = mx.random.normal((4, 28, 28, 3))
@@ -377,3 +362,30 @@ def test_cli_eval_only_refuses_to_overwrite_results_without_force(tmp_path, colo
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 3 and "already exists (use --force" in again.stderr
     assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
+
+
+def test_cli_never_writes_over_the_model_it_reads(colour_data, tmp_path):
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    before = {p: p.read_bytes() for p in trunk_dir.iterdir()}
+    for output in (trunk_dir, tmp_path, trunk_dir / "probe"):
+        args = ["probe", "-m", str(trunk_dir), "-d", str(colour_data), "-o", str(output)]
+        result = CliRunner().invoke(app, [*args, "--force", "--no-cache"])
+        assert result.exit_code == 3 and "which this command reads" in result.stderr, result.output
+    evaluate = ["probe", "-m", str(trunk_dir), "-d", str(colour_data), "--eval-only"]
+    result = CliRunner().invoke(app, [*evaluate, "-o", str(trunk_dir), "--force"])
+    assert result.exit_code == 3 and "which this command reads" in result.stderr, result.output
+    assert {p: p.read_bytes() for p in trunk_dir.iterdir()} == before
+
+
+def test_one_readable_class_after_skipping_is_refused(tmp_path):
+    for i in range(4):
+        (tmp_path / "data" / "good").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "broken").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (30, 30), (40 * i, 0, 0)).save(tmp_path / "data" / "good" / f"{i}.png")
+        (tmp_path / "data" / "broken" / f"{i}.png").write_bytes(b"not a png")
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = ["probe", "-m", str(trunk_dir), "-d", str(tmp_path / "data"), "--no-cache"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "only the class good has readable training images" in result.stderr
+    assert "100" not in result.stdout and not (tmp_path / "out").exists()

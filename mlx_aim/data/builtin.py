@@ -14,12 +14,12 @@ per-patch-normalised pixel targets are not trivially flat.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..env import cache_root
 from ..errors import InputError
 from ..io import atomic_directory, read_json, write_json
 from .images import PathLike
@@ -33,8 +33,7 @@ _FORMAT_VERSION = 1
 
 def cache_dir() -> Path:
     """Where built-in datasets live: ``$MLX_AIM_CACHE/datasets`` or ``~/.cache/mlx-aim/datasets``."""
-    base = os.environ.get("MLX_AIM_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "mlx-aim") / "datasets"
+    return cache_root() / "datasets"
 
 
 def builtin_dataset(name: str = "digits", root: PathLike | None = None) -> Path:
@@ -53,6 +52,45 @@ def builtin_dataset(name: str = "digits", root: PathLike | None = None) -> Path:
             info = _write_digits(staging) if name == "digits" else write_scenes(staging)
             write_json(staging / "dataset.json", {**info, "format_version": _FORMAT_VERSION})
     return target
+
+
+def resolve_builtin(source: PathLike) -> PathLike:
+    """``source`` itself, or the built-in folder it names when no such path exists: ``digits``,
+    ``scenes`` or a path inside one (``scenes/count``, ``digits/val/7``), written first if needed.
+
+    Lets every command take the built-in data by name, from any folder."""
+    name = builtin_name(source)
+    if name is None:
+        return source
+    inside = str(source).partition("/")[2]
+    return builtin_dataset(name) / inside if inside else builtin_dataset(name)
+
+
+def builtin_name(source: PathLike | None) -> str | None:
+    """The built-in dataset ``source`` names (``scenes`` for ``scenes/count``) when no such path
+    exists, else None; writes nothing."""
+    if source is None or Path(str(source)).expanduser().exists():
+        return None
+    name = str(source).partition("/")[0]
+    return name if name in DATASETS else None
+
+
+def training_splits(name: str) -> tuple[Path, Path]:
+    """The (train, val) folders of a built-in dataset as ``--data NAME`` trains on it."""
+    root = builtin_dataset(name)
+    return (
+        (root / "train", root / "val")
+        if name == "digits"
+        else (
+            root / "captioned" / "train",
+            root / "captioned" / "val",
+        )
+    )
+
+
+def is_builtin_name(source: PathLike | None) -> bool:
+    """Whether ``source`` is a bare built-in dataset name with no such path on disk."""
+    return builtin_name(source) == str(source)
 
 
 def _is_complete(folder: Path) -> bool:

@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from ..data.images import ImageError, find_images
+from ..env import cache_root
 from ..errors import InputError
-from ..io import cache_root
 from .encoder import Encoder, ModelEncoder, model_source
 from .query import combine, parse_terms, scores, similar_pairs, top_k
 from .scan import HashingOpener, Plan, plan_update

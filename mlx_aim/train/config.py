@@ -16,15 +16,20 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
+from ..data.builtin import builtin_name
 from ..errors import InputError
+from ..messages import plural
 from ..models.base import matches_type
-from ..objectives.next_patch import ATTENTIONS, TARGETS
-from ..objectives.patch_order import PATCH_ORDERS
+from ..objectives.next_patch import ATTENTIONS, TARGETS, Variant
+from ..objectives.patch_order import PATCH_ORDERS, patch_order
 
 DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
 SEED_MAX = 2**32 - 1
 OBJECTIVES = ("aimv1", "aimv2")
+# default --steps per objective: at 100 steps an aimv2-nano trunk probes below a random one on
+# the scenes' shapes (docs/aimv2-default-run.md)
+STEPS = {"aimv1": 100, "aimv2": 300}
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
@@ -38,8 +43,9 @@ class TrainConfig:
     # data
     data: str | None = _opt(
         None,
-        "Training images: a folder (searched recursively), a glob, or a .txt file listing paths. "
-        "Default: the built-in digits set.",
+        "Training images: a folder (searched recursively), a glob, or a .txt file listing paths; "
+        "or a built-in set by name: digits, scenes (`mlx-aim datasets`). Default: digits "
+        "(scenes with --objective aimv2).",
         "Data",
     )
     val_data: str | None = _opt(
@@ -137,7 +143,11 @@ class TrainConfig:
         "Objective",
     )
     # optimisation
-    steps: int = _opt(100, "Optimizer steps.")
+    steps: int | None = _opt(
+        None,
+        f"Optimizer steps (default {STEPS['aimv1']}; {STEPS['aimv2']} for --objective aimv2, "
+        "whose trunk needs them to probe above a random one on the built-in scenes).",
+    )
     batch_size: int = _opt(
         32, "Images per step over all processes (each of N processes loads batch-size / N)."
     )
@@ -178,8 +188,8 @@ class TrainConfig:
     preview_images: int = _opt(4, "Images shown in each preview.", "Output")
     probe_data: str | None = _opt(
         None,
-        "Labelled images (class folders, optionally split in train/ and val/; digits: the "
-        "built-in digits) for a quick linear probe of the trunk every --probe-every steps; its "
+        "Labelled images (class folders, optionally split in train/ and val/; or a built-in set "
+        "by name: digits, scenes/count, scenes/colour, scenes/shape) for a quick linear probe of the trunk every --probe-every steps; its "
         "top-1 goes to metrics.jsonl and loss.png.",
         "Output",
     )
@@ -200,7 +210,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Fill the defaults that depend on the objective (recorded as filled, so a resumed run
         compares concrete values)."""
-        builtin_scenes = self.objective == "aimv2" and self.data is None
+        scenes = "scenes" if self.objective == "aimv2" else None
+        builtin_scenes = (builtin_name(self.data) if self.data else scenes) == "scenes"
+        if self.steps is None:
+            self.steps = STEPS.get(self.objective, STEPS["aimv1"])
         if self.model is None:
             self.model = "aimv2-nano" if self.objective == "aimv2" else "aim-nano"
         if self.hflip is None:
@@ -281,6 +294,30 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping of field names (``-`` or ``_``); unknown keys or types raise."""
         return cls(**_check_values(values, source)).validate()
+
+
+def objective_variant(config: TrainConfig, encoder: Any) -> Variant:
+    """The objective ``config`` asks for (targets, attention, patch order) on ``encoder``'s grid."""
+    grid = encoder.image_size // encoder.patch_size
+    order = None
+    if config.patch_order != "raster":  # raster order permutes nothing
+        order = tuple(patch_order(config.patch_order, grid, grid, config.seed).tolist())
+    return Variant(target=config.target, attention=config.attention, order=order)
+
+
+def objective_label(config: TrainConfig) -> str:
+    """The switches in a few words, for titles: "norm-pixels, prefix attention, raster order,
+    crop 0.4-1" (and the pixel head's depth and width when set)."""
+    if config.objective == "aimv2":
+        label = f"AIMv2 objective, alpha {config.alpha:g}"
+    else:
+        label = f"{config.target}, {config.attention} attention, {config.patch_order} order"
+    label += f", crop {config.min_crop_scale:g}-1"
+    if config.head_blocks is not None:
+        label += f", {plural(config.head_blocks, 'head block')}"
+    if config.head_width is not None:
+        label += f", head width {config.head_width}"
+    return label
 
 
 def config_fields() -> list[tuple[dataclasses.Field, Any]]:
