@@ -13,13 +13,13 @@ The layout follows apple/ml-aim's ``AIMv2LiT`` (keys ``image_encoder.*``, ``text
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..objectives.contrastive import INIT_LOG_SCALE, l2_normalize, logit_scale
 from . import aim_v2
 from .base import BaseModelArgs, ConfigError
 from .layers import (
@@ -146,11 +146,6 @@ class TextEncoder(nn.Module):
         return mx.take_along_axis(tokens, eos[:, None, None].astype(mx.int32), axis=1)[:, 0]
 
 
-def l2_normalize(x: mx.array) -> mx.array:
-    """``x`` scaled to unit L2 norm along the last axis."""
-    return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class Model(nn.Module):
     """AIMv2 LiT dual encoder.
 
@@ -168,7 +163,7 @@ class Model(nn.Module):
         self.text_encoder = TextEncoder(args)
         self.image_projector = nn.Linear(vision.embed_dim, args.projection_dim, bias=False)
         self.text_projector = nn.Linear(args.text_embed_dim, args.projection_dim, bias=False)
-        self.log_logit_scale = mx.array(math.log(1 / 0.07))
+        self.log_logit_scale = mx.array(INIT_LOG_SCALE)
         self.tokenizer = None
 
     def encode_image(self, images: mx.array) -> mx.array:
@@ -182,7 +177,7 @@ class Model(nn.Module):
     @property
     def logit_scale(self) -> mx.array:
         """``exp(log_logit_scale)`` with the log-scale clamped to ``[0, log(max_logit_scale)]``."""
-        return mx.exp(mx.clip(self.log_logit_scale, 0.0, math.log(self.args.max_logit_scale)))
+        return logit_scale(self.log_logit_scale, self.args.max_logit_scale)
 
     def logits(self, image_embeds: mx.array, text_embeds: mx.array) -> mx.array:
         """Scaled cosine similarities (B_images, B_texts) of two sets of embeddings."""
