@@ -29,7 +29,9 @@ def torch_clip_loss(image, text, log_scale):
     logits_per_image = scale * image @ text.T
     logits_per_text = scale * text @ image.T
     labels = torch.arange(image.shape[0])
-    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    return (
+        F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)
+    ) / 2
 
 
 def grads_both(image, text, log_scale):
