@@ -23,8 +23,7 @@ from mlx_aim.objectives.patch_order import (
     random_order,
     spiral_order,
 )
-from mlx_aim.train.config import TrainConfig
-from mlx_aim.train.loop import objective_label, objective_variant
+from mlx_aim.train.config import TrainConfig, objective_label, objective_variant
 from mlx_aim.train.step import make_train_step, packed_next_patch_loss
 
 # ---- patch orders -----------------------------------------------------------------------------

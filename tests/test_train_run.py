@@ -19,8 +19,8 @@ from train_helpers import TINY_PRETRAIN
 import mlx_aim
 from mlx_aim.errors import ExitCode, InputError, NonFiniteError, OutputError
 from mlx_aim.train import TrainConfig, train
-from mlx_aim.train.loop import summary
 from mlx_aim.train.output import OutputLock
+from mlx_aim.train.run import summary
 
 TINY = TINY_PRETRAIN
 
