@@ -352,6 +352,7 @@ class ImageLoader:
         *,
         num_workers: int = 2,
         on_error: Callable[[ImageError], None] | None = None,
+        opener: Callable[[Path], Any] = open_image,
     ) -> ImageLoader:
         """One pass over ``items`` in their order, last batch kept (evaluation, embedding)."""
         return cls(
@@ -363,6 +364,7 @@ class ImageLoader:
             epochs=1,
             num_workers=num_workers,
             on_error=on_error,
+            opener=opener,
         )
 
     def state(self) -> dict:
