@@ -294,6 +294,7 @@ def _load_trunk(config: TrainConfig) -> nn.Module:
     entry = REGISTRY.get(config.model)
     try:
         if entry is not None and entry.checkpoint is None:
+            mx.random.seed(config.seed)  # the same random trunk on every rank and every resume
             model = build_model(entry.config)
             model.preprocessing = entry.preprocessing
         else:
