@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from train_helpers import TINY_PRETRAIN
+from configs import TINY_PRETRAIN
 
 from mlx_aim.errors import InputError
 from mlx_aim.models import build_model

@@ -16,19 +16,21 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..data.loader import ImageLoader
 from ..errors import InputError, MlxAimError, NonFiniteError
 from ..random_key import random_key
-from .checkpoint import STATE_FILE, CheckpointStore
-from .config import TrainConfig
-from .distributed import World, agree, gather_ints
-from .evaluation import Previews, Validation
-from .inputs import SkippedFiles
-from .multimodal import CaptionValidation
-from .report import MetricsLog, Reporter
-from .stopping import StopSignals
+from .checkpoint import STATE_FILE
+from .distributed import agree, gather_ints
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the loop only uses what run.py built
+    from ..data.loader import ImageLoader
+    from .checkpoint import CheckpointStore
+    from .config import TrainConfig
+    from .distributed import World
+    from .evaluation import Previews, Validation
+    from .inputs import SkippedFiles
+    from .multimodal import CaptionValidation
+    from .report import MetricsLog, Reporter
+    from .stopping import StopSignals
     from .tracking import DownstreamProbe
 
 
