@@ -37,8 +37,8 @@ from ..models.base import ConfigError
 from ..tasks.features import (
     BatchRunner,
     FeatureCache,
+    compute_feature_set,
     crop_transform,
-    extract_features,
     items_fingerprint,
     model_fingerprint,
 )
@@ -144,7 +144,7 @@ class LitPlan(ObjectivePlan):
         transform = crop_transform(prep, args.model_type)
         entry, hit = cache.get_or_compute(
             key,
-            lambda out: extract_features(
+            lambda out: compute_feature_set(
                 runner,
                 items,
                 transform,
@@ -275,7 +275,7 @@ def _trunk_tokens(plan: LitPlan, paths: list[Path], skipped: SkippedFiles) -> np
         return np.zeros((0,), np.float16)
     trunk = plan.trunk_model
     runner = BatchRunner(trunk.encode, _RUNNER_BATCH, state=trunk.state)
-    found = extract_features(
+    found = compute_feature_set(
         runner,
         [(p, i) for i, p in enumerate(paths)],
         crop_transform(plan.preprocessing, "aim_v2"),
