@@ -189,3 +189,51 @@ def test_text_init_starts_the_text_side_from_a_lit_model(data, lit_run, tmp_path
 def test_unusable_settings_name_the_flag(data, tmp_path, changes, message):
     with pytest.raises(InputError, match=message):
         train(config(data, tmp_path / "run", **changes))
+
+
+DISTRIBUTED_SCRIPT = """
+import json
+import sys
+from pathlib import Path
+import mlx_aim
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_aim.tasks import features
+from mlx_aim.train import TrainConfig, train
+
+values, output, cache = json.loads(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+features.default_cache_dir = lambda: cache
+result = train(TrainConfig(**{**values, "output": output}))
+rank = mx.distributed.init().rank() if mx.distributed.is_available() else 0
+mx.save_safetensors(f"{output}-rank{rank}.safetensors", dict(tree_flatten(result.model.parameters())))
+"""
+
+
+@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="needs mlx.launch")
+def test_two_processes_train_as_one_with_global_negatives(data, tmp_path):
+    import subprocess
+    import sys
+
+    from test_train_distributed import LAUNCH, ROOT, free_port
+
+    values = config(data, tmp_path / "unused", steps=3, val_every=0).to_dict()
+    values.pop("output")
+    script = tmp_path / "run.py"
+    script.write_text(DISTRIBUTED_SCRIPT)
+    args = [str(script), json.dumps(values)]
+    one = subprocess.run(
+        [sys.executable, *args, str(tmp_path / "one"), str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    launch = [LAUNCH, "-n", "2", "--starting-port", str(free_port()), "--", sys.executable]
+    two = subprocess.run(
+        [*launch, *args, str(tmp_path / "two"), str(tmp_path / "cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stdout + two.stderr
+    single = mx.load(str(tmp_path / "one-rank0.safetensors"))
+    for rank in (0, 1):
+        ranked = mx.load(str(tmp_path / f"two-rank{rank}.safetensors"))
+        worst = max(mx.abs(single[k] - ranked[k]).max().item() for k in single)
+        assert worst <= 1e-5, (rank, worst)
