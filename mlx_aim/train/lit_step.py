@@ -22,7 +22,7 @@ import mlx.optimizers as optim
 import numpy as np
 
 from ..objectives.contrastive import contrastive_loss
-from .step import accumulate_or_update
+from .step import accumulate_or_update, step_over_micro_batches
 
 Batch = tuple[mx.array, mx.array]  # trunk tokens (B, N, D), token ids (B, L)
 
@@ -63,23 +63,12 @@ def make_lit_train_step(
         (loss, accuracy), grads = value_and_grad(params, tokens, ids)
         model.update(params)
         update_args = (accumulated, update, accum_steps, world_size, grad_clip)
-        return loss, accuracy, accumulate_or_update(model, optimizer, grads, *update_args)
+        return loss, accuracy[None], accumulate_or_update(model, optimizer, grads, *update_args)
 
     micro_step = partial(mx.compile, inputs=state, outputs=state)(micro_step)
 
     def train_step(micro_batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        accumulated, losses, accuracies = None, [], []
-        for i, (tokens, ids) in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            loss, accuracy, out = micro_step(tokens, ids, accumulated, last, len(micro_batches))
-            losses.append(loss)
-            accuracies.append(accuracy)
-            if not last:
-                accumulated = out
-                mx.eval(accumulated, loss, accuracy, state)
-        loss, accuracy = mx.stack(losses).mean(), mx.stack(accuracies).mean()
-        mx.eval(state, loss, accuracy, out)
-        return loss, out, accuracy[None]
+        return step_over_micro_batches(micro_step, micro_batches, state)
 
     return train_step
 
