@@ -2,6 +2,7 @@
 
     python scripts/lit_evidence.py --trunk runs/evidence/aimv2 -o runs/lit-evidence
     python scripts/lit_evidence.py --trunk aimv2-nano -o runs/lit-random --seed 1   # random trunk
+    python scripts/lit_evidence.py --trunk T -o OUT --train-args '--text-width 128 --text-depth 2'
 
 1. ``mlx-aim train --objective lit --model TRUNK`` (``--steps``, default 300) on the captioned
    training scenes (the validation scenes are never trained on);
@@ -60,11 +61,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--train-args", default="", help="more flags of the LiT run, e.g. '--text-width 128'"
+    )
     args = parser.parse_args()
     args.output.mkdir(parents=True, exist_ok=True)
     lit = args.output / "lit"
     train = ["train", "--objective", "lit", "--model", args.trunk, "-o", str(lit)]
     train += ["--steps", str(args.steps), "--seed", str(args.seed), "-b", str(args.batch_size)]
+    train += args.train_args.split()
     subprocess.run([*CLI, *train, "--quiet"], check=True)
     scenes = builtin_dataset("scenes")
     sets = {"shapes8": shapes8(scenes, args.output)}

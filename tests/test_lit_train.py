@@ -161,6 +161,18 @@ def test_a_stopped_run_resumes_to_the_same_weights(data, tmp_path):
     assert all(mx.array_equal(resumed[k], reference[k]) for k in reference)
 
 
+def test_an_unreadable_image_is_named_and_skipped(data, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(data / "images", images)
+    (images / "broken.png").write_bytes(b"not an image")
+    (images / "broken.txt").write_text("a broken square")
+    settings = config(data, tmp_path / "run", steps=2)
+    settings.data = str(images)
+    result = train(settings)
+    assert result.skipped_files == [str(images / "broken.png")]
+    assert "broken.png" in (tmp_path / "run" / "train.log").read_text()
+
+
 def test_without_the_feature_cache_the_run_trains_the_same(data, tmp_path):
     cached = train(config(data, tmp_path / "cached", steps=3))
     live = train(config(data, tmp_path / "live", steps=3, feature_cache=False))

@@ -30,6 +30,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from ..checkpoints.registry import REGISTRY
+from ..data.images import ImageError
 from ..data.loader import ImageLoader
 from ..errors import InputError, MlxAimError
 from ..models import build_model, build_model_args
@@ -161,22 +162,31 @@ class LitPlan(ObjectivePlan):
         rows = {Path(p): i for i, p in enumerate(entry.paths)}
         train = [(p, c) for p, c in self.data.train if p in rows]
         val = [(p, c) for p, c in self.data.val if p in rows]
-        return {"tokens": entry.features, "rows": rows, "train": train, "val": val}
+        reasons = {}
+        for error in entry.errors:  # "path: reason" of each image the trunk could not read
+            path = next((str(p) for p, _ in items if error.startswith(f"{p}: ")), None)
+            reasons[path] = error[len(f"{path}: ") :] if path else error
+        errors = [
+            ImageError(p, reasons.get(str(p), "unreadable image"))
+            for p, _ in self.data.train + self.data.val
+            if p not in rows
+        ]
+        return {
+            "tokens": entry.features,
+            "rows": rows,
+            "train": train,
+            "val": val,
+            "errors": errors,
+        }
 
     # ---- the plan --------------------------------------------------------------------------
 
     def find_images(self) -> Images:
-        if self.features is not None:  # unreadable images were left out of the cache
-            skipped = [*self.data.skipped, *self.features_errors()]
-            train, val = self.features["train"], self.features["val"]
-            return Images(
-                [p for p, _ in train], [p for p, _ in val], self.data.description, skipped
-            )
-        return self.images
-
-    def features_errors(self) -> list[str]:
-        kept = self.features["rows"]
-        return [f"{p}: unreadable" for p, _ in self.data.train + self.data.val if p not in kept]
+        if self.features is None:
+            return self.images
+        train, val = self.features["train"], self.features["val"]  # the readable images
+        errors = [*self.data.skipped, *self.features["errors"]]
+        return Images([p for p, _ in train], [p for p, _ in val], self.data.description, errors)
 
     def build_model(self) -> nn.Module:
         """The LiT model: the trunk's weights in its image tower, frozen; the rest trained."""
