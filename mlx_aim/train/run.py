@@ -481,8 +481,13 @@ def summary(result: TrainResult) -> str:
         + (f", {result.images_per_second:.1f} images/s" if result.images_per_second else "")
         + f", peak memory {result.peak_memory_gb:.2f} GB"
         + (f", {plural(skipped, 'unreadable file')} skipped" if skipped else "")
-        + f". Trained trunk: {result.output} (mlx_aim.load / mlx-aim probe --model / mlx-aim "
-        "embed --model)"
+        + (
+            f". LiT model: {result.output} (mlx_aim.load / mlx-aim zero-shot -m / mlx-aim embed "
+            "-m ... --text)"
+            if result.model is not None and result.model.args.model_type == "aim_v2_lit"
+            else f". Trained trunk: {result.output} (mlx_aim.load / mlx-aim probe --model / "
+            "mlx-aim embed --model)"
+        )
     )
 
 
