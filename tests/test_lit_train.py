@@ -249,3 +249,13 @@ def test_two_processes_train_as_one_with_global_negatives(data, tmp_path):
         ranked = mx.load(str(tmp_path / f"two-rank{rank}.safetensors"))
         worst = max(mx.abs(single[k] - ranked[k]).max().item() for k in single)
         assert worst <= 1e-5, (rank, worst)
+
+
+def test_the_folder_converts_and_loads_like_the_release(lit_run, tmp_path):
+    output, _ = lit_run
+    done = CliRunner().invoke(app, ["convert", str(output), str(tmp_path / "converted")])
+    assert done.exit_code == 0, done.output
+    original, converted = mlx_aim.load(str(output)), mlx_aim.load(str(tmp_path / "converted"))
+    ids = original.tokenizer(["a red square", "a blue square"])
+    assert mx.array_equal(converted.tokenizer(["a red square", "a blue square"]), ids)
+    assert mx.array_equal(converted.encode_text(ids), original.encode_text(ids))
