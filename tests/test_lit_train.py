@@ -259,3 +259,19 @@ def test_the_folder_converts_and_loads_like_the_release(lit_run, tmp_path):
     ids = original.tokenizer(["a red square", "a blue square"])
     assert mx.array_equal(converted.tokenizer(["a red square", "a blue square"]), ids)
     assert mx.array_equal(converted.encode_text(ids), original.encode_text(ids))
+
+
+def test_a_stop_signal_ends_the_feature_caching_at_once(data, tmp_path):
+    import signal
+
+    from mlx_aim.errors import Interrupted
+    from mlx_aim.train.distributed import World
+    from mlx_aim.train.lit import LitPlan
+    from mlx_aim.train.stopping import StopSignals
+
+    stop = StopSignals(enabled=False)
+    stop.requested = signal.SIGTERM
+    with pytest.raises(Interrupted, match="while caching") as stopped:
+        LitPlan(config(data, tmp_path / "run"), World(), stop)
+    assert stopped.value.exit_code == 143
+    assert not list((tmp_path / "cache").glob("*.json"))  # no half-written cache entry

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from mlx.utils import tree_flatten
 from ..checkpoints.registry import REGISTRY
 from ..data.images import ImageError
 from ..data.loader import ImageLoader
-from ..errors import InputError, MlxAimError
+from ..errors import InputError, Interrupted, MlxAimError
 from ..models import build_model, build_model_args
 from ..models.base import ConfigError
 from ..tasks.features import (
@@ -50,6 +51,7 @@ from .inputs import Images, SkippedFiles
 from .lit_step import LitValidation, make_lit_train_step
 from .multimodal import CaptionData, find_caption_data
 from .plans import ObjectivePlan, TrainStep
+from .stopping import StopSignals
 
 _RUNNER_BATCH = 64
 
@@ -60,8 +62,8 @@ class LitPlan(ObjectivePlan):
     part_names = ("accuracy",)
     loss_title = "contrastive loss and in-batch accuracy"
 
-    def __init__(self, config: TrainConfig, world: World):
-        self.config, self.world = config, world
+    def __init__(self, config: TrainConfig, world: World, stop: StopSignals | None = None):
+        self.config, self.world, self.stop = config, world, stop
         self.trunk_model = on_every_rank(lambda: _load_trunk(config), world)
         self.text_init = on_every_rank(lambda: _load_text_init(config), world)
         self.data: CaptionData = on_every_rank(lambda: find_caption_data(config), world)
@@ -152,6 +154,7 @@ class LitPlan(ObjectivePlan):
                 out_file=out,
                 num_workers=self.config.workers,
                 opener=self.data.members.open_image,
+                progress=self._check_stop,
             ),
         )
         self.log_lines.append(
@@ -178,6 +181,16 @@ class LitPlan(ObjectivePlan):
             "val": val,
             "errors": errors,
         }
+
+    def _check_stop(self, done: int = 0) -> None:
+        """Stop the feature extraction at once on Ctrl-C / SIGTERM (nothing is trained yet)."""
+        if self.stop is not None and self.stop.requested is not None:
+            name = signal.Signals(self.stop.requested).name
+            raise Interrupted(
+                f"interrupted by {name} while caching the trunk's outputs, before any training "
+                "step; run the same command to start again",
+                self.stop.requested,
+            )
 
     # ---- the plan --------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from .inputs import (
 from .multimodal import CaptionInputs, CaptionValidation, prepare_captions
 from .multimodal_step import make_multimodal_train_step
 from .step import make_train_step
+from .stopping import StopSignals
 
 # A compiled optimizer step: micro-batch inputs -> (loss, gradient norm, *loss parts).
 TrainStep = Callable[[list[Any]], tuple[mx.array, ...]]
@@ -259,10 +260,11 @@ def _check_same_tokenizer(captions: CaptionInputs, world: World) -> None:
 PLANS: dict[str, type[ObjectivePlan]] = {"aimv1": ObjectivePlan, "aimv2": AimV2Plan}
 
 
-def plan_for(config: TrainConfig, world: World) -> ObjectivePlan:
-    """The plan of ``config.objective``, with its model config and data resolved."""
+def plan_for(config: TrainConfig, world: World, stop: StopSignals | None = None) -> ObjectivePlan:
+    """The plan of ``config.objective``, with its model config and data resolved (``stop``:
+    the run's stop signals, for plans that work long before the first step)."""
     if config.objective == "lit":  # lit.py builds on this module
         from .lit import LitPlan
 
-        return LitPlan(config, world)
+        return LitPlan(config, world, stop)
     return PLANS[config.objective](config, world)

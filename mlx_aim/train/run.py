@@ -113,7 +113,7 @@ def _train(
 ) -> TrainResult:
     started = time.perf_counter()
     output = config.output_dir
-    plan = plan_for(config, world)  # the objective's model config and (aimv2) captions
+    plan = plan_for(config, world, stop)  # the objective's model config and data
     model_config, preprocessing = plan.model_config, plan.preprocessing
     mx.random.seed(config.seed)
     model = plan.build_model()
