@@ -4,7 +4,10 @@ A run (``run.py``) asks :func:`plan_for` for the :class:`ObjectivePlan` of ``--o
 assembles the loop from it; the loop (``loop.py``) only sees what the plan built. A new objective
 (for example LiT: a frozen trunk and a contrastive loss on cached features) is one more subclass
 that overrides what differs (its model, loader, micro-batch inputs, step, evaluators) and one more
-entry in :data:`PLANS`.
+entry in :data:`PLANS`. What the loop needs of them: a loader that iterates over batch dicts (a
+generator, closed when the loop ends) and has ``state()`` (``{"epoch", "cursor"}``, checkpointed);
+``inputs(batch)``, the step's input of one batch; a step that returns (loss, gradient norm, *loss
+parts); a validation with ``enabled``, ``subset``, ``parts`` and ``evaluate(model)``.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class ObjectivePlan:
     def __init__(self, config: TrainConfig, world: World):
         self.config, self.world = config, world
         self.model_config, self.preprocessing = resolve_model(config)
-        self.images = Images([], [], "", [])
+        self.images = Images([], [], "", [])  # until find_images()
 
     def find_images(self) -> Images:
         """Find the training and validation images (after the model is built: the order of a
