@@ -9,15 +9,20 @@ from pathlib import Path
 
 import typer
 
-from mlx_aim.errors import InputError
+from mlx_aim.errors import ExitCode, InputError, exit_codes_help
 from mlx_aim.io import check_destination, write_text
 
-from .errors import EXIT_CODES_HELP, prepare_cpu_backend, reported_errors
+from .errors import prepare_cpu_backend, reported_errors
 
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim bench`` to ``app``."""
-    app.command("bench", epilog=EXIT_CODES_HELP)(bench_command)
+    app.command(
+        "bench",
+        epilog=exit_codes_help(
+            ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.USAGE, ExitCode.OUTPUT, ExitCode.INTERRUPTED
+        ),
+    )(bench_command)
 
 
 def _names(value: str | None) -> tuple[str, ...] | None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import typer
 
-from mlx_aim.errors import EXIT_CODES_HELP, ExitCode
+from mlx_aim.errors import ExitCode
 
-from .errors import err_console, fail, reported_errors
+from .embed import image_sources
+from .errors import IMAGE_COMMAND_EXITS, err_console, fail, reported_errors
 
 
 def caption_command(
@@ -25,7 +26,10 @@ def caption_command(
         None, "--max-tokens", help="Most tokens per caption (default: the decoder's maximum)."
     ),
     temperature: float = typer.Option(
-        0.0, "--temperature", "-t", help="0: greedy decoding; > 0: sample at this temperature."
+        0.0,
+        "--temperature",
+        "-t",
+        help="0: greedy decoding; > 0 (at most 100): sample at this temperature.",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed of sampled decoding."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
@@ -33,7 +37,7 @@ def caption_command(
         None,
         "--output",
         "-o",
-        help='Write {"image": ..., "caption": ...} lines to this .jsonl file instead of printing '
+        help='Write {"path": ..., "caption": ...} lines to this .jsonl file instead of printing '
         "path<TAB>caption lines.",
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
@@ -43,7 +47,7 @@ def caption_command(
 
     Examples:
 
-      mlx-aim caption scene.png --model runs/aimv2-nano
+      mlx-aim caption scenes/captioned/val/05000.png --model runs/aimv2-nano
 
       mlx-aim caption photos/ -m runs/aimv2-nano -t 0.7 -o captions.jsonl
 
@@ -63,14 +67,15 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
 
     from mlx_aim.data.images import ImageError, find_images, open_image
     from mlx_aim.io import check_destination, write_text
-    from mlx_aim.tasks.caption import Captioner
+    from mlx_aim.tasks.caption import Captioner, check_temperature
 
-    if batch_size < 1 or (max_tokens is not None and max_tokens < 1) or temperature < 0:
-        raise fail("--batch-size and --max-tokens must be >= 1 and --temperature >= 0")
+    if batch_size < 1 or (max_tokens is not None and max_tokens < 1):
+        raise fail("--batch-size and --max-tokens must be >= 1")
+    check_temperature(temperature)
     if output is not None:
-        check_destination(output, overwrite=force)
+        check_destination(output, overwrite=force, reads=[model])
     captioner = Captioner.from_run(model)
-    files, errors = find_images(paths)
+    files, errors = find_images(image_sources(paths))
     key = mx.random.key(seed)
     lines, records = [], []
     for start in range(0, len(files), batch_size):
@@ -86,7 +91,7 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
         key, sub = mx.random.split(key)
         captions = captioner.generate(mx.array(np.stack(images)), max_tokens, temperature, sub)
         for path, caption in zip(kept, captions, strict=True):
-            records.append(json.dumps({"image": str(path), "caption": caption}))
+            records.append(json.dumps({"path": str(path), "caption": caption}))
             lines.append(f"{path}\t{caption}")
             if output is None:
                 typer.echo(lines[-1])
@@ -101,4 +106,7 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim caption`` to ``app``."""
-    app.command("caption", epilog=EXIT_CODES_HELP)(caption_command)
+    app.command(
+        "caption",
+        epilog=IMAGE_COMMAND_EXITS,
+    )(caption_command)

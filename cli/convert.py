@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from mlx_aim.errors import InputError
+from mlx_aim.errors import ExitCode, InputError, exit_codes_help
 from mlx_aim.io import check_destination
 
-from .errors import EXIT_CODES_HELP, reported_errors
+from .errors import reported_errors, warn
 from .progress import working
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -17,7 +17,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim convert`` to ``app``."""
-    app.command("convert", epilog=EXIT_CODES_HELP)(convert_command)
+    app.command(
+        "convert",
+        epilog=exit_codes_help(
+            ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.USAGE, ExitCode.OUTPUT, ExitCode.INTERRUPTED
+        ),
+    )(convert_command)
 
 
 def convert_command(
@@ -62,7 +67,9 @@ def convert_command(
     with reported_errors():
         if dtype is not None and dtype not in DTYPES:
             raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-        check_destination(destination, overwrite=force, directory=True)
+        check_destination(
+            destination, overwrite=force, directory=True, reads=[source, *([head] if head else [])]
+        )
         with working(f"converting {source}", enabled=not quiet):
             try:
                 path = convert(
@@ -77,4 +84,20 @@ def convert_command(
                 )
             except ValueError as e:  # unreadable metadata in the source (e.g. invalid JSON)
                 raise InputError(f"{source}: {e}") from None
+        _warn_if_lit_without_tokenizer(path)
     typer.echo(f"wrote {path}")
+
+
+def _warn_if_lit_without_tokenizer(model: Path) -> None:
+    """A LiT model converted without its tokenizer files cannot read text: say so now."""
+    from mlx_aim.io import read_json
+    from mlx_aim.text.clip_tokenizer import has_tokenizer
+
+    if read_json(model / "config.json").get("model_type") == "aim_v2_lit" and not has_tokenizer(
+        model
+    ):
+        warn(
+            f"{model} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt): "
+            "zero-shot and embed --text will need them; copy them from the source checkpoint "
+            "into it"
+        )

@@ -10,13 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mlx_aim.errors import InputError
+from mlx_aim.errors import ExitCode, InputError
 from mlx_aim.messages import plural
 from mlx_aim.tasks.config import PATHS_HELP, SLOW_ON_CPU, EmbedConfig
 
 from .errors import (
-    EXIT_CODES_HELP,
-    ExitCode,
+    IMAGE_COMMAND_EXITS,
     err_console,
     prepare_cpu_backend,
     reported_errors,
@@ -34,17 +33,23 @@ _SHORT = {"model": "-m", "output": "-o", "batch_size": "-b", "quiet": "-q"}
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim embed`` to ``app``."""
-    app.command("embed", epilog=EXIT_CODES_HELP)(embed_command)
+    app.command(
+        "embed",
+        epilog=IMAGE_COMMAND_EXITS,
+    )(embed_command)
 
 
-def _sources(paths: list[str]) -> list[str]:
-    """The command-line sources with ``-`` replaced by the paths read from standard input."""
+def image_sources(paths: list[str]) -> list[str]:
+    """The command-line sources with ``-`` replaced by the paths read from standard input and
+    built-in dataset names (``digits/val/7``) by their folders."""
+    from mlx_aim.data.builtin import resolve_builtin
+
     sources: list[str] = []
     for source in paths:
         if source == "-":
             sources.extend(line.strip() for line in sys.stdin if line.strip())
         else:
-            sources.append(source)
+            sources.append(str(resolve_builtin(source)))
     return sources
 
 
@@ -114,7 +119,7 @@ def find_files(
     from mlx_aim.data.images import find_images
     from mlx_aim.tasks.embed import check_sources
 
-    files, errors = find_images(_sources(paths))
+    files, errors = find_images(image_sources(paths))
     for error in errors:
         report(error)
     if not files:

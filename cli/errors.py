@@ -18,13 +18,15 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError
+from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, MlxAimError, exit_codes_help
 from mlx_aim.io import os_reason, output_error
+from mlx_aim.messages import printable
 
 err_console = Console(stderr=True)
 
 __all__ = [
     "EXIT_CODES_HELP",
+    "IMAGE_COMMAND_EXITS",
     "ExitCode",
     "err_console",
     "fail",
@@ -33,6 +35,16 @@ __all__ = [
     "prepare_cpu_backend",
 ]
 
+# The exit codes of the commands that read images and skip the unreadable ones (their --help).
+IMAGE_COMMAND_EXITS = exit_codes_help(
+    ExitCode.OK,
+    ExitCode.BAD_INPUT,
+    ExitCode.USAGE,
+    ExitCode.OUTPUT,
+    ExitCode.PARTIAL,
+    ExitCode.INTERRUPTED,
+)
+
 # Standard errors that still reach a command from libraries; they mean bad input.
 _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyError, ImportError)
 
@@ -40,7 +52,9 @@ _INPUT_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, KeyEr
 def warn(message: str) -> None:
     """Print ``warning: message`` on stderr (one line, shown even with --quiet)."""
     err_console.print(
-        f"[bold yellow]warning:[/bold yellow] {escape(message)}", highlight=False, soft_wrap=True
+        f"[bold yellow]warning:[/bold yellow] {escape(printable(message))}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -69,7 +83,9 @@ def prepare_cpu_backend() -> None:
 def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
     """Print ``error: message`` on stderr and return the Exit to raise."""
     err_console.print(
-        f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True
+        f"[bold red]error:[/bold red] {escape(printable(message))}",
+        highlight=False,
+        soft_wrap=True,
     )
     return typer.Exit(int(code))
 
@@ -78,12 +94,15 @@ def fail(message: str, code: int = ExitCode.BAD_INPUT) -> typer.Exit:
 def reported_errors() -> Iterator[None]:
     """Turn user errors into one ``error:`` line and the shared exit code."""
     try:
-        yield
+        try:
+            yield
+        finally:
+            sys.stdout.flush()  # a pipe closed early fails here, inside the handlers below
     except MlxAimError as e:
         raise fail(str(e), e.exit_code) from None
-    except BrokenPipeError:  # the reader went away (``mlx-aim models | head``): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise typer.Exit(int(ExitCode.OUTPUT)) from None
+    except BrokenPipeError:  # the reader went away (``mlx-aim embed --json | head``): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush
+        raise typer.Exit(int(ExitCode.OK)) from None
     except _INPUT_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         raise fail(str(message)) from None

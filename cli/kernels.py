@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import typer
 
-from mlx_aim.errors import InputError
+from mlx_aim.errors import ExitCode, InputError, exit_codes_help
 
-from .errors import EXIT_CODES_HELP, reported_errors
+from .errors import reported_errors
 
 
 def register(app: typer.Typer) -> None:
     """Add the ``build-kernels`` command to ``app``."""
-    app.command("build-kernels", epilog=EXIT_CODES_HELP)(build_kernels_command)
+    app.command(
+        "build-kernels",
+        epilog=exit_codes_help(
+            ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.USAGE, ExitCode.INTERRUPTED
+        ),
+    )(build_kernels_command)
 
 
 def build_kernels_command(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from . import bench, caption, convert, embed, kernels, models, probe, train, zero_shot
+from mlx_aim.errors import exit_codes_table
+
+from . import bench, caption, convert, datasets, embed, kernels, models, probe, train, zero_shot
 
 app = typer.Typer(
     name="mlx-aim",
     help="AIM and AIMv2 image models in MLX: pre-train, probe, embed, zero-shot, caption, convert.",
+    epilog=exit_codes_table(),
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
@@ -17,7 +20,7 @@ app = typer.Typer(
 
 # The command modules, each adding its command to ``app`` with ``register(app)``, in the order
 # ``mlx-aim --help`` lists them. Each imports its heavy dependencies inside the command.
-COMMANDS = (models, convert, train, probe, embed, zero_shot, caption, bench, kernels)
+COMMANDS = (models, datasets, convert, train, probe, embed, zero_shot, caption, bench, kernels)
 
 
 def version_callback(value: bool) -> None:

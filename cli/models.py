@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import typer
 
-from .errors import EXIT_CODES_HELP, reported_errors
+from mlx_aim.errors import ExitCode, exit_codes_help
+
+from .errors import reported_errors
 
 HEADER = ("name", "aim", "dim", "depth", "heads", "patch", "px", "weights")
 
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim models`` to ``app``."""
-    app.command("models", epilog=EXIT_CODES_HELP)(models_command)
+    app.command("models", epilog=exit_codes_help(ExitCode.OK, ExitCode.USAGE))(models_command)
 
 
 def model_rows() -> list[tuple[str, ...]]:

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, InputError, OutputError
+from mlx_aim.errors import ExitCode, InputError, OutputError
 from mlx_aim.io import check_destination
-from mlx_aim.messages import plural
+from mlx_aim.messages import accuracy, plural
 from mlx_aim.tasks.probe.config import Hooks, ProbeConfig
 
-from .errors import err_console, prepare_cpu_backend, reported_errors, warn
+from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors, warn
 from .options import with_config_options
 from .progress import progress_bars
 
@@ -61,8 +61,8 @@ def probe_command(
         None,
         "--data",
         "-d",
-        help="Image folder: <class>/<images>, or train/<class>/ and val/<class>/. "
-        "Default: the built-in digits.",
+        help="Image folder: <class>/<images>, or train/<class>/ and val/<class>/; or a built-in "
+        "one by name: digits, scenes/count, scenes/colour, scenes/shape. Default: digits.",
         rich_help_panel="Data",
     ),
     output: Path | None = typer.Option(
@@ -100,12 +100,12 @@ def probe_command(
 
       mlx-aim probe --data ~/imagenet --model aim-600M --layers best --eval-only
     """
-    from mlx_aim.data.builtin import builtin_dataset
+    from mlx_aim.data.builtin import builtin_dataset, resolve_builtin
 
     prepare_cpu_backend()
     with reported_errors():
         config = ProbeConfig(**settings).validate()
-        data_dir = data if data is not None else builtin_dataset("digits")
+        data_dir = resolve_builtin(data) if data is not None else builtin_dataset("digits")
         if eval_only:
             if random_init:
                 raise InputError("--eval-only and --random-init exclude each other")
@@ -168,7 +168,7 @@ def _train(
     """Check the destinations, train the probe, write OUTPUT and print the summary."""
     from mlx_aim.tasks.probe import check_classes, load_dataset, save_probe, train_probe
 
-    check_destination(output, overwrite=force, directory=True)
+    check_destination(output, overwrite=force, directory=True, reads=(model,))
     _check_cache(config)
     dataset = load_dataset(data_dir, config.val_fraction, config.seed)
     check_classes(dataset)
@@ -191,7 +191,7 @@ def _train(
         f"{config.head} probe on {model}{trunk_kind}: {plural(report['num_train'], 'train image')}"
     )
     if final.get("top1") is not None:
-        summary += f", val top-1 {100 * final['top1']:.2f}% top-5 {100 * final['top5']:.2f}%"
+        summary += f", val {accuracy(final['top1'], final['top5'], len(report['classes']))}"
     typer.echo(summary)
     typer.echo(f"wrote {output} (mlx_aim.load it for the classifier)")
     _exit_if_skipped(len(report["unreadable"]))
@@ -217,7 +217,7 @@ def _evaluate(
     )
 
     for file in eval_files(output) if output is not None else []:
-        check_destination(file, overwrite=force)
+        check_destination(file, overwrite=force, reads=(model,))
     dataset = load_dataset(data_dir, 0.0, config.seed)  # val/ when there is one, else every image
     for error in dataset.errors:
         warn(f"skipped {error}")
@@ -237,7 +237,7 @@ def _evaluate(
     split = "val" if dataset.val else "all"
     typer.echo(
         f"{model} on {data_dir} ({split}, {plural(result['count'], 'image')}): "
-        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%"
+        + accuracy(result["top1"], result["top5"], len(dataset.classes))
     )
     if output is not None:
         files = save_evaluation(result, output, model=model, data=str(data_dir), overwrite=force)
@@ -257,4 +257,4 @@ with_config_options(probe_command, ProbeConfig, _SHORT)
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim probe`` to ``app``."""
-    app.command("probe", epilog=EXIT_CODES_HELP)(probe_command)
+    app.command("probe", epilog=IMAGE_COMMAND_EXITS)(probe_command)

@@ -8,9 +8,10 @@ from typing import Any, Optional
 
 import typer
 
+from mlx_aim.errors import ExitCode, exit_codes_help
 from mlx_aim.train.config import TrainConfig, read_config_file
 
-from .errors import EXIT_CODES_HELP, prepare_cpu_backend, reported_errors
+from .errors import prepare_cpu_backend, reported_errors
 from .options import config_options
 
 _SHORT = {
@@ -58,6 +59,8 @@ def train_command(ctx: typer.Context, config_file: Path | None = None, **flags: 
 
       mlx-aim train
 
+      mlx-aim train --objective aimv2   [dim](aimv2-nano, 300 steps on the built-in scenes)[/dim]
+
       mlx-aim train --data ~/Pictures --model aim-tiny --steps 5000 -b 64 -o runs/photos
 
       mlx-aim train --config pretrain.toml --lr 5e-4
@@ -86,4 +89,16 @@ train_command.__signature__ = inspect.Signature(_parameters())
 
 def register(app: typer.Typer) -> None:
     """Add ``mlx-aim train`` to ``app``."""
-    app.command("train", epilog=EXIT_CODES_HELP)(train_command)
+    app.command(
+        "train",
+        epilog=exit_codes_help(
+            ExitCode.OK,
+            ExitCode.BAD_INPUT,
+            ExitCode.USAGE,
+            ExitCode.OUTPUT,
+            ExitCode.NON_FINITE,
+            ExitCode.HANGUP,
+            ExitCode.INTERRUPTED,
+            ExitCode.TERMINATED,
+        ),
+    )(train_command)

@@ -13,7 +13,7 @@ from mlx_aim.messages import plural
 from mlx_aim.tasks.config import PATHS_HELP, ZeroShotConfig
 
 from .embed import end_partial, find_files, skip_reporter
-from .errors import EXIT_CODES_HELP, err_console, prepare_cpu_backend, reported_errors
+from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors
 from .options import with_config_options
 from .progress import progress_bars, working
 
@@ -155,4 +155,7 @@ with_config_options(zero_shot_command, ZeroShotConfig, _SHORT)
 
 def register(app: typer.Typer) -> None:
     """Add ``zero-shot`` to the ``mlx-aim`` app."""
-    app.command("zero-shot", epilog=EXIT_CODES_HELP)(zero_shot_command)
+    app.command(
+        "zero-shot",
+        epilog=IMAGE_COMMAND_EXITS,
+    )(zero_shot_command)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import signal
 from enum import IntEnum
 
+from .messages import printable
+
 
 class ExitCode(IntEnum):
     """Exit status of every ``mlx-aim`` command (see the module docstring)."""
@@ -33,10 +35,47 @@ class ExitCode(IntEnum):
     TERMINATED = 128 + signal.SIGTERM
 
 
-EXIT_CODES_HELP = (
-    "Exit codes: 0 done, 1 bad input, 2 usage, 3 output (exists, not writable, disk full, locked), "
-    "4 some inputs skipped, 5 non-finite loss, 129/130/143 stopped by SIGHUP/Ctrl-C/SIGTERM."
-)
+_MEANINGS = {
+    ExitCode.OK: "done",
+    ExitCode.BAD_INPUT: "bad input",
+    ExitCode.USAGE: "usage",
+    ExitCode.OUTPUT: "output (exists, not writable, disk full, locked)",
+    ExitCode.PARTIAL: "some inputs skipped",
+    ExitCode.NON_FINITE: "non-finite loss",
+    ExitCode.HANGUP: "SIGHUP",
+    ExitCode.INTERRUPTED: "Ctrl-C",
+    ExitCode.TERMINATED: "SIGTERM",
+}
+_SIGNALS = (ExitCode.HANGUP, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
+
+
+def exit_codes_help(*codes: ExitCode) -> str:
+    """One line listing the exit codes a command can return (all of them without arguments)."""
+    chosen = sorted(set(codes or ExitCode))
+    parts = [f"{int(c)} {_MEANINGS[c]}" for c in chosen if c not in _SIGNALS]
+    signals = [c for c in chosen if c in _SIGNALS]
+    if signals:
+        numbers = "/".join(str(int(c)) for c in signals)
+        parts.append(f"{numbers} stopped by {'/'.join(_MEANINGS[c] for c in signals)}")
+    return "Exit codes: " + ", ".join(parts) + "."
+
+
+EXIT_CODES_HELP = exit_codes_help()
+
+
+def exit_codes_table() -> str:
+    """The exit-code table, short enough for an 80-column terminal (``mlx-aim --help``)."""
+    rows = (
+        ("0", "done"),
+        ("1", "bad input: an option, config, model or data that cannot be used"),
+        ("2", "usage: unknown flag, missing argument"),
+        ("3", "output: exists (no --force), not writable, disk full, locked"),
+        ("4", "partial: unreadable inputs skipped and named, the rest done"),
+        ("5", "training stopped: non-finite loss or gradient (checkpoint kept)"),
+        ("129/130/143", "stopped by SIGHUP / Ctrl-C / SIGTERM"),
+    )
+    lines = [f"{code:>11}  {meaning}" for code, meaning in rows]
+    return "Exit codes (each command's --help lists the ones it returns):\n\n" + "\n".join(lines)
 
 
 class MlxAimError(Exception):
@@ -45,7 +84,7 @@ class MlxAimError(Exception):
     exit_code: int = ExitCode.BAD_INPUT
 
     def __init__(self, message: object, exit_code: int | None = None):
-        super().__init__(" ".join(str(message).split()))
+        super().__init__(printable(" ".join(str(message).split())))
         if exit_code is not None:
             self.exit_code = exit_code
 

@@ -20,7 +20,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,14 +106,20 @@ def nearest_existing(path: Path) -> Path:
 
 
 def check_destination(
-    path: str | Path, *, overwrite: bool = False, directory: bool = False
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    directory: bool = False,
+    reads: Iterable[str | Path] = (),
 ) -> Path:
     """Refuse an output that cannot be written, before any work is done; creates nothing.
 
     An existing destination needs ``overwrite`` (``--force``) and must be of the right kind; the
-    closest existing folder on the way must be a writable directory.
+    closest existing folder on the way must be a writable directory; and it must not overlap what
+    the command ``reads`` (see :func:`check_not_reading`), ``--force`` or not.
     """
     path = Path(path).expanduser()
+    check_not_reading(path, reads)
     if path.exists() or path.is_symlink():
         if directory != path.is_dir():
             kind = "a directory" if path.is_dir() else "a file"
@@ -127,6 +133,27 @@ def check_destination(
         reason = "read-only file system" if _read_only(folder) else "permission denied"
         raise OutputError(f"cannot write {path}: {reason} ({folder})")
     return path
+
+
+def check_not_reading(path: str | Path, reads: Iterable[str | Path]) -> None:
+    """Refuse to write ``path`` over (or inside, or around) a model, run or file being read.
+
+    ``reads`` are the inputs of the command (a model folder, a run, a checkpoint file); names that
+    are not paths on disk (registry names) are ignored. OutputError when ``path`` is one of them,
+    lies inside one of the folders, or is a folder holding one of them.
+    """
+    target = Path(os.path.abspath(Path(path).expanduser())).resolve()
+    for source in reads:
+        read = Path(source).expanduser()
+        if not read.exists():
+            continue
+        read = read.resolve()
+        inside = read.is_dir() and target.is_relative_to(read)
+        if target == read or inside or read.is_relative_to(target):
+            raise OutputError(
+                f"{path}: refusing to write into {source}, which this command reads; write the "
+                "output elsewhere"
+            )
 
 
 def _read_only(folder: Path) -> bool:
@@ -336,3 +363,5 @@ def read_json(path: str | Path, max_bytes: int = 64 * 2**20) -> Any:
         raise InputError(
             f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})"
         ) from None
+    except RecursionError:
+        raise InputError(f"{path}: invalid JSON (nested too deeply)") from None

@@ -1,4 +1,4 @@
-"""Does the AIMv2 objective help at laptop scale? The README's table, reproduced by one command.
+"""Does the AIMv2 objective help at laptop scale? The table of docs/aimv2-pretraining.md, reproduced by one command.
 
     python scripts/aimv2_evidence.py                # 300 steps of batch 32, seed 0 -> runs/evidence
     python scripts/aimv2_evidence.py --seed 1 -o runs/evidence-seed1
@@ -36,9 +36,11 @@ import mlx_aim  # noqa: E402, F401  (first: it picks the fast BLAS before mlx.co
 # isort: split
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
+from mlx_aim_cli.scripting import ArgumentParser, positive_int, run_script  # noqa: E402
 
 from mlx_aim.data.builtin import builtin_dataset  # noqa: E402
 from mlx_aim.data.captions import find_captioned_images  # noqa: E402
+from mlx_aim.errors import MlxAimError  # noqa: E402
 from mlx_aim.tasks.caption import Captioner, score_captions  # noqa: E402
 
 MODEL = "aimv2-nano"
@@ -47,13 +49,17 @@ AUGMENTATION = ["--hflip", "0", "--min-crop-scale", "1"]
 
 
 def run_cli(*args: str) -> None:
-    """Run an ``mlx-aim`` command of this checkout; stop the script if it fails."""
+    """Run an ``mlx-aim`` command of this checkout; stop the script, with its exit code, if it
+    fails (the command has printed its own ``error:`` line)."""
     print("$ mlx-aim " + " ".join(args), flush=True)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
-    subprocess.run([sys.executable, "-m", "mlx_aim_cli.main", *args], cwd=ROOT, env=env, check=True)
+    command = [sys.executable, "-m", "mlx_aim_cli.main", *args]
+    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    if code != 0:
+        raise MlxAimError(f"mlx-aim {args[0]} stopped with exit code {code} (see above)", code)
 
 
 def pretrain(objective: str, output: Path, scenes: Path, args: argparse.Namespace) -> float:
@@ -117,7 +123,7 @@ def caption_scores(run: Path, scenes: Path) -> dict:
 
 
 def table(results: dict) -> str:
-    """The markdown table of the README."""
+    """The markdown table of docs/aimv2-pretraining.md."""
     lines = [
         "| trunk (aimv2-nano) | count | colour | shape | caption exact match | caption token accuracy |",
         "|---|---|---|---|---|---|",
@@ -138,11 +144,12 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-o", "--output", type=Path, default=Path("runs/evidence"))
+    """Train, probe and score; write and print the table."""
+    parser = ArgumentParser(__doc__, prog="aimv2_evidence.py")
+    parser.add_argument("--steps", type=positive_int, default=300, help="steps of each run")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the runs, probes, random trunk")
+    parser.add_argument("-o", "--output", type=Path, default=Path("runs/evidence"), help="folder")
     args = parser.parse_args()
     out = args.output.resolve()
     scenes = builtin_dataset("scenes")
@@ -166,4 +173,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

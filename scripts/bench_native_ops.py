@@ -7,16 +7,20 @@ machine disturbs less. ``taskset -c 0`` with ``OMP_NUM_THREADS=1`` measures one 
 ``--train-step`` times mlx-aim's compiled training step instead, with the native kernels on and
 off, the two steps interleaved in this process.
 
-Usage: python scripts/bench_native_ops.py [--config aim-tiny] [--batch-size 8] [--repeats 20]
-    [--train-step]
+    python scripts/bench_native_ops.py --config vit-s
+    python scripts/bench_native_ops.py --train-step
 """
 
 # ruff: noqa: I001  (mlx_aim first: it picks the optimized BLAS before mlx.core loads)
-import argparse
 import os
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
+
+# Run the checkout this script sits in, even when another copy of mlx-aim is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mlx_aim  # noqa: F401
 import mlx.core as mx
@@ -25,6 +29,9 @@ import numpy as np
 import torch
 from mlx.utils import tree_flatten, tree_map
 
+from mlx_aim.errors import ExitCode  # noqa: E402
+from mlx_aim_cli.scripting import ArgumentParser, positive_int, run_script
+
 from mlx_aim.benchmark.workload import resolve_config
 from mlx_aim.cpu import portable
 from mlx_aim.cpu.native import native_kernels, native_status
@@ -32,6 +39,9 @@ from mlx_aim.models import build_model
 from mlx_aim.models.layers import prefix_causal_mask
 from mlx_aim.train.optim import AdamW, build_optimizer, warmup_cosine
 from mlx_aim.train.step import accumulate_or_update, make_train_step
+
+
+CODES = (ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.USAGE, ExitCode.INTERRUPTED)
 
 
 def timed(run) -> tuple[float, float]:
@@ -93,11 +103,20 @@ def train_step_table(config: dict, batch: int, repeats: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="aim-tiny", help="a benchmark config (e.g. vit-s)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--train-step", action="store_true", help="time the training step")
+    """Time the ops (or the training step) and print the table."""
+    parser = ArgumentParser(__doc__, CODES, prog="bench_native_ops.py")
+    parser.add_argument(
+        "--config",
+        default="aim-tiny",
+        help="an architecture without released weights (mlx-aim models), vit-s, or a config.json",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per call")
+    parser.add_argument("--repeats", type=positive_int, default=20, help="timed calls per cell")
+    parser.add_argument(
+        "--train-step",
+        action="store_true",
+        help="time the compiled training step, native kernels on and off, instead of the ops",
+    )
     args = parser.parse_args()
     config, _, _ = resolve_config(args.config, ("train",))
     mx.set_default_device(mx.cpu)
@@ -210,4 +229,4 @@ def optimizer_row(config: dict, repeats: int) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -30,15 +30,30 @@ import mlx_aim  # noqa: E402, F401  (first: it picks the fast BLAS before mlx.co
 
 # isort: split
 import mlx.core as mx  # noqa: E402
+from mlx_aim_cli.scripting import ArgumentParser, positive_int, run_script  # noqa: E402
 
-from mlx_aim.checkpoints.registry import multimodal_pretrain_config, pretrain_config  # noqa: E402
+from mlx_aim.checkpoints.registry import (  # noqa: E402
+    REGISTRY,
+    multimodal_pretrain_config,
+    pretrain_config,
+)
 from mlx_aim.cpu.blas import blas_info  # noqa: E402
+from mlx_aim.errors import ExitCode  # noqa: E402
 from mlx_aim.models import build_model  # noqa: E402
 from mlx_aim.train.multimodal_step import make_multimodal_train_step  # noqa: E402
 from mlx_aim.train.optim import build_optimizer, warmup_cosine  # noqa: E402
 from mlx_aim.train.step import make_train_step  # noqa: E402
 
 PAD = 0
+# The AIMv2 architectures without released weights: the ones `mlx-aim train` pre-trains.
+MODELS = tuple(
+    name
+    for name, entry in REGISTRY.items()
+    if entry.checkpoint is None and entry.config["model_type"] == "aim_v2"
+)
+
+
+CODES = (ExitCode.OK, ExitCode.BAD_INPUT, ExitCode.USAGE, ExitCode.INTERRUPTED)
 
 
 def objective_step(objective: str, name: str, batch: int, vocab_size: int):
@@ -77,13 +92,19 @@ def measure(objective: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="aimv2-nano", help="an AIMv2 laptop architecture")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per objective")
-    parser.add_argument("--warmup", type=int, default=3)
+    """Time both steps and print the table."""
+    parser = ArgumentParser(__doc__, CODES, prog="benchmark_objectives.py")
     parser.add_argument(
-        "--vocab-size", type=int, default=349, help="caption vocabulary (the scenes tokenizer's)"
+        "--model", default="aimv2-nano", choices=MODELS, help="an AIMv2 laptop architecture"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="images per step")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per objective")
+    parser.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first")
+    parser.add_argument(
+        "--vocab-size",
+        type=positive_int,
+        default=349,
+        help="caption vocabulary (the scenes tokenizer's)",
     )
     args = parser.parse_args()
     blas = blas_info()
@@ -103,4 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

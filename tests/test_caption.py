@@ -96,7 +96,7 @@ def test_the_command_writes_jsonl_and_names_unreadable_files(run):
     assert result.exit_code == 4, result.output
     assert "broken.png" in result.output
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["image"] for r in records] == [str(run / "images" / f"{i}.png") for i in range(6)]
+    assert [r["path"] for r in records] == [str(run / "images" / f"{i}.png") for i in range(6)]
     assert all(isinstance(r["caption"], str) for r in records)
     again = CliRunner().invoke(app, [*args, "-o", str(out)])
     assert again.exit_code == 3 and "already exists" in again.output
@@ -106,3 +106,74 @@ def test_a_run_of_another_kind_is_refused(run, tmp_path):
     result = CliRunner().invoke(app, ["caption", str(run / "images"), "-m", str(tmp_path)])
     assert result.exit_code == 1
     assert "not an `mlx-aim train --objective aimv2` output directory" in result.output
+
+
+def _files(folder):
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_command_never_writes_into_the_run_it_reads(run):
+    weights = next((run / "run" / "checkpoints").glob("step-*")) / "model.safetensors"
+    before = _files(run / "run")
+    for target in (weights, run / "run" / "tokenizer.json", run / "run" / "new.jsonl"):
+        args = ["caption", str(run / "images"), "-m", str(run / "run"), "-o", str(target)]
+        result = CliRunner().invoke(app, [*args, "--force"])
+        assert result.exit_code == 3, result.output
+        assert "which this command reads" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert _files(run / "run") == before
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf", "-inf", "1e308", "-1", "101"])
+def test_non_finite_or_absurd_temperatures_are_refused(run, temperature):
+    args = ["caption", str(run / "images"), "-m", str(run / "run"), "-t", temperature]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "--temperature must be 0 (greedy) or in (0, 100]" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not result.stdout
+
+
+def _damage_run_json(info):
+    return {
+        "model_config-a-list": {**info, "model_config": [1, 2]},
+        "run-json-a-list": [info],
+        "no-preprocessing": {k: v for k, v in info.items() if k != "preprocessing"},
+        "disagrees-with-checkpoint": {
+            **info,
+            "model_config": {**info["model_config"], "decoder_width": 64, "decoder_heads": 4},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("model_config-a-list", "run.json: no 'model_config' object"),
+        ("run-json-a-list", "run.json: no 'model_config' object"),
+        ("no-preprocessing", "run.json: no 'preprocessing' object"),
+        ("disagrees-with-checkpoint", "does not match the model_config of"),
+    ],
+)
+def test_a_damaged_run_json_is_one_line(run, tmp_path, damage, message):
+    import shutil
+
+    copy = shutil.copytree(run / "run", tmp_path / "run")
+    info = json.loads((copy / "run.json").read_text())
+    (copy / "run.json").write_text(json.dumps(_damage_run_json(info)[damage]))
+    result = CliRunner().invoke(app, ["caption", str(run / "images"), "-m", str(copy)])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_tokenizer_larger_than_the_runs_decoder_is_refused(run, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(run / "run", tmp_path / "run")
+    tokenizer = CaptionTokenizer.load(copy / "tokenizer.json")
+    tokenizer.tokenizer.add_tokens([f"extra{i}" for i in range(50)])
+    tokenizer.save(copy / "tokenizer.json")
+    result = CliRunner().invoke(app, ["caption", str(run / "images"), "-m", str(copy)])
+    assert result.exit_code == 1, result.output
+    assert str(copy / "tokenizer.json") in result.stderr and "not below the vocabulary size" in (
+        result.stderr
+    )

@@ -4,6 +4,7 @@ import ast
 import errno
 import io
 import os
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 import mlx_aim.checkpoints.hub as hub
 from mlx_aim.checkpoints.registry import REGISTRY
 from mlx_aim.checkpoints.weights import save_model
-from mlx_aim.errors import EXIT_CODES_HELP
+from mlx_aim.errors import ExitCode
 from mlx_aim.messages import plural
 from mlx_aim.models import build_model
 
@@ -39,6 +40,7 @@ def command_names() -> list[str]:
 
 COMMAND_NAMES = [
     "models",
+    "datasets",
     "convert",
     "train",
     "probe",
@@ -66,11 +68,26 @@ def test_every_command_module_registers_itself_without_importing_main():
     assert command_names() == COMMAND_NAMES
 
 
+PARTIAL_COMMANDS = {"probe", "embed", "zero-shot", "caption"}  # they skip unreadable images
+
+
 @pytest.mark.parametrize("command", COMMAND_NAMES)
-def test_every_help_ends_with_the_one_exit_code_table(command):
+def test_every_help_ends_with_the_exit_codes_that_command_can_return(command):
     result = invoke(command, "--help", env={"COLUMNS": "250"})
     assert result.exit_code == 0
-    assert EXIT_CODES_HELP in " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split())
+    codes = set(re.findall(r"\b(\d+)\b", text[text.index("Exit codes: 0 done") :]))
+    assert {"0", "2"} <= codes <= {str(int(c)) for c in ExitCode}
+    assert ("4" in codes) == (command in PARTIAL_COMMANDS)
+    assert ("5" in codes) == ("143" in codes) == (command == "train")
+
+
+def test_the_main_help_shows_the_whole_exit_code_table():
+    result = invoke("--help", env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    lines = result.stdout.splitlines()
+    for code in ("0", "1", "2", "3", "4", "5", "129/130/143"):
+        assert any(line.split()[:1] == [code] for line in lines if line.strip()), code
 
 
 def test_the_readme_documents_the_same_exit_codes():
@@ -257,3 +274,19 @@ def test_convert_of_a_broken_model_folder_is_one_line(model_dir, tmp_path):
     result = invoke("convert", broken, tmp_path / "out")
     assert result.exit_code == 1
     assert result.output.startswith(f"error: {broken}") and result.output.count("\n") == 1
+
+
+def test_datasets_prints_each_builtin_folder_and_one_folder_by_name():
+    from mlx_aim.data.builtin import DATASETS, builtin_dataset
+
+    result = invoke("datasets")
+    assert result.exit_code == 0
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [(n, str(builtin_dataset(n))) for n in DATASETS]
+    result = invoke("datasets", "digits")
+    assert result.exit_code == 0 and result.stdout == f"{builtin_dataset('digits')}\n"
+    result = invoke("datasets", "nope")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: 'nope' is not a built-in dataset (digits, scenes)"
+    ]

@@ -406,3 +406,14 @@ def test_missing_hub_files_say_how_to_download_them(hub_cache):
     )
     code, output = _cli("aimv2-huge-patch14-224", hub_cache.parent / "out")
     assert code == 1 and output.count("\n") == 1 and "hf download" in output
+
+
+def test_convert_never_replaces_its_own_source(tmp_path):
+    _, source, _, _ = _v1_pth(tmp_path / "src", "merged")
+    first = tmp_path / "converted"
+    assert _cli(source, first)[0] == 0
+    before = {p: p.read_bytes() for p in first.iterdir()}
+    for destination in (first, tmp_path, first / "inner"):
+        code, output = _cli(first, destination, "--force")
+        assert code == 3 and "which this command reads" in output, output
+    assert {p: p.read_bytes() for p in first.iterdir()} == before

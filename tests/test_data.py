@@ -328,3 +328,21 @@ def test_interrupted_dataset_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         builtin_dataset("digits", root=tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_builtin_datasets_are_addressed_by_name_unless_a_real_path_has_that_name(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert datasets.builtin_name("scenes/count") == "scenes"
+    assert datasets.builtin_name("digits") == "digits"
+    assert datasets.builtin_name("photos") is None and datasets.builtin_name(None) is None
+    assert datasets.is_builtin_name("scenes") and not datasets.is_builtin_name("scenes/count")
+    assert datasets.resolve_builtin("digits/val/7") == builtin_dataset("digits") / "val" / "7"
+    assert datasets.training_splits("digits") == (
+        builtin_dataset("digits") / "train",
+        builtin_dataset("digits") / "val",
+    )
+    (tmp_path / "digits").mkdir()  # a folder of the user's own wins
+    assert datasets.builtin_name("digits") is None
+    assert datasets.resolve_builtin("digits") == "digits"

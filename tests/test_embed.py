@@ -271,7 +271,7 @@ def test_cli_never_writes_into_the_model_being_read(images, model_dir, model, ta
     args = [images[0], "--model", model_dir / model, "-o", model_dir / target, "--force"]
     result = run(args)
     assert result.exit_code == 3
-    assert "inside the model" in result.stderr and result.stderr.count("\n") == 1
+    assert "which this command reads" in result.stderr and result.stderr.count("\n") == 1
     assert _files(model_dir) == before
 
 

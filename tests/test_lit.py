@@ -80,8 +80,9 @@ def ml_aim_state_dict(hf_state: dict) -> dict:
     return out
 
 
-def random_hf_lit(folder, logit_scale: float = 2.5):
-    """A small random transformers Aimv2Model saved in ``folder`` (every tensor random)."""
+def random_hf_lit(folder, logit_scale: float = 2.5, vocab: int = VOCAB):
+    """A small random transformers Aimv2Model saved in ``folder`` (every tensor random); its text
+    tower has ``vocab`` tokens, the last one ending texts."""
     config = transformers.Aimv2Config(
         vision_config=dict(
             hidden_size=64,
@@ -93,13 +94,13 @@ def random_hf_lit(folder, logit_scale: float = 2.5):
             use_head=True,
         ),
         text_config=dict(
-            vocab_size=VOCAB,
+            vocab_size=vocab,
             hidden_size=48,
             intermediate_size=80,
             num_hidden_layers=2,
             num_attention_heads=3,
             max_position_embeddings=CONTEXT,
-            eos_token_id=EOS,
+            eos_token_id=vocab - 1,
         ),
         projection_dim=32,
     )
@@ -248,8 +249,10 @@ def test_registry_entry_is_the_released_architecture():
 
 
 def test_registry_name_reads_the_pinned_release_and_its_tokenizer(tmp_path, monkeypatch):
-    reference = random_hf_lit(tmp_path / "hf")
     release = write_clip_vocab(tmp_path / "release")
+    reference = random_hf_lit(
+        tmp_path / "hf", vocab=len(json.loads((release / "vocab.json").read_text()))
+    )
     state = ml_aim_state_dict(reference.state_dict())
     safetensors_torch.save_file(state, release / "mlx_model.safetensors")
     config = mlx_aim.load(tmp_path / "hf").args.to_dict()

@@ -362,8 +362,12 @@ def test_concurrent_builds_each_put_a_whole_module_in_place(fresh, monkeypatch):
     for builder in builders:
         builder.join()
     assert native.module_path().read_bytes() == b"module" * 1000
+    assert native._verifies(native.module_path())  # the module and its digest agree
+    module = native.module_path().name
     assert sorted(p.name for p in native.module_path().parent.iterdir()) == [
-        native.module_path().name
+        ".lock",
+        module,
+        f"{module}.sha256",
     ]
 
 

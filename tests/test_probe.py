@@ -362,3 +362,30 @@ def test_cli_eval_only_refuses_to_overwrite_results_without_force(tmp_path, colo
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 3 and "already exists (use --force" in again.stderr
     assert CliRunner().invoke(app, [*args, "--force"]).exit_code == 0
+
+
+def test_cli_never_writes_over_the_model_it_reads(colour_data, tmp_path):
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    before = {p: p.read_bytes() for p in trunk_dir.iterdir()}
+    for output in (trunk_dir, tmp_path, trunk_dir / "probe"):
+        args = ["probe", "-m", str(trunk_dir), "-d", str(colour_data), "-o", str(output)]
+        result = CliRunner().invoke(app, [*args, "--force", "--no-cache"])
+        assert result.exit_code == 3 and "which this command reads" in result.stderr, result.output
+    evaluate = ["probe", "-m", str(trunk_dir), "-d", str(colour_data), "--eval-only"]
+    result = CliRunner().invoke(app, [*evaluate, "-o", str(trunk_dir), "--force"])
+    assert result.exit_code == 3 and "which this command reads" in result.stderr, result.output
+    assert {p: p.read_bytes() for p in trunk_dir.iterdir()} == before
+
+
+def test_one_readable_class_after_skipping_is_refused(tmp_path):
+    for i in range(4):
+        (tmp_path / "data" / "good").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / "broken").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (30, 30), (40 * i, 0, 0)).save(tmp_path / "data" / "good" / f"{i}.png")
+        (tmp_path / "data" / "broken" / f"{i}.png").write_bytes(b"not a png")
+    trunk_dir = save_model(tiny_trunk(), tmp_path / "trunk")
+    args = ["probe", "-m", str(trunk_dir), "-d", str(tmp_path / "data"), "--no-cache"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert "only the class good has readable training images" in result.stderr
+    assert "100" not in result.stdout and not (tmp_path / "out").exists()

@@ -205,3 +205,37 @@ def test_the_study_runs_end_to_end_and_keeps_finished_runs(
     logged = []
     assert study.run_study(config, log=logged.append) == points
     assert all("finished before" in line for line in logged)
+
+
+def test_an_interrupted_study_rerun_equals_an_uninterrupted_one(
+    tmp_path, tiny_model, images, monkeypatch
+):
+    import os
+    import signal
+
+    from mlx_aim.errors import Interrupted
+    from mlx_aim.train import loop
+
+    def settings(output):
+        return StudyConfig(
+            data=images, probe_data=images, model=tiny_model, steps=4, eval_every=2, seeds=1,
+            cells=["default"], batch_size=4, output=str(output), workers=1,
+        )  # fmt: skip
+
+    whole = study.run_study(settings(tmp_path / "whole"), log=lambda message: None)
+    after_step = loop.TrainLoop._after_step
+
+    def stop_at_step_3(self, *args):
+        after_step(self, *args)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: caught, the run stops after step 3
+
+    monkeypatch.setattr(loop.TrainLoop, "_after_step", stop_at_step_3)
+    with pytest.raises(Interrupted):
+        study.run_study(settings(tmp_path / "cut"), log=lambda message: None)
+    monkeypatch.setattr(loop.TrainLoop, "_after_step", after_step)
+    resumed = study.run_study(settings(tmp_path / "cut"), log=lambda message: None)
+    assert [p.step for p in resumed] == [0, 2, 4]
+    assert resumed == whole
+    for name in ("study.md", "study.json"):
+        assert (tmp_path / "cut" / name).read_text() == (tmp_path / "whole" / name).read_text()

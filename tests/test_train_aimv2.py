@@ -1,7 +1,16 @@
 """``mlx-aim train --objective aimv2``: captioned data in, an ordinary AIMv2 trunk out."""
 
+import dataclasses
+import hashlib
 import json
+import os
 import shutil
+import signal
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -10,7 +19,9 @@ from configs import TINY_AIMV2_TRUNK
 from PIL import Image
 
 import mlx_aim
-from mlx_aim.errors import InputError
+from mlx_aim.data import captions as captions_module
+from mlx_aim.errors import InputError, Interrupted
+from mlx_aim.text import caption_bpe
 from mlx_aim.text.caption_bpe import CaptionTokenizer
 from mlx_aim.train import TrainConfig, train
 
@@ -122,3 +133,111 @@ def test_previews_show_greedy_captions_next_to_the_true_ones(data, tmp_path, mon
         generated, truth = caption.split("\n")
         assert truth.removeprefix("truth: ") in {f"a {c} square" for c in COLOURS}
     assert "AIMv2 objective" in drawn[-1]["title"]
+
+
+def test_a_stop_signal_during_the_caption_scan_ends_the_run_at_once(data, tmp_path, monkeypatch):
+    finished = []
+    real_find_images = captions_module.find_images
+
+    def slow_scan(folder):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(600):  # a scan that would go on for a minute
+            time.sleep(0.1)
+        finished.append(True)
+        return real_find_images(folder)
+
+    monkeypatch.setattr(captions_module, "find_images", slow_scan)
+    with pytest.raises(Interrupted) as stopped:
+        train(config(data, tmp_path))
+    assert stopped.value.exit_code == 143 and not finished
+
+
+def test_a_stop_signal_during_tokenizer_training_ends_the_run_at_once(data, tmp_path, monkeypatch):
+    finished, released = [], threading.Event()
+
+    def blocking_training(tokenizer, captions, trainer):  # as the library's does: no signals
+        os.kill(os.getpid(), signal.SIGINT)
+        released.wait(60)
+        finished.append(True)
+
+    monkeypatch.setattr(caption_bpe, "_learn", blocking_training)
+    try:
+        with pytest.raises(Interrupted) as stopped:
+            train(config(data, tmp_path))
+        assert stopped.value.exit_code == 130 and not finished
+    finally:
+        released.set()
+
+
+def captioned_folder(root: Path, n: int = 10, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        name = list(COLOURS)[i % 3]
+        pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:02d}.png")
+        (root / f"{i:02d}.txt").write_text(f"a {name} square")
+    return root
+
+
+def write_shard(path: Path, folder: Path) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for file in sorted(folder.iterdir()):
+            tar.add(file, arcname=f"k/{file.name}")
+    return path
+
+
+def swap_two_token_ids(tokenizer_file: Path) -> None:
+    saved = json.loads(tokenizer_file.read_text())
+    vocab = saved["model"]["vocab"]
+    first, second = (t for t, i in vocab.items() if i in (100, 101))
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    tokenizer_file.write_text(json.dumps(saved))
+
+
+def prepare_change(kind: str, root: Path) -> tuple[str, Callable[[Path], None]]:
+    """``--data`` for a run of kind ``kind`` and a change to make to it (given the output)."""
+    images = captioned_folder(root / "images")
+    if kind == "sidecar caption":
+        return str(images), lambda out: (images / "03.txt").write_text("a purple square")
+    if kind == "tokenizer":
+        return str(images), lambda out: swap_two_token_ids(out / "tokenizer.json")
+    if kind == "shard":
+        shard = write_shard(root / "000.tar", images)
+        other = captioned_folder(root / "other", seed=1)  # same member names, other images
+        return str(shard), lambda out: write_shard(shard, other)
+    rows = [{"image": f"images/{i:02d}.png", "caption": f"caption {i}"} for i in range(10)]
+    listing = root / "list.jsonl"
+    listing.write_text("\n".join(json.dumps(r) for r in rows))
+    rows[3]["caption"] = "another caption"
+    return str(listing), lambda out: listing.write_text("\n".join(json.dumps(r) for r in rows))
+
+
+@pytest.mark.parametrize("kind", ["sidecar caption", "tokenizer", "shard", "jsonl"])
+def test_resume_refuses_a_change_to_what_the_run_trains_on(data, tmp_path, kind):
+    source, change = prepare_change(kind, tmp_path / "data")
+    output = tmp_path / "run"
+
+    def on_source(**changes) -> TrainConfig:
+        return dataclasses.replace(config(data, output, preview_every=0, **changes), data=source)
+
+    train(on_source(steps=3))
+    change(output)
+    with pytest.raises(InputError, match=r"the training files changed since .* \(1 modified\)"):
+        train(on_source())
+    resumed = train(on_source(allow_data_change=True))
+    assert resumed.resumed_from == 3 and resumed.step == 6
+
+
+def test_a_run_recorded_before_caption_fingerprints_still_resumes(data, tmp_path):
+    train(config(data, tmp_path, steps=3, preview_every=0))
+    step = tmp_path / "checkpoints" / "step-00000003"
+    listing = json.loads((step / "data.json").read_text())
+    (step / "data.json").write_text(json.dumps({"files": listing["files"]}))
+    integrity = json.loads((step / "checkpoint.json").read_text())
+    integrity["files"]["data.json"] = {
+        "size": (step / "data.json").stat().st_size,
+        "sha256": hashlib.sha256((step / "data.json").read_bytes()).hexdigest(),
+    }
+    (step / "checkpoint.json").write_text(json.dumps(integrity))
+    assert train(config(data, tmp_path, preview_every=0)).resumed_from == 3

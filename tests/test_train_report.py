@@ -4,17 +4,20 @@ import json
 
 import mlx.core as mx
 import numpy as np
+from PIL import ImageDraw, ImageFont
 
 from mlx_aim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from mlx_aim.objectives.next_patch import normalize_patches
 from mlx_aim.train.report import (
     MetricsLog,
+    Reporter,
     log_ticks,
     loss_curve_image,
     patchify_np,
     prediction_panels,
     preview_image,
     unpatchify,
+    wrap_text,
 )
 
 
@@ -46,6 +49,34 @@ def test_a_preview_has_one_row_per_image_and_four_columns():
         images, np.zeros((3, 16, 48)), 8, 4, IMAGENET_MEAN, IMAGENET_STD, [None] * 3, "t", 64
     )
     assert image.size == (8 + 4 * 72, 40 + 3 * 72 + 8)
+
+
+def test_a_long_preview_caption_is_wrapped_inside_the_image():
+    caption = "three large purple triangles and a small yellow circle on the left " * 3
+    captions = [f"{caption}\ntruth: {caption}"]
+    image = preview_image(
+        np.zeros((1, 16, 16, 3), np.float32), np.zeros((1, 16, 48)), 8, 4,
+        IMAGENET_MEAN, IMAGENET_STD, [None], "t", 64, captions=captions,
+    )  # fmt: skip
+    pixels = np.asarray(image)
+    text_column = pixels[:, 8 + 4 * 72 :]
+    assert (text_column != pixels[-1, -1]).any()  # the caption is drawn
+    assert (pixels[:, -8:] == pixels[-1, -1]).all()  # and nothing reaches the right edge
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    wrapped = wrap_text(draw, captions[0], font, 150)
+    assert wrapped.replace("\n", " ").split() == captions[0].split()
+    assert all(draw.textlength(line, font=font) <= 150 for line in wrapped.splitlines())
+
+
+def test_the_training_display_shows_the_last_validation_loss_with_its_step(tmp_path, capsys):
+    reporter = Reporter(tmp_path, 100)
+    record = {"loss": 0.5, "lr": 1e-3, "images_per_s": 0.0, "peak_memory_gb": 0.1, "eta_s": 0}
+    reporter.step(10, {**record, "val_loss": None, "val_step": None})
+    reporter.step(60, {**record, "val_loss": 0.25, "val_step": 50})
+    lines = capsys.readouterr().err.splitlines()
+    assert " val " not in lines[0]
+    assert " val 0.2500 @50 " in lines[1]
 
 
 def test_the_loss_curve_draws_train_and_validation():

@@ -108,12 +108,18 @@ def test_a_run_leaves_checkpoints_metrics_previews_and_a_loadable_trunk(
     assert mx.array_equal(model.trunk.blocks[0].attn.qkv.weight, trained).item()
 
 
-def test_no_data_argument_trains_on_the_builtin_digits(tmp_path, tiny_model, monkeypatch):
+@pytest.mark.parametrize("data", [None, "digits"])
+def test_no_data_argument_or_the_name_digits_trains_on_the_builtin_digits_from_any_folder(
+    tmp_path, tiny_model, monkeypatch, data
+):
     monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
-    result = train(config(tmp_path / "out", tiny_model, None, steps=2, preview_every=0))
+    monkeypatch.chdir(tmp_path)
+    result = train(config(tmp_path / "out", tiny_model, data, steps=2, preview_every=0))
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert "digits" in run["data"] and run["train_images"] == 1500 and run["val_images"] == 297
     assert result.step == 2
+    header = (tmp_path / "out" / "train.log").read_text().splitlines()[0]
+    assert "8 of 297 validation images (--val-images)" in header
 
 
 def test_unreadable_files_are_skipped_counted_and_named_once_even_across_resumes(

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import shutil
 import sys
 
 import mlx.core as mx
@@ -246,7 +247,7 @@ def test_missing_tokenizers_package_is_one_line(lit_dir, images, monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` fails
     assert mlx_aim.load(lit_dir).tokenizer is None
     result = run(["zero-shot", images[0], "-m", lit_dir, "-l", "cat"])
-    assert result.exit_code == 1 and "pip install 'mlx-aim[text]'" in result.stderr
+    assert result.exit_code == 1 and "pip install tokenizers" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -255,3 +256,31 @@ def test_embed_text_with_a_vision_model_is_one_line(images, tmp_path):
     result = run(["embed", "--text", "a cat", "-m", vision])
     assert result.exit_code == 1 and "has no text tower" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_converting_a_lit_model_without_tokenizer_files_says_zero_shot_will_need_them(
+    lit_dir, tmp_path
+):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocess.json"):
+        shutil.copy(lit_dir / name, bare / name)
+    result = run(["convert", bare, tmp_path / "out"])
+    assert result.exit_code == 0
+    assert "no tokenizer files" in result.stderr and "zero-shot" in result.stderr
+
+    result = run(["convert", lit_dir, tmp_path / "with-tokenizer"])
+    assert result.exit_code == 0 and "tokenizer" not in result.stderr
+
+
+def test_zero_shot_never_writes_into_the_model_it_reads(lit_dir, images, tmp_path):
+    before = {p: p.read_bytes() for p in lit_dir.iterdir()}
+    labels = tmp_path / "labels.csv"
+    labels.write_text("cat\ndog\n")
+    for target in (lit_dir / "top.csv", lit_dir / "new" / "top.jsonl", labels):
+        args = [images[0], "-m", lit_dir, "--labels-file", labels, "-o", target, "--force"]
+        result = run(["zero-shot", *args])
+        assert result.exit_code == 3, result.output
+        assert "which this command reads" in result.stderr
+    assert {p: p.read_bytes() for p in lit_dir.iterdir()} == before
+    assert labels.read_text() == "cat\ndog\n"

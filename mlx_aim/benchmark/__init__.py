@@ -1,7 +1,7 @@
 """The side-by-side benchmark (``mlx-aim bench``) and its baselines; not part of the library API.
 
 - ``suite``: what to measure, one worker process per column, the JSON result;
-- ``report``: the result as the README's markdown section;
+- ``report``: the result as the markdown section of docs/performance.md;
 - ``worker``: one implementation and one task in a process of its own;
 The plain-MLX and PyTorch implementations it compares against live in ``mlx_aim.reference``
 (they are the parity tests' oracles too).

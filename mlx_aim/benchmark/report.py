@@ -1,4 +1,4 @@
-"""The benchmark result (``suite.run_benchmark``) as the markdown section the README shows."""
+"""The benchmark result (``suite.run_benchmark``) as the markdown section docs/performance.md shows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def _fmt(value: float | None, spec: str = ".1f", scale: float = 1.0) -> str:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    """The result as the markdown section the README shows."""
+    """The result as the markdown section docs/performance.md shows."""
     lines = [
         f"### {result['config']}, batch {result['batch_size']}",
         "",

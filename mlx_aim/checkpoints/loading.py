@@ -43,16 +43,28 @@ def _is_mlx_aim_dir(path: Path) -> bool:
 
 
 def _attach_tokenizer(model: nn.Module, folder: Path | None) -> None:
-    """Set ``model.tokenizer`` of a LiT model from the tokenizer files in ``folder``, if any.
+    """Let a LiT model read its ``model.tokenizer`` from the tokenizer files in ``folder``, if any.
 
-    Without the optional ``tokenizers`` package it stays None; what needs it names the package.
+    The files are read and checked against the text tower on first use (texts only: images embed
+    whatever state the tokenizer is in). Without the optional ``tokenizers`` package it stays
+    None; what needs it names the package.
     """
     if model.args.model_type != "aim_v2_lit" or folder is None or not has_tokenizer(folder):
         return
-    try:
-        model.tokenizer = load_tokenizer(folder, model.args.max_context_length)
-    except ImportError:
-        pass
+    args = model.args
+
+    def read() -> Any:
+        try:
+            return load_tokenizer(
+                folder,
+                args.max_context_length,
+                vocab_size=args.vocab_size,
+                eos_id=args.eos_token_id,
+            )
+        except ImportError:
+            return None
+
+    model.tokenizer_loader = read
 
 
 def _is_training_checkpoint(path: Path) -> bool:
@@ -152,7 +164,7 @@ def load(
         Hugging Face cache (``HF_HUB_OFFLINE=1`` works once cached).
 
     The AIMv2 LiT model (``"aimv2-large-patch14-224-lit"``) also gets ``model.tokenizer`` from the
-    checkpoint's tokenizer files (needs ``pip install 'mlx-aim[text]'``).
+    checkpoint's tokenizer files.
 
     ``head`` picks the AIMv1 probe head of a released checkpoint (``"last"`` or ``"best"``).
     Weights are read, checked (shapes, dtypes, finite values) and evaluated.

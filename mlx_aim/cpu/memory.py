@@ -3,7 +3,7 @@
 MLX's CPU allocator keeps at most 32 MiB of freed buffers for reuse; Metal's keeps up to its
 memory limit. A training step frees and reallocates its activations and gradients every step, so on
 the CPU each large allocation gets fresh pages that the kernel must zero: about 7% of a vit-s
-training step on the 2-core machine of the README. ``reuse_freed_buffers`` raises the CPU cache
+training step on a 2-core AMD EPYC (docs/performance.md). ``reuse_freed_buffers`` raises the CPU cache
 limit to a quarter of MLX's memory limit (which is 0.8 x RAM), unless the program set a limit of
 its own. The cost is memory: up to that much of freed buffers stays with the process.
 """

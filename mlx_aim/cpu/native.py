@@ -9,8 +9,13 @@ its cores, in float32. They work inside ``mx.compile``.
 
 They are compiled on the user's machine, once, into ``$MLX_AIM_CACHE/native`` (else
 ``~/.cache/mlx-aim/native``), keyed by the MLX, nanobind and Python versions, the CPU's flags and
-the sources: on first use, or by ``mlx-aim build-kernels``. That needs cmake, nanobind and a C++
-compiler (``pip install 'mlx-aim[native]'`` and e.g. ``apt-get install g++``); nanobind must be
+the sources: on first use, or by ``mlx-aim build-kernels``. Each build records the sha256 of the
+module it produced next to it (``<module>.sha256``); a module is loaded only when it and its
+folder belong to this user and no one else can write them, and its bytes (read from the file
+descriptor that is then loaded) match that record. Anything else at the module's path (a planted
+module, random bytes, an older build) is not loaded: one warning, the portable kernels run, and
+``build-kernels`` builds a new module over it (and makes a cache folder of this user's that
+others may write private). Building needs cmake, nanobind and a C++ compiler (``pip install 'mlx-aim[native]'`` and e.g. ``apt-get install g++``); nanobind must be
 the version MLX was built with, which the build checks. Without them one warning says so and the
 portable kernels of ``mlx_aim.models.ops`` run; ``MLX_AIM_NATIVE=0`` turns the kernels off. Never
 built or used with MLX's Metal or CUDA backends, nor outside Linux.
@@ -18,6 +23,8 @@ built or used with MLX's Metal or CUDA backends, nor outside Linux.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import importlib.machinery
 import importlib.metadata
@@ -27,11 +34,14 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 
@@ -83,6 +93,10 @@ def native_status() -> str:
     if reason is not None:
         return f"off ({reason})"
     if module_path().exists():
+        try:
+            os.close(_open_verified(module_path()))
+        except (NativeBuildError, OSError) as error:
+            return f"off ({error})"
         return f"on ({module_path()})"
     if _failure_log().exists():
         return f"off (the build failed, see {_failure_log()})"
@@ -99,13 +113,14 @@ def build_kernels(force: bool = False) -> Path:
     log of a failed build is kept next to where the module would be.
     """
     target = module_path()
-    if target.exists() and not force:
+    if target.exists() and not force and _verifies(target):
         return target
     missing = missing_build_tools()
     if missing:
         raise NativeBuildError(f"they need {', '.join(missing)}: {HINT}")
     logger.info("building mlx-aim's native CPU kernels (once) into %s", target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _make_private(target.parent)
     _failure_log().unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as build_dir:
         try:
@@ -114,7 +129,11 @@ def build_kernels(force: bool = False) -> Path:
         except NativeBuildError as error:
             _failure_log().write_text(f"{error}\n\n{error.log}")
             raise
-        os.replace(built, target)  # atomic: concurrent builds each put a whole module in place
+        record = Path(build_dir) / "digest"
+        record.write_text(_sha256(built.read_bytes()) + "\n")
+        with _cache_lock(target.parent, fcntl.LOCK_EX):  # the module and its digest, together
+            os.replace(record, _digest_path(target))
+            os.replace(built, target)  # atomic: concurrent builds each put a whole module in place
     return target
 
 
@@ -136,29 +155,149 @@ def unavailable_reason() -> str | None:
 
 
 def _load_or_build() -> ModuleType | None:
-    if not module_path().exists() and _failure_log().exists():
+    path = module_path()
+    if not path.exists() and _failure_log().exists():
         logger.warning(
             "native CPU kernels off: their build failed (see %s); `mlx-aim build-kernels` retries",
             _failure_log(),
         )
         return None
     try:
-        return _load(build_kernels())
+        return _load(path if path.exists() else build_kernels())  # never built over on first use
     except (NativeBuildError, OSError) as error:
         logger.warning("native CPU kernels off: %s; the portable kernels run", error)
         return None
 
 
 def _load(path: Path) -> ModuleType:
-    loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, str(path))
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, path, loader=loader)
-    module = importlib.util.module_from_spec(spec)
+    """Load the module at ``path`` once it verifies (``_open_verified``); NativeBuildError if it
+    does not, or does not load."""
+    fd = _open_verified(path)
     try:
+        # the very bytes that were checked (Python caches extension modules by path and name;
+        # a process loads the kernels once, see native_kernels)
+        verified = f"/proc/self/fd/{fd}"
+        loader = importlib.machinery.ExtensionFileLoader(MODULE_NAME, verified)
+        spec = importlib.util.spec_from_file_location(MODULE_NAME, verified, loader=loader)
+        module = importlib.util.module_from_spec(spec)
         loader.exec_module(module)
         module.gelu(mx.zeros((1,)))  # builds a graph node: fails when MLX's types do not convert
-    except (ImportError, TypeError) as error:
+    except Exception as error:  # whatever a module that is not ours raises: fall back
         raise NativeBuildError(f"{path} does not load: {error}") from None
+    finally:
+        os.close(fd)
+    module.__file__ = str(path)
     return module
+
+
+def _open_verified(path: Path) -> int:
+    """A read-only descriptor of the module at ``path`` once it and its folder are this user's,
+    writable by no one else, and its bytes match the digest its build recorded; else
+    NativeBuildError saying what is wrong."""
+    _check_private(path.parent, os.stat(path.parent))
+    with _cache_lock(path.parent, fcntl.LOCK_SH):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise NativeBuildError(f"{path} is a symbolic link; not loaded") from None
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise NativeBuildError(f"{path} is not a regular file; not loaded")
+            _check_private(path, info)
+            expected = _recorded_digest(path)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                actual = _sha256(f.read())
+            if actual != expected:
+                raise NativeBuildError(
+                    f"{path} is not the module its build recorded (its sha256 differs); "
+                    "`mlx-aim build-kernels` builds it again"
+                )
+            os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def _verifies(path: Path) -> bool:
+    """Whether the module at ``path`` and its folder verify (see ``_open_verified``)."""
+    try:
+        os.close(_open_verified(path))
+    except (NativeBuildError, OSError):
+        return False
+    return True
+
+
+def _recorded_digest(path: Path) -> str:
+    record = _digest_path(path)
+    try:
+        fd = os.open(record, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        raise NativeBuildError(
+            f"{path} has no record of its build ({record.name}); `mlx-aim build-kernels` "
+            "builds it again"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        _check_private(record, os.fstat(f.fileno()))
+        return f.read(100).decode("ascii", errors="replace").strip()
+
+
+def _make_private(folder: Path) -> None:
+    """Take write access to this user's cache folder from the others; refuse another's folder."""
+    info = os.stat(folder)
+    if info.st_uid == os.geteuid() and info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        logger.info("making the cache folder %s private (chmod go-w)", folder)
+        os.chmod(folder, stat.S_IMODE(info.st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+        info = os.stat(folder)
+    _check_private(folder, info)
+
+
+def _check_private(path: Path, info: os.stat_result) -> None:
+    """Refuse a cache file or folder that another user owns or may write (a shared cache)."""
+    kind = "folder" if stat.S_ISDIR(info.st_mode) else "file"
+    if info.st_uid != os.geteuid():
+        raise NativeBuildError(
+            f"the cache {kind} {path} belongs to another user (uid {info.st_uid}); set "
+            "MLX_AIM_CACHE to a folder of your own"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise NativeBuildError(
+            f"the cache {kind} {path} is writable by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):o}); make it private (chmod go-w) or set MLX_AIM_CACHE "
+            "to a folder of your own"
+        )
+
+
+@contextmanager
+def _cache_lock(folder: Path, kind: int) -> Iterator[None]:
+    """Hold a lock on the cache folder: a module and its digest change and are read together.
+
+    A folder where the lock cannot be made (read-only) is read without it: no build writes there.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(folder / ".lock", flags, 0o600)
+    except OSError:
+        if kind == fcntl.LOCK_EX:
+            raise
+        yield
+        return
+    try:
+        fcntl.flock(fd, kind)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _digest_path(module: Path) -> Path:
+    return module.with_name(module.name + ".sha256")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _compile(build_dir: Path) -> Path:
@@ -225,6 +364,7 @@ def _failure_log() -> Path:
 def _build_key() -> str:
     """Digest of what the compiled module depends on: versions, CPU flags, the sources."""
     parts = [
+        "sha256-recorded",  # builds that record their digest; older ones are never looked at
         mx.__version__,
         _version("nanobind"),
         sysconfig.get_config_var("EXT_SUFFIX") or "",

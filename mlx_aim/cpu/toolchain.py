@@ -3,20 +3,37 @@ importing MLX, so that ``mlx_aim.cpu.blas`` can ask before MLX loads."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from ..env import env_flag
+from ..env import OFF_VALUES, env_flag
 
 ENV_VAR = "MLX_AIM_NATIVE"
+_ON_VALUES = frozenset({"1", "true", "on", "yes"})
 
 
 def switched_off() -> bool:
-    """Whether ``MLX_AIM_NATIVE`` turns the native kernels off (0, false, off, no, none)."""
+    """Whether ``MLX_AIM_NATIVE`` turns the native kernels off (0, false, off, no, none); any
+    other value but 1, true, on and yes is warned about once (the kernels stay on)."""
+    value = os.environ.get(ENV_VAR, "").strip().lower()
+    if value and value not in OFF_VALUES | _ON_VALUES:
+        _warn_unknown(value)
     return not env_flag(ENV_VAR)
+
+
+@functools.cache
+def _warn_unknown(value: str) -> None:
+    logging.getLogger("mlx_aim").warning(
+        "%s=%s is not a known value (0/false/off/no/none or 1/true/on/yes); the native kernels "
+        "stay on",
+        ENV_VAR,
+        ascii(value),
+    )
 
 
 def cmake_path() -> str | None:

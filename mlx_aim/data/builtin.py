@@ -54,6 +54,45 @@ def builtin_dataset(name: str = "digits", root: PathLike | None = None) -> Path:
     return target
 
 
+def resolve_builtin(source: PathLike) -> PathLike:
+    """``source`` itself, or the built-in folder it names when no such path exists: ``digits``,
+    ``scenes`` or a path inside one (``scenes/count``, ``digits/val/7``), written first if needed.
+
+    Lets every command take the built-in data by name, from any folder."""
+    name = builtin_name(source)
+    if name is None:
+        return source
+    inside = str(source).partition("/")[2]
+    return builtin_dataset(name) / inside if inside else builtin_dataset(name)
+
+
+def builtin_name(source: PathLike | None) -> str | None:
+    """The built-in dataset ``source`` names (``scenes`` for ``scenes/count``) when no such path
+    exists, else None; writes nothing."""
+    if source is None or Path(str(source)).expanduser().exists():
+        return None
+    name = str(source).partition("/")[0]
+    return name if name in DATASETS else None
+
+
+def training_splits(name: str) -> tuple[Path, Path]:
+    """The (train, val) folders of a built-in dataset as ``--data NAME`` trains on it."""
+    root = builtin_dataset(name)
+    return (
+        (root / "train", root / "val")
+        if name == "digits"
+        else (
+            root / "captioned" / "train",
+            root / "captioned" / "val",
+        )
+    )
+
+
+def is_builtin_name(source: PathLike | None) -> bool:
+    """Whether ``source`` is a bare built-in dataset name with no such path on disk."""
+    return builtin_name(source) == str(source)
+
+
 def _is_complete(folder: Path) -> bool:
     try:
         info = read_json(folder / "dataset.json")

@@ -12,9 +12,16 @@
   and each is size-checked. Images are not extracted: a tar member is addressed as
   ``<shard>/<member>`` and read from its offset in the shard when loaded (``open_image``).
 
-Captions are stripped and their whitespace collapsed to single spaces. Images without a caption,
-empty captions and listed files that do not exist are named once (``skipped``) and left out;
-unreadable images are reported by the loader when decoded.
+Captions are stripped, their whitespace collapsed to single spaces and cut to their first
+``MAX_CAPTION_CHARS`` characters (one warning names the images whose captions were cut), so one
+long caption cannot stall tokenizer training. Images without a caption, empty captions, listed
+files that do not exist and glob matches that are not regular files are named once (``skipped``)
+and left out; unreadable images are reported by the loader when decoded.
+
+A shard is bounded by its size: a member claiming more bytes than the shard has left, or a shard
+cut short (inside a header, or without its end-of-archive blocks), raises InputError naming it.
+Members are keyed by shard and name: ``/x.png`` in ``a.tar`` and in ``b.tar`` are two images,
+``a.tar/x.png`` and ``b.tar/x.png``.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import csv
 import glob
 import io
 import json
+import logging
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +39,16 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import InputError
-from ..io import open_regular, read_text
+from ..io import FileRefused, check_regular_file, open_regular, read_text
+from ..messages import plural
 from .images import ImageError, PathLike, decode_image, find_images, is_image_file, open_image
 
 MAX_IMAGE_BYTES = 64 * 2**20
 MAX_CAPTION_BYTES = 2**20
+MAX_CAPTION_CHARS = 4096  # what one caption contributes to tokenizer training and training
+_BLOCK = tarfile.BLOCKSIZE
+
+logger = logging.getLogger("mlx_aim")
 
 
 @dataclass
@@ -45,10 +59,14 @@ class CaptionedImages:
     captions: list[str] = field(default_factory=list)
     skipped: list[ImageError] = field(default_factory=list)
     members: dict[Path, tuple[Path, int, int]] = field(default_factory=dict)  # (shard, at, size)
+    cut: list[Path] = field(default_factory=list)  # images whose caption was cut to the limit
 
     def add(self, image: Path, caption: str | None, expected: str = "a caption") -> None:
         """Keep ``image`` with its caption, or name it in ``skipped`` when the caption is empty."""
         text = " ".join((caption or "").split())
+        if len(text) > MAX_CAPTION_CHARS:
+            text = text[:MAX_CAPTION_CHARS].rstrip()
+            self.cut.append(image)
         if caption is None:
             self.skipped.append(ImageError(image, f"no caption (expected {expected})"))
         elif not text:
@@ -92,16 +110,34 @@ def find_captioned_images(source: PathLike) -> CaptionedImages:
             else:
                 found.add(image_path, caption)
     elif set("*?[") & set(str(source)):
-        shards = sorted(glob.glob(str(path)))
-        if not shards or not all(s.lower().endswith(".tar") for s in shards):
-            raise InputError(f"{source}: the pattern must match .tar shards")
-        for shard in shards:
-            _read_shard(Path(shard), found)
+        _read_shards(source, path, found)
     else:
         raise InputError(
             f"{source}: not a folder of captioned images, a .jsonl or .csv listing, or .tar shards"
         )
+    if found.cut:
+        logger.warning(
+            "%s cut to %d characters: %s%s",
+            plural(len(found.cut), "caption"),
+            MAX_CAPTION_CHARS,
+            found.cut[0],
+            f" and {len(found.cut) - 1} more" if len(found.cut) > 1 else "",
+        )
     return found
+
+
+def _read_shards(source: PathLike, pattern: Path, found: CaptionedImages) -> None:
+    """Read every shard a glob matches; matches that are not regular files are named, skipped."""
+    shards = sorted(glob.glob(str(pattern)))
+    if not shards or not all(s.lower().endswith(".tar") for s in shards):
+        raise InputError(f"{source}: the pattern must match .tar shards")
+    for shard in map(Path, shards):
+        try:
+            check_regular_file(shard)
+        except FileRefused as e:
+            found.skipped.append(ImageError(shard, e.reason))
+            continue
+        _read_shard(shard, found)
 
 
 def _read_sidecars(folder: Path, found: CaptionedImages) -> None:
@@ -118,13 +154,16 @@ def _read_sidecars(folder: Path, found: CaptionedImages) -> None:
 
 
 def _jsonl_rows(path: Path):
-    for line, text in enumerate(read_text(path).splitlines(), 1):
+    # lines end at "\n" only: JSON strings may hold raw U+2028 and other separators splitlines cuts at
+    for line, text in enumerate(read_text(path).removeprefix("\ufeff").split("\n"), 1):
         if not text.strip():
             continue
         try:
             row = json.loads(text)
         except ValueError as e:
             raise InputError(f"{path}:{line}: invalid JSON ({e.args[0]})") from None
+        except RecursionError:
+            raise InputError(f"{path}:{line}: invalid JSON (nested too deeply)") from None
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise InputError(f"{path}:{line}: expected an object with 'image' and 'caption'")
         caption = row.get("caption")
@@ -132,12 +171,17 @@ def _jsonl_rows(path: Path):
 
 
 def _csv_rows(path: Path):
-    reader = csv.DictReader(io.StringIO(read_text(path)))
-    if not {"image", "caption"} <= set(reader.fieldnames or ()):
-        raise InputError(f"{path}: needs a header with 'image' and 'caption' columns")
-    for row in reader:
-        if row["image"]:
-            yield reader.line_num, row["image"], row["caption"]
+    text = read_text(path).removeprefix("\ufeff")  # Excel's byte order mark
+    reader = csv.DictReader(io.StringIO(text, newline=None))  # CR-only endings too
+    try:
+        if not {"image", "caption"} <= set(reader.fieldnames or ()):
+            raise InputError(f"{path}: needs a header with 'image' and 'caption' columns")
+        rows = [(reader.line_num, row["image"], row["caption"]) for row in reader if row["image"]]
+    except csv.Error as e:  # a field over csv.field_size_limit(), a bare CR inside a field
+        raise InputError(
+            f"{path}:{max(reader.line_num, 1)}: not a readable CSV row ({e})"
+        ) from None
+    yield from rows
 
 
 def _read_shard(shard: Path, found: CaptionedImages) -> None:
@@ -145,25 +189,50 @@ def _read_shard(shard: Path, found: CaptionedImages) -> None:
     captions: dict[str, str] = {}
     try:
         with open_regular(shard) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+            size = os.fstat(f.fileno()).st_size
             for member in tar:
+                _check_bounds(shard, member, size)
                 if not member.isreg():
                     continue
-                folder, _, base = member.name.rpartition("/")
+                name = member.name.lstrip("/")  # inside the shard, whatever the member says
+                folder, _, base = name.rpartition("/")
                 stem, _, extension = base.partition(".")
                 key = f"{folder}/{stem}"
                 if extension.lower() == "txt":
                     if member.size > MAX_CAPTION_BYTES:
-                        found.skipped.append(ImageError(shard / member.name, "caption too large"))
+                        found.skipped.append(ImageError(shard / name, "caption too large"))
                         continue
                     data = tar.extractfile(member).read()
                     captions[key] = data.decode("utf-8", errors="replace")
-                elif is_image_file(member.name):
+                elif is_image_file(name):
                     if member.size > MAX_IMAGE_BYTES:
-                        found.skipped.append(ImageError(shard / member.name, "image too large"))
+                        found.skipped.append(ImageError(shard / name, "image too large"))
                         continue
-                    images[key] = (shard / member.name, member.offset_data, member.size)
+                    images[key] = (shard / name, member.offset_data, member.size)
+            _check_end(shard, f, tar.offset, size)
     except (tarfile.TarError, OSError, EOFError) as e:
         raise InputError(f"{shard}: not a readable tar shard ({e})") from None
     for key, (path, offset, size) in images.items():
         found.add(path, captions.get(key), expected=f"{key.lstrip('/')}.txt in the shard")
         found.members[path] = (shard, offset, size)
+
+
+def _check_bounds(shard: Path, member: tarfile.TarInfo, size: int) -> None:
+    """Refuse a member whose data would run past the end of the shard (a lying header)."""
+    left = max(size - member.offset_data, 0)
+    if member.size > left:
+        raise InputError(
+            f"{shard}: {member.name} claims {member.size} bytes, only {left} left in the shard "
+            "(a damaged or cut shard)"
+        )
+
+
+def _check_end(shard: Path, f, offset: int, size: int) -> None:
+    """Refuse a shard whose members stop before its end-of-archive block (cut or damaged)."""
+    f.seek(offset)
+    block = f.read(_BLOCK)
+    if len(block) < _BLOCK or block.count(0) != _BLOCK:
+        raise InputError(
+            f"{shard}: cut short at byte {offset} of {size} (a header there is incomplete or "
+            "damaged, or the end-of-archive block is missing)"
+        )

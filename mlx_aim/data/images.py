@@ -29,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import InputError
 from ..io import FileRefused, check_regular_file, open_regular, read_text
+from ..messages import printable
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 MIN_SIDE = 1  # 1x1 images are accepted: the transforms handle them (a flat colour patch).
@@ -52,7 +53,7 @@ class ImageError(Exception):
     def __init__(self, path: PathLike, reason: str):
         self.path = Path(path)
         self.reason = " ".join(str(reason).split())  # always one line
-        super().__init__(f"{self.path}: {self.reason}")
+        super().__init__(printable(f"{self.path}: {self.reason}"))
 
     def __reduce__(self):
         return type(self), (self.path, self.reason)

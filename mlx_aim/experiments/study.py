@@ -16,7 +16,9 @@ then writes into its output folder:
 - ``study.json``: every checkpoint's numbers.
 
 A finished run (its trunk exported, its final step probed) is not trained again, and an
-interrupted one resumes from its checkpoint, so running the study again continues it.
+interrupted one resumes from its checkpoint, so running the study again continues it; the numbers
+a stopped run recorded at the step it stopped at are left out (only step 0, every
+``eval_every``-th step and the last one count), so the tables equal an uninterrupted study's.
 """
 
 from __future__ import annotations
@@ -132,8 +134,12 @@ def train_config(config: StudyConfig, cell: str, seed: int) -> TrainConfig:
     ).validate()
 
 
-def read_checkpoints(folder: Path, cell: str, seed: int) -> list[Checkpoint]:
-    """The steps of a run's ``metrics.jsonl`` that have both a validation loss and a probe top-1."""
+def read_checkpoints(
+    folder: Path, cell: str, seed: int, config: StudyConfig | None = None
+) -> list[Checkpoint]:
+    """The steps of a run's ``metrics.jsonl`` that have both a validation loss and a probe top-1;
+    with ``config``, only the steps of its schedule (0, every ``eval_every``, the last), not the
+    one an interrupted run stopped at."""
     path = folder / METRICS_FILE
     if not path.is_file():
         return []
@@ -147,13 +153,17 @@ def read_checkpoints(folder: Path, cell: str, seed: int) -> list[Checkpoint]:
             val[record["step"]] = record["loss"]
         elif record.get("split") == "probe":
             top1[record["step"]] = record["top1"]
-    return [Checkpoint(cell, seed, s, val[s], top1[s]) for s in sorted(val.keys() & top1.keys())]
+    steps = sorted(val.keys() & top1.keys())
+    if config is not None:
+        every = min(config.eval_every, config.steps)
+        steps = [s for s in steps if s % every == 0 or s == config.steps]
+    return [Checkpoint(cell, seed, s, val[s], top1[s]) for s in steps]
 
 
-def is_finished(folder: Path, steps: int, cell: str, seed: int) -> bool:
-    """Whether the run in ``folder`` reached ``steps``: trunk exported, last step probed."""
-    points = read_checkpoints(folder, cell, seed)
-    return (folder / CONFIG_FILE).is_file() and bool(points) and points[-1].step == steps
+def is_finished(folder: Path, config: StudyConfig, cell: str, seed: int) -> bool:
+    """Whether the run in ``folder`` reached ``config.steps``: trunk exported, last step probed."""
+    points = read_checkpoints(folder, cell, seed, config)
+    return (folder / CONFIG_FILE).is_file() and bool(points) and points[-1].step == config.steps
 
 
 def rank(values: Sequence[float]) -> np.ndarray:
@@ -247,12 +257,12 @@ def run_study(config: StudyConfig, log: Callable[[str], None] = print) -> list[C
     for cell in config.cells:
         for seed in range(config.seeds):
             folder = run_dir(config, cell, seed)
-            if is_finished(folder, config.steps, cell, seed):
+            if is_finished(folder, config, cell, seed):
                 log(f"{cell} seed {seed}: finished before, kept ({folder})")
             else:
                 result = train(train_config(config, cell, seed))
                 log(f"{cell} seed {seed}: validation loss {result.val_loss:.4f} ({folder})")
-            points += read_checkpoints(folder, cell, seed)
+            points += read_checkpoints(folder, cell, seed, config)
     output = Path(config.output).expanduser()
     io.write_text(output / "study.md", markdown(config, points))
     save_png(study_image(config, points), output / "study.png")

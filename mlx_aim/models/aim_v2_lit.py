@@ -13,12 +13,14 @@ The layout follows apple/ml-aim's ``AIMv2LiT`` (keys ``image_encoder.*``, ``text
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..errors import InputError
 from ..objectives.contrastive import INIT_LOG_SCALE, l2_normalize, logit_scale
 from . import aim_v2
 from .base import BaseModelArgs, ConfigError
@@ -123,6 +125,12 @@ class TextPreprocessor(nn.Module):
                 f"the text tower reads at most {self.positional_embedding.shape[0]} tokens, "
                 f"got {length}; truncate the ids (the tokenizer does)"
             )
+        vocab_size = self.text_embedding.weight.shape[0]
+        if input_ids.size and ((input_ids < 0) | (input_ids >= vocab_size)).any().item():
+            raise InputError(
+                f"token ids must lie in [0, {vocab_size}) (the text tower's vocabulary), got "
+                f"{input_ids.min().item()}..{input_ids.max().item()}"
+            )
         return self.text_embedding(input_ids) + self.positional_embedding[:length]
 
 
@@ -151,8 +159,9 @@ class Model(nn.Module):
 
     ``encode_image(images)`` (NHWC) and ``encode_text(input_ids)`` return the projected,
     unnormalized embeddings (B, projection_dim); ``model(images, input_ids)`` returns
-    ``(logits_per_image, logits_per_text)`` as ml-aim does. ``model.tokenizer`` (set by
-    ``mlx_aim.load`` when the checkpoint ships its tokenizer files) turns strings into ids.
+    ``(logits_per_image, logits_per_text)`` as ml-aim does. ``model.tokenizer`` turns strings
+    into ids: ``mlx_aim.load`` sets ``tokenizer_loader`` when the checkpoint ships tokenizer
+    files, and they are read on first use (so a broken tokenizer never stops image embedding).
     """
 
     def __init__(self, args: ModelArgs):
@@ -164,7 +173,19 @@ class Model(nn.Module):
         self.image_projector = nn.Linear(vision.embed_dim, args.projection_dim, bias=False)
         self.text_projector = nn.Linear(args.text_embed_dim, args.projection_dim, bias=False)
         self.log_logit_scale = mx.array(INIT_LOG_SCALE)
-        self.tokenizer = None
+        self._tokenizer = None
+        self.tokenizer_loader: Callable[[], Any] | None = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer (loaded by ``tokenizer_loader`` on first use), or None."""
+        if self._tokenizer is None and self.tokenizer_loader is not None:
+            self._tokenizer = self.tokenizer_loader()
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
 
     def encode_image(self, images: mx.array) -> mx.array:
         """Image embeddings (B, projection_dim) of preprocessed NHWC images."""

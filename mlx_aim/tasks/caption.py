@@ -19,6 +19,7 @@ equal to their reference, and the teacher-forced next-token accuracy (the decode
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from ..text.caption_bpe import TOKENIZER_FILE, CaptionTokenizer
 from ..train.checkpoint import list_checkpoints, verify_checkpoint
 
 RUN_FILE = "run.json"
+# Above this, sampling is uniform over the vocabulary to float32 precision: no caption left.
+MAX_TEMPERATURE = 100.0
 
 
 @dataclass
@@ -52,18 +55,29 @@ class Captioner:
         if not (run / RUN_FILE).is_file():
             raise InputError(f"{run}: not an `mlx-aim train --objective aimv2` output directory")
         info = read_json(run / RUN_FILE)
-        config = info.get("model_config", {})
-        if not isinstance(config, dict) or config.get("model_type") != "aimv2_pretrain":
+        if not isinstance(info, dict) or not isinstance(info.get("model_config"), dict):
+            raise InputError(f"{run / RUN_FILE}: no 'model_config' object")
+        config = info["model_config"]
+        if config.get("model_type") != "aimv2_pretrain":
             raise InputError(f"{run}: a run of another objective (captions need --objective aimv2)")
-        tokenizer = CaptionTokenizer.load(run / TOKENIZER_FILE)
+        if not isinstance(info.get("preprocessing"), dict):
+            raise InputError(f"{run / RUN_FILE}: no 'preprocessing' object (image size, mean, std)")
         try:
             model = build_model(config)
-        except ConfigError as e:
+            prep = Preprocessing.from_dict(info["preprocessing"])
+        except (ConfigError, InputError) as e:
             raise InputError(f"{run / RUN_FILE}: {e}") from None
-        model.load_weights(list(_newest_weights(run).items()), strict=True)
+        tokenizer = CaptionTokenizer.load(run / TOKENIZER_FILE)
+        tokenizer.check_ids(model.args.vocab_size, f"the vocabulary size of {run / RUN_FILE}")
+        weights, checkpoint = _newest_weights(run)
+        try:
+            model.load_weights(list(weights.items()), strict=True)
+        except ValueError as e:
+            raise InputError(
+                f"{checkpoint}: does not match the model_config of {run / RUN_FILE} ({e})"
+            ) from None
         model.eval()
         size = model.encoder.args.image_size
-        prep = Preprocessing.from_dict(info["preprocessing"])
         return cls(model, tokenizer, Preprocessing(size, size, prep.mean, prep.std))
 
     @property
@@ -79,6 +93,7 @@ class Captioner:
         key: mx.array | None = None,
     ) -> list[str]:
         """Captions of normalized NHWC images (see the module docstring)."""
+        check_temperature(temperature)
         tk, model = self.tokenizer, self.model
         steps = min(max_tokens or self.max_tokens, self.max_tokens)
         features = self.features(images)
@@ -149,11 +164,19 @@ def _until_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-def _newest_weights(run: Path) -> dict[str, mx.array]:
+def check_temperature(temperature: float) -> None:
+    """InputError unless ``temperature`` is 0 (greedy) or a finite value in ``(0, MAX_TEMPERATURE]``."""
+    if not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+        raise InputError(
+            f"--temperature must be 0 (greedy) or in (0, {MAX_TEMPERATURE:g}], not {temperature}"
+        )
+
+
+def _newest_weights(run: Path) -> tuple[dict[str, mx.array], Path]:
     for _, path in list_checkpoints(run):
         try:
             verify_checkpoint(path)
         except ValueError:
             continue
-        return mx.load(str(path / "model.safetensors"))
+        return mx.load(str(path / "model.safetensors")), path / "model.safetensors"
     raise InputError(f"{run}: no intact checkpoint (the decoder is only in checkpoints/)")

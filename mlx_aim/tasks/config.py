@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, OutputError
+from ..errors import InputError
 from ..io import check_destination, read_text
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -109,25 +109,15 @@ class EmbedConfig:
         return self
 
     def check_output(self) -> None:
-        """Refuse, before any work, an ``--output`` that cannot or must not be written (one
-        inside the model being read, or an existing one without ``--force``)."""
+        """Refuse, before any work, an ``--output`` that cannot or must not be written (one over
+        the model or text file being read, or an existing one without ``--force``)."""
         if self.output is None:
             return
         from .embed import output_files
 
-        files = output_files(self.output)
-        source = Path(self.model).expanduser()
-        if source.exists():
-            read = source.resolve()
-            for file in files:
-                target = file.expanduser().resolve()
-                if target == read or (source.is_dir() and target.is_relative_to(read)):
-                    raise OutputError(
-                        f"{file} is inside the model {source} being read; write the embeddings "
-                        "elsewhere"
-                    )
-        for file in files:
-            check_destination(file, overwrite=self.force)
+        reads = [self.model, *([self.text_file] if self.text_file else [])]
+        for file in output_files(self.output):
+            check_destination(file, overwrite=self.force, reads=reads)
 
     def texts(self, paths: list[str] | None) -> list[str]:
         """``--text`` values, then the non-empty lines of ``--text-file``; refuses image paths."""
@@ -194,7 +184,8 @@ class ZeroShotConfig:
         return self
 
     def check_output(self) -> None:
-        """Refuse, before any work, an ``--output`` of an unknown format or that exists."""
+        """Refuse, before any work, an ``--output`` of an unknown format, that exists, or that
+        would land over the model or labels file being read."""
         if self.output is None:
             return
         from .zero_shot import prediction_format
@@ -203,7 +194,8 @@ class ZeroShotConfig:
             prediction_format(self.output)
         except ValueError as e:
             raise InputError(str(e)) from None
-        check_destination(self.output, overwrite=self.force)
+        reads = [self.model, *([self.labels_file] if self.labels_file else [])]
+        check_destination(self.output, overwrite=self.force, reads=reads)
 
     def label_names(self) -> list[str]:
         """Labels from ``--labels a,b,c`` and ``--labels-file`` (one a line, blank lines

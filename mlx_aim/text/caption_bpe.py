@@ -3,18 +3,24 @@
 A run trains one on its training captions (``CaptionTokenizer.train``, the ``tokenizers``
 library's BPE trainer over bytes, so any text encodes) or loads a ``tokenizer.json``
 (``CaptionTokenizer.load``) that defines the three special tokens, and keeps it as
-``tokenizer.json`` in the run directory. ``tokenizers`` is an optional dependency
-(``pip install 'mlx-aim[text]'``).
+``tokenizer.json`` in the run directory. ``tokenizers`` is a core dependency.
+
+Training sees each caption cut to ``MAX_CAPTION_CHARS`` (BPE training slows down sharply with the
+length of one caption) and runs in a worker thread, so that a stop signal handled in the main
+thread ends the wait at once (the library's training does not look at signals).
 """
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..data.captions import MAX_CAPTION_CHARS
 from ..errors import InputError
 from ..io import read_text, write_text
 from ..objectives.multimodal import caption_sequences
@@ -22,28 +28,88 @@ from ..objectives.multimodal import caption_sequences
 PAD, BOS, EOS = "[PAD]", "[BOS]", "[EOS]"
 SPECIAL_TOKENS = (PAD, BOS, EOS)
 TOKENIZER_FILE = "tokenizer.json"
+# Text every usable caption tokenizer encodes to at least one token.
+PROBE_TEXT = "a photo of a red square, 2 blue circles."
+
+
+def check_vocabulary(vocab: dict[str, int], vocab_size: int, source: str, what: str) -> None:
+    """InputError naming ``source`` unless every id of ``vocab`` is in ``[0, vocab_size)``."""
+    if not vocab:
+        raise InputError(f"{source}: an empty vocabulary")
+    token, top = max(vocab.items(), key=lambda item: item[1])
+    low_token, low = min(vocab.items(), key=lambda item: item[1])
+    if low < 0:
+        raise InputError(f"{source}: token {low_token!r} has a negative id ({low})")
+    if top >= vocab_size:
+        raise InputError(
+            f"{source}: token {token!r} has id {top}, not below {what} ({vocab_size}); the "
+            "tokenizer does not match the model"
+        )
 
 
 def _tokenizers() -> Any:
     try:
         import tokenizers
     except ModuleNotFoundError:
-        raise InputError(
-            "captions need the 'tokenizers' package: pip install 'mlx-aim[text]'"
-        ) from None
+        raise InputError("captions need the 'tokenizers' package: pip install tokenizers") from None
     return tokenizers
 
 
+def _learn(tokenizer: Any, captions: Sequence[str], trainer: Any) -> None:
+    tokenizer.train_from_iterator(captions, trainer=trainer, length=len(captions))
+
+
+def _in_worker(work: Any) -> None:
+    """Run ``work()`` in a daemon thread while the main thread waits, able to handle signals.
+
+    An exception from a signal handler (``Interrupted``, ``KeyboardInterrupt``) ends the wait and
+    leaves the thread behind; an exception of ``work`` is raised here.
+    """
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as e:  # handed to the waiting thread
+            failure.append(e)
+
+    worker = threading.Thread(target=run, name="caption-bpe", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if failure:
+        raise failure[0]
+
+
 class CaptionTokenizer:
-    """A ``tokenizers.Tokenizer`` with the ids of [PAD], [BOS] and [EOS]."""
+    """A ``tokenizers.Tokenizer`` with the ids of [PAD], [BOS] and [EOS].
+
+    Refused (InputError naming ``source``): a special token missing, two of them sharing an id,
+    an id at or above the vocabulary size (the model's embedding rows), or a tokenizer that cannot
+    encode text or encodes it to nothing.
+    """
 
     def __init__(self, tokenizer: Any, source: str = "tokenizer"):
+        self.source = source
         ids = [tokenizer.token_to_id(token) for token in SPECIAL_TOKENS]
         missing = [t for t, i in zip(SPECIAL_TOKENS, ids, strict=True) if i is None]
         if missing:
             raise InputError(f"{source}: no special token(s) {', '.join(missing)}")
+        if len(set(ids)) < len(ids):
+            shown = ", ".join(f"{t} = {i}" for t, i in zip(SPECIAL_TOKENS, ids, strict=True))
+            raise InputError(f"{source}: [PAD], [BOS] and [EOS] must be different tokens ({shown})")
         self.tokenizer = tokenizer
         self.pad, self.bos, self.eos = ids
+        self.check_ids(self.vocab_size, "its vocabulary size")
+        if not self.encode([PROBE_TEXT])[0]:
+            raise InputError(f"{source}: encodes text to no tokens (an empty vocabulary?)")
+
+    def check_ids(self, vocab_size: int, what: str = "the model's vocabulary size") -> None:
+        """Refuse token ids the model cannot embed: every id, special ones included, must lie in
+        ``[0, vocab_size)``."""
+        check_vocabulary(
+            self.tokenizer.get_vocab(with_added_tokens=True), vocab_size, self.source, what
+        )
 
     @classmethod
     def train(cls, captions: Sequence[str], vocab_size: int) -> CaptionTokenizer:
@@ -64,7 +130,7 @@ class CaptionTokenizer:
             initial_alphabet=alphabet,
             show_progress=False,
         )
-        tokenizer.train_from_iterator(captions, trainer=trainer, length=len(captions))
+        _in_worker(lambda: _learn(tokenizer, [c[:MAX_CAPTION_CHARS] for c in captions], trainer))
         return cls(tokenizer, "trained tokenizer")
 
     @classmethod
@@ -84,12 +150,20 @@ class CaptionTokenizer:
         write_text(path, self.tokenizer.to_str(pretty=True))
 
     @property
+    def fingerprint(self) -> str:
+        """A digest of the whole tokenizer (vocabulary, merges, settings)."""
+        return hashlib.sha256(self.tokenizer.to_str().encode()).hexdigest()[:16]
+
+    @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
 
     def encode(self, captions: Sequence[str]) -> list[list[int]]:
         """Token ids of each caption, without special tokens."""
-        encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)
+        try:
+            encodings = self.tokenizer.encode_batch(list(captions), add_special_tokens=False)
+        except Exception as e:  # the library raises bare Exceptions (a WordLevel without [UNK])
+            raise InputError(f"{self.source}: cannot encode text ({e})") from None
         return [e.ids for e in encodings]
 
     def sequences(self, captions: Sequence[str], max_text_tokens: int) -> np.ndarray:

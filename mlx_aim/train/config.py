@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import io
+from ..data.builtin import builtin_name
 from ..errors import InputError
 from ..messages import plural
 from ..models.base import matches_type
@@ -26,6 +27,9 @@ DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
 SEED_MAX = 2**32 - 1
 OBJECTIVES = ("aimv1", "aimv2", "lit")
+# default --steps per objective: at 100 steps an aimv2-nano trunk probes below a random one on
+# the scenes' shapes (docs/aimv2-default-run.md); LiT: the steps of docs/lit.md
+STEPS = {"aimv1": 100, "aimv2": 300, "lit": 300}
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
@@ -39,8 +43,9 @@ class TrainConfig:
     # data
     data: str | None = _opt(
         None,
-        "Training images: a folder (searched recursively), a glob, or a .txt file listing paths. "
-        "Default: the built-in digits set.",
+        "Training images: a folder (searched recursively), a glob, or a .txt file listing paths; "
+        "or a built-in set by name: digits, scenes (`mlx-aim datasets`). Default: digits "
+        "(scenes with --objective aimv2).",
         "Data",
     )
     val_data: str | None = _opt(
@@ -163,7 +168,11 @@ class TrainConfig:
         "Objective",
     )
     # optimisation
-    steps: int = _opt(100, "Optimizer steps.")
+    steps: int | None = _opt(
+        None,
+        f"Optimizer steps (default {STEPS['aimv1']}; {STEPS['aimv2']} for --objective aimv2, "
+        "whose trunk needs them to probe above a random one on the built-in scenes).",
+    )
     batch_size: int = _opt(
         32, "Images per step over all processes (each of N processes loads batch-size / N)."
     )
@@ -204,8 +213,8 @@ class TrainConfig:
     preview_images: int = _opt(4, "Images shown in each preview.", "Output")
     probe_data: str | None = _opt(
         None,
-        "Labelled images (class folders, optionally split in train/ and val/; digits: the "
-        "built-in digits) for a quick linear probe of the trunk every --probe-every steps; its "
+        "Labelled images (class folders, optionally split in train/ and val/; or a built-in set "
+        "by name: digits, scenes/count, scenes/colour, scenes/shape) for a quick linear probe of the trunk every --probe-every steps; its "
         "top-1 goes to metrics.jsonl and loss.png.",
         "Output",
     )
@@ -226,7 +235,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         """Fill the defaults that depend on the objective (recorded as filled, so a resumed run
         compares concrete values)."""
-        builtin_scenes = self.objective == "aimv2" and self.data is None
+        scenes = "scenes" if self.objective == "aimv2" else None
+        builtin_scenes = (builtin_name(self.data) if self.data else scenes) == "scenes"
+        if self.steps is None:
+            self.steps = STEPS.get(self.objective, STEPS["aimv1"])
         if self.model is None and self.objective != "lit":  # LiT needs the trunk named
             self.model = "aimv2-nano" if self.objective == "aimv2" else "aim-nano"
         if self.hflip is None:

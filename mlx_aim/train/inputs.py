@@ -11,7 +11,7 @@ import numpy as np
 
 from .. import io
 from ..checkpoints.registry import REGISTRY, Preprocessing, default_preprocessing, pretrain_config
-from ..data.builtin import builtin_dataset
+from ..data.builtin import is_builtin_name, resolve_builtin, training_splits
 from ..data.images import ImageError, find_images
 from ..data.loader import split_paths
 from ..errors import InputError
@@ -82,15 +82,15 @@ class Images:
 def find_training_images(config: TrainConfig) -> Images:
     """Training and validation image paths (not decoded) and the files that were skipped."""
     errors: list[ImageError] = []
-    builtin = config.data is None or (config.data == "digits" and not Path("digits").exists())
-    if builtin:
-        root = builtin_dataset("digits")
-        train = _find(root / "train", "--data", errors)
-        val_source = config.val_data or root / "val"
-        description = f"built-in digits ({root})"
+    if config.data is None or is_builtin_name(config.data):
+        name = str(config.data or "digits")
+        train_root, val_root = training_splits(name)
+        train = _find(train_root, "--data", errors)
+        val_source = resolve_builtin(config.val_data) if config.val_data else val_root
+        description = f"built-in {name} ({train_root})"
     else:
-        train = _find(config.data, "--data", errors)
-        val_source = config.val_data
+        train = _find(resolve_builtin(config.data), "--data", errors)
+        val_source = resolve_builtin(config.val_data) if config.val_data else None
         description = str(config.data)
     if val_source is not None:
         val = _find(val_source, "--val-data", errors)

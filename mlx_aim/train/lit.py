@@ -153,7 +153,7 @@ class LitPlan(ObjectivePlan):
                 transform,
                 out_file=out,
                 num_workers=self.config.workers,
-                opener=self.data.members.open_image,
+                opener=self.data.found.open_image,
                 progress=self._check_stop,
             ),
         )
@@ -240,7 +240,7 @@ class LitPlan(ObjectivePlan):
             transform = lambda row, rng: tokens[row]  # noqa: E731
         else:
             train = self.data.train
-            paths, opener = [p for p, _ in train], self.data.members.open_image
+            paths, opener = [p for p, _ in train], self.data.found.open_image
             transform = crop_transform(self.preprocessing, "aim_v2")
         try:
             return ImageLoader(
@@ -303,7 +303,7 @@ def _trunk_tokens(plan: LitPlan, paths: list[Path], skipped: SkippedFiles) -> np
         [(p, i) for i, p in enumerate(paths)],
         crop_transform(plan.preprocessing, "aim_v2"),
         on_error=skipped,
-        opener=plan.data.members.open_image,
+        opener=plan.data.found.open_image,
     )
     return found.features
 

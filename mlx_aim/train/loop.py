@@ -210,7 +210,8 @@ class TrainLoop:
             record.update(zip(self.part_names, means, strict=True))
         if self.world.is_main:
             self.metrics.append(record)
-            self.reporter.step(self.step, {**record, "val_loss": self.last_val})
+            val = {"val_loss": self.last_val, "val_step": self.last_val_step}
+            self.reporter.step(self.step, {**record, **val})
 
     def checkpoint(self) -> None:
         """Write the checkpoint of the current step (rank 0), with every rank's data position."""
@@ -248,6 +249,7 @@ class TrainLoop:
 
 def run_loop(loop: TrainLoop, stop: StopSignals, store: CheckpointStore) -> None:
     """Run the loop; a non-finite loss names the last good checkpoint to resume from."""
+    stop.at_once = False  # from here a stop signal ends the run after a step and a checkpoint
     try:
         loop.run(stop)
     except NonFiniteError as e:

@@ -14,7 +14,6 @@ label row (``labels=``) and ``CaptionedImages.open_image`` as opener (tar member
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,13 @@ import mlx.nn as nn
 import numpy as np
 
 from ..checkpoints.registry import REGISTRY, default_preprocessing, multimodal_pretrain_config
-from ..data.builtin import builtin_dataset
+from ..data.builtin import is_builtin_name, resolve_builtin, training_splits
 from ..data.captions import CaptionedImages, find_captioned_images
 from ..data.images import ImageError
 from ..data.loader import ImageLoader, split_paths
 from ..data.transforms import Preprocessing
 from ..errors import InputError
+from ..io import read_json
 from ..models import build_model_args
 from ..models.base import ConfigError
 from ..objectives.multimodal import multimodal_loss
@@ -54,6 +54,7 @@ class CaptionInputs:
     preprocessing: Preprocessing
     open_image: Callable  # an ImageLoader opener reading files and tar members
     captions: dict[Path, str]  # the caption of every training and validation image
+    members: dict[Path, tuple[Path, int, int]]  # tar members: (shard, offset, size)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class CaptionData:
     val: list[tuple[Path, str]]
     description: str
     skipped: list
-    members: CaptionedImages  # opens files and tar members (``open_image``)
+    found: CaptionedImages  # opens files and tar members (``open_image``)
 
     @property
     def images(self) -> Images:
@@ -75,13 +76,15 @@ class CaptionData:
 def find_caption_data(config: TrainConfig) -> CaptionData:
     """``--data`` / ``--val-data`` (default the built-in scenes), split by ``--val-fraction``
     when no validation data is given."""
-    if config.data is None:
-        root = builtin_dataset("scenes") / "captioned"
-        train, description = _find(root / "train", "--data"), f"built-in scenes ({root})"
-        val = _find(config.val_data or root / "val", "--val-data")
+    val_data = resolve_builtin(config.val_data) if config.val_data else None
+    if config.data is None or is_builtin_name(config.data):
+        name = str(config.data or "scenes")
+        train_root, val_root = training_splits(name)
+        train, description = _find(train_root, "--data"), f"built-in {name} ({train_root})"
+        val = _find(val_data or val_root, "--val-data")
     else:
-        train, description = _find(config.data, "--data"), str(config.data)
-        val = _find(config.val_data, "--val-data") if config.val_data else None
+        train, description = _find(resolve_builtin(config.data), "--data"), str(config.data)
+        val = _find(val_data, "--val-data") if val_data else None
     skipped = train.skipped + (val.skipped if val else [])
     train_items = list(zip(train.images, train.captions, strict=True))
     if val is not None:
@@ -100,15 +103,19 @@ def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
     tokenizer = _tokenizer(config, output, [c for _, c in data.train])
     model_config, preprocessing = _resolve_model(config, tokenizer.vocab_size)
     length = model_config.get("max_text_tokens", 32)
+    train_sequences = tokenizer.sequences([c for _, c in data.train], length)
+    if len(train_sequences) and (train_sequences[:, 1] == tokenizer.eos).all():
+        raise InputError(f"{tokenizer.source}: encodes every training caption to no tokens")
     return CaptionInputs(
         images=data.images,
-        train_sequences=tokenizer.sequences([c for _, c in data.train], length),
+        train_sequences=train_sequences,
         val_sequences=tokenizer.sequences([c for _, c in data.val], length),
         tokenizer=tokenizer,
         model_config=model_config,
         preprocessing=preprocessing,
-        open_image=data.members.open_image,
+        open_image=data.found.open_image,
         captions=dict(data.train + data.val),
+        members=data.found.members,
     )
 
 
@@ -147,7 +154,7 @@ def _resolve_model(config: TrainConfig, vocab_size: int) -> tuple[dict[str, Any]
             model_config = multimodal_pretrain_config(config.model, **decoder)
             preprocessing = REGISTRY[config.model].preprocessing
         elif source.is_file() and source.suffix == ".json":
-            raw = json.loads(source.read_text())
+            raw = read_json(source, max_bytes=2**20)
             if not isinstance(raw, dict):
                 raise ValueError("not a JSON object")
             if raw.get("model_type") != "aimv2_pretrain":

@@ -38,6 +38,7 @@ from .inputs import (
 )
 from .multimodal import CaptionInputs, CaptionValidation, prepare_captions
 from .multimodal_step import make_multimodal_train_step
+from .resume import data_listing
 from .step import make_train_step
 from .stopping import StopSignals
 
@@ -61,6 +62,10 @@ class ObjectivePlan:
         run's random draws stays the same)."""
         self.images = on_every_rank(lambda: find_training_images(self.config), self.world)
         return self.images
+
+    def data_listing(self, images: Images) -> dict[str, Any]:
+        """The fingerprint of what the run trains on, kept in each checkpoint (``data.json``)."""
+        return data_listing([*images.train, *images.val])
 
     def build_model(self) -> nn.Module:
         """The pre-training model (trunk and objective head)."""
@@ -192,6 +197,10 @@ class AimV2Plan(ObjectivePlan):
 
     def find_images(self) -> Images:
         return self.images
+
+    def data_listing(self, images: Images) -> dict[str, Any]:
+        """The files, and the shards, member positions, captions and tokenizer (``data.json``)."""
+        return data_listing([*images.train, *images.val], self.captions)
 
     def save_files(self, output: Path) -> None:
         self.captions.tokenizer.save(output / TOKENIZER_FILE)

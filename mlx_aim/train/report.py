@@ -111,7 +111,7 @@ class Reporter:
         speed = metrics["images_per_s"]
         status = (
             f"loss {metrics['loss']:.4f}"
-            + (f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else "")
+            + _val_status(metrics)
             + f" lr {metrics['lr']:.2e} "
             + (f"{speed:.1f} img/s ETA {format_duration(metrics['eta_s'])}" if speed else "")
             + f" peak {metrics['peak_memory_gb']:.2f} GB"
@@ -153,6 +153,14 @@ class MetricsLog:
                 if _is_number(record.get("loss")):
                     records.append(record)
         return records
+
+
+def _val_status(metrics: dict[str, Any]) -> str:
+    """`` val 0.2231 @50``: the last validation loss and its step (blank before the first)."""
+    if metrics.get("val_loss") is None:
+        return ""
+    step = metrics.get("val_step")
+    return f" val {metrics['val_loss']:.4f}" + (f" @{step}" if step is not None else "")
 
 
 def _is_number(value: Any) -> bool:
@@ -223,6 +231,22 @@ def prediction_panels(
     return to_image(masked), to_image(predicted), to_image(truth_patches)
 
 
+def wrap_text(draw: ImageDraw.ImageDraw, text: str, font: Any, width: float) -> str:
+    """``text`` with line breaks added between words so that no line is wider than ``width``
+    pixels in ``font`` (its own line breaks kept; a single word wider than that stays whole)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and draw.textlength(candidate, font=font) > width:
+                lines.append(line)
+                candidate = word
+            line = candidate
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def preview_image(
     images: np.ndarray,
     predictions: np.ndarray,
@@ -265,7 +289,9 @@ def preview_image(
             canvas.paste(big, (pad + j * (cell + pad), y))
         if captions is not None:
             x = pad + len(columns) * (cell + pad)
-            draw.text((x, y + cell // 3), captions[i], fill=_TEXT, font=chart_font(11), spacing=6)
+            font = chart_font(11)
+            text = wrap_text(draw, captions[i], font, text_width - pad)
+            draw.text((x, y + cell // 6), text, fill=_TEXT, font=font, spacing=6)
     if captions is not None:
         draw.text(
             (pad + len(columns) * (cell + pad), 22),

@@ -1,17 +1,21 @@
 """Resuming a run: what must not change since the checkpoint, and restoring its state.
 
 A resumed run must keep the settings that fix the data order and the model, the number of
-processes and the training files (paths, sizes and modification times, stored in the checkpoint's
-``data.json``); ``--allow-data-change`` accepts changed files. The schedule, the intervals and
-the other settings may change, and the change is logged.
+processes and what it trains on, fingerprinted in the checkpoint's ``data.json``: the training
+files (paths, sizes and modification times) and, for an ``--objective aimv2`` run, the tar shards
+(sizes and modification times), where each image sits in its shard (offset and size), a digest
+of each caption and one of the tokenizer. ``--allow-data-change`` accepts a change. The schedule,
+the intervals and the other settings may change, and the change is logged. A ``data.json``
+written before a section existed is compared on the sections it has.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -22,7 +26,12 @@ from ..random_key import set_random_key
 from .checkpoint import Checkpoint
 from .config import TrainConfig
 
+if TYPE_CHECKING:
+    from .multimodal import CaptionInputs
+
 DATA_FILE = "data.json"
+# The sections of data.json: how many space-separated fields come before the path in an entry.
+_SECTIONS = {"files": 2, "shards": 2, "members": 1, "captions": 1, "tokenizer": 1}
 # Settings a resumed run must share with the run that wrote the checkpoint (data order, model,
 # batch composition, objective). A checkpoint older than a setting was written with its default.
 FIXED_ON_RESUME = (
@@ -34,24 +43,46 @@ FIXED_ON_RESUME = (
 _NOT_SETTINGS = ("resume", "output", "allow_data_change", "quiet")
 
 
-def data_listing(paths: Sequence[Path]) -> dict[str, Any]:
-    """The fingerprint of the training files: ``"SIZE MTIME_NS PATH"`` for each, sorted by path.
+def data_listing(paths: Sequence[Path], captions: CaptionInputs | None = None) -> dict[str, Any]:
+    """The fingerprint of what a run trains on (see the module docstring), one short line per
+    file, image or caption, so that the copy in every checkpoint stays small.
 
-    One short line per file, so that the copy in every checkpoint stays small.
+    ``files``: ``"SIZE MTIME_NS PATH"`` of each of ``paths``, sorted by path; with ``captions``
+    also ``shards`` (same form), ``members`` (``"OFFSET:SIZE PATH"``), ``captions``
+    (``"DIGEST PATH"``) and ``tokenizer`` (``"DIGEST tokenizer.json"``).
     """
-    files = []
+    listing: dict[str, Any] = {"files": _stat_lines(paths)}
+    if captions is not None:
+        members = captions.members
+        listing["shards"] = _stat_lines({shard for shard, _, _ in members.values()})
+        listing["members"] = sorted(f"{at}:{size} {p}" for p, (_, at, size) in members.items())
+        listing["captions"] = sorted(f"{_digest(c)} {p}" for p, c in captions.captions.items())
+        listing["tokenizer"] = [f"{captions.tokenizer.fingerprint} tokenizer.json"]
+    return listing
+
+
+def _stat_lines(paths) -> list[str]:
+    lines = []
     for path in sorted(set(map(str, paths))):
         try:
             info = os.stat(path)
-            files.append(f"{info.st_size} {info.st_mtime_ns} {path}")
+            lines.append(f"{info.st_size} {info.st_mtime_ns} {path}")
         except OSError:
-            files.append(f"-1 -1 {path}")  # gone since it was listed: it changes the fingerprint
-    return {"files": files}
+            lines.append(f"-1 -1 {path}")  # gone since it was listed, or a tar member
+    return lines
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
-    """What changed between two listings ("3 added, 1 removed, 2 modified"), or ""."""
-    before, after = _by_path(saved), _by_path(current)
+    """What changed between two listings ("3 added, 1 removed, 2 modified"), or "".
+
+    Only the sections ``saved`` has are compared; an entry counts once, whatever changed in it.
+    """
+    sections = [s for s in _SECTIONS if s in saved]
+    before, after = _by_path(saved, sections), _by_path(current, sections)
     counts = (
         (len(after.keys() - before.keys()), "added"),
         (len(before.keys() - after.keys()), "removed"),
@@ -60,13 +91,16 @@ def data_changes(saved: dict[str, Any], current: dict[str, Any]) -> str:
     return ", ".join(f"{n} {what}" for n, what in counts if n)
 
 
-def _by_path(listing: dict[str, Any]) -> dict[str, str]:
-    """``{path: "SIZE MTIME_NS"}`` of a listing (entries of another shape are left out)."""
-    files = listing.get("files")
-    entries = (
-        [e.split(" ", 2) for e in files if isinstance(e, str)] if isinstance(files, list) else []
-    )
-    return {e[2]: f"{e[0]} {e[1]}" for e in entries if len(e) == 3}
+def _by_path(listing: dict[str, Any], sections: list[str]) -> dict[str, tuple[str, ...]]:
+    """``{path: (what each section says of it)}`` (entries of another shape are left out)."""
+    found: dict[str, dict[str, str]] = {}
+    for section in sections:
+        entries = listing.get(section)
+        for entry in entries if isinstance(entries, list) else []:
+            parts = entry.split(" ", _SECTIONS[section]) if isinstance(entry, str) else []
+            if len(parts) == _SECTIONS[section] + 1:
+                found.setdefault(parts[-1], {})[section] = " ".join(parts[:-1])
+    return {path: tuple(values.get(s, "") for s in sections) for path, values in found.items()}
 
 
 def check_resumable(

@@ -43,7 +43,7 @@ from .optim import build_optimizer, warmup_cosine
 from .output import LOCK_FILE, OutputLock, preflight, remove_leftovers
 from .plans import ObjectivePlan, plan_for
 from .report import LOG_FILE, METRICS_FILE, MetricsLog, Reporter, loss_curve_image, save_png
-from .resume import DATA_FILE, check_resumable, data_listing, restore
+from .resume import DATA_FILE, check_resumable, restore
 from .stopping import StopSignals
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def train(config: TrainConfig) -> TrainResult:
             f"--batch-size {config.batch_size} must be a multiple of the {world.size} processes"
         )
     reporter = Reporter(config.output_dir, config.steps, enabled=world.is_main, quiet=config.quiet)
-    stop = StopSignals(enabled=world.size == 1)
+    stop = StopSignals(enabled=world.size == 1, at_once=True)  # until the loop starts
     try:
         with contextlib.ExitStack() as cleanup:
             return _train(config, world, reporter, stop, cleanup)
@@ -118,7 +118,7 @@ def _train(
     mx.random.seed(config.seed)
     model = plan.build_model()
     images = plan.find_images()
-    listing = data_listing([*images.train, *images.val]) if world.is_main else {}
+    listing = plan.data_listing(images) if world.is_main else {}
     trunk = plan.trunk(model)
     probe = on_main(lambda: _downstream_probe(config, preprocessing, trunk, reporter), world)
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
@@ -305,6 +305,13 @@ def _blas_name() -> str:
     return "Accelerate" if sys.platform == "darwin" else "MLX's bundled reference BLAS"
 
 
+def _validation_images(used: int, found: int) -> str:
+    """``297 validation images``, or ``256 of 297 validation images (--val-images)``."""
+    if used < found:
+        return f"{used} of {plural(found, 'validation image')} (--val-images)"
+    return plural(found, "validation image")
+
+
 def _log_header(
     config: TrainConfig,
     world: World,
@@ -323,7 +330,7 @@ def _log_header(
         f"mlx-aim train: {config.model_name} ({trunk_params / 1e6:.2f}M trunk + "
         f"{(num_params - trunk_params) / 1e6:.2f}M head parameters, {encoder.image_size} px, "
         f"patch {encoder.patch_size}), {plural(len(images.train), 'training image')} and "
-        f"{plural(val_images, 'validation image')} from {images.description}; "
+        f"{_validation_images(val_images, len(images.val))} from {images.description}; "
         f"batch {config.batch_size}"
         + (f" ({world.size} processes x {local_batch})" if world.size > 1 else "")
         + (f" x {config.grad_accum} accumulated" if config.grad_accum > 1 else "")

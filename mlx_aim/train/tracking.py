@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..data.builtin import builtin_dataset
+from ..data.builtin import resolve_builtin
 from ..data.images import ImageError
 from ..data.transforms import Preprocessing
 from ..errors import InputError
@@ -32,8 +31,8 @@ PROBE_SETTINGS = ProbeConfig(head="linear", epochs=10, seed=0, cache=False)
 
 
 class DownstreamProbe:
-    """Probes a pre-training model's trunk on one labelled dataset (rank 0); ``root`` "digits"
-    (when no such folder exists) is the built-in digits.
+    """Probes a pre-training model's trunk on one labelled dataset (rank 0); ``root`` may name a
+    built-in one (``digits``, ``scenes/count``: ``resolve_builtin``).
 
     ``evaluate(model)`` returns the probe's record: top-1, top-5 and its last training loss.
     """
@@ -47,8 +46,7 @@ class DownstreamProbe:
         on_error: Callable[[ImageError], None],
     ):
         self.settings = dataclasses.replace(PROBE_SETTINGS, workers=workers)
-        if root == "digits" and not Path(root).exists():
-            root = str(builtin_dataset("digits"))
+        root = str(resolve_builtin(root))
         try:
             self.data = load_dataset(root, self.settings.val_fraction, self.settings.seed)
             check_classes(self.data)

@@ -22,6 +22,7 @@ from ...data.loader import ImageLoader, LabeledImages
 from ...data.transforms import TrainTransform
 from ...errors import InputError
 from ...io import atomic_directory, write_json
+from ...messages import accuracy
 from ...models import build_model, build_model_args
 from ...models.layers import LinearClassifier, build_classifier
 from ...train.optim import warmup_cosine
@@ -149,6 +150,12 @@ def train_probe(
     train, train_hit = compute_features(model, data.train, layers, config, hooks, "train features")
     if len(train) < 2:
         raise InputError(f"{data.root}: fewer than two readable training images")
+    readable = sorted({data.classes[i] for i in np.unique(train.labels)})
+    if len(readable) < 2:
+        raise InputError(
+            f"{data.root}: only the class {', '.join(readable)} has readable training images "
+            "after skipping the unreadable ones; a probe needs two or more classes"
+        )
     feature_seconds = time.perf_counter() - started
 
     mx.random.seed(config.seed)
@@ -346,15 +353,15 @@ def _train_head(
             record.update(top1=top1, top5=top5)
         record["seconds"] = round(time.perf_counter() - start, 3)
         history.append(record)
-        hooks.log(format_epoch(record, config.epochs))
+        hooks.log(format_epoch(record, config.epochs, len(data.classes)))
     return history
 
 
-def format_epoch(record: dict[str, Any], epochs: int) -> str:
-    """One log line per epoch."""
+def format_epoch(record: dict[str, Any], epochs: int, classes: int) -> str:
+    """One log line per epoch (top-5 only with more than 5 classes)."""
     line = f"epoch {record['epoch']:>3}/{epochs}  loss {record['loss']:.4f}"
     if record.get("top1") is not None:
-        line += f"  val top-1 {100 * record['top1']:.2f}%  top-5 {100 * record['top5']:.2f}%"
+        line += f"  val {accuracy(record['top1'], record['top5'], classes)}"
     return line + f"  ({record['seconds']:.1f} s)"
 
 
