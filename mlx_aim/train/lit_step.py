@@ -48,6 +48,9 @@ def make_lit_train_step(
     """
     state = [model.state, optimizer.state, mx.random.state]
     max_scale = model.args.max_logit_scale
+    # the ids come from the run's tokenizer, whose vocabulary is the tower's; the tower's own
+    # range check evaluates, which a compiled function cannot
+    model.text_encoder.preprocessor.check_ids = False
 
     def loss_fn(params, tokens, ids):
         model.update(params)
