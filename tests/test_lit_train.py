@@ -248,7 +248,9 @@ def test_two_processes_train_as_one_with_global_negatives(data, tmp_path):
     for rank in (0, 1):
         ranked = mx.load(str(tmp_path / f"two-rank{rank}.safetensors"))
         worst = max(mx.abs(single[k] - ranked[k]).max().item() for k in single)
-        assert worst <= 1e-5, (rank, worst)
+        # float32 rounding of the reductions, amplified by Adam where a gradient is near zero;
+        # local negatives instead of global ones move the weights by about lr (3e-3) per step
+        assert worst <= 1e-4, (rank, worst)
 
 
 def test_the_folder_converts_and_loads_like_the_release(lit_run, tmp_path):
