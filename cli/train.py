@@ -65,6 +65,8 @@ def train_command(ctx: typer.Context, config_file: Path | None = None, **flags: 
 
       mlx-aim train --config pretrain.toml --lr 5e-4
 
+      mlx-aim train --objective lit --model runs/aimv2-nano -o runs/lit   [dim](zero-shot)[/dim]
+
       mlx.launch -n 2 -- mlx-aim train --data ~/Pictures -b 64   [dim](data parallel)[/dim]
 
     Ctrl-C, SIGTERM and SIGHUP finish the current step, write a checkpoint and the trunk, and

@@ -32,7 +32,7 @@ def _line(path: str, best: list[tuple[str, float]]) -> str:
 
 
 def zero_shot_command(
-    paths: list[str] = typer.Argument(..., help=PATHS_HELP, show_default=False),
+    paths: list[str] | None = typer.Argument(None, help=PATHS_HELP, show_default=False),
     **settings: Any,
 ) -> None:
     """Classify images by label names (zero-shot) and print the top labels with probabilities.
@@ -45,13 +45,22 @@ def zero_shot_command(
 
       find . -name '*.jpg' | mlx-aim zero-shot - -l 'indoor,outdoor' --top-k 1 --json
 
+      mlx-aim zero-shot -m runs/scenes-lit --eval shapes/   [dim](accuracy on class folders)[/dim]
+
     A file that cannot be read is named on stderr and skipped (exit code 4).
     """
     from mlx_aim.tasks.zero_shot import load_classifier
 
     config = ZeroShotConfig(**settings)
     skipped, report = skip_reporter()
+    if config.eval_dir is not None:
+        with reported_errors():
+            _evaluate(config, paths, report)
+        end_partial(skipped, config.quiet)
+        return
     with reported_errors():
+        if not paths:
+            raise InputError("give the images to classify, or --eval DIR")
         config.validate().check_output()
         labels, prompts = config.label_names(), config.prompts()
         files = find_files(paths, None, report)
@@ -72,6 +81,48 @@ def zero_shot_command(
         if config.output is not None:
             _write(config.output, result.paths, top, len(labels), config.quiet)
     end_partial(skipped, config.quiet)
+
+
+def _evaluate(config: ZeroShotConfig, paths: list[str] | None, report) -> None:
+    """``--eval DIR``: zero-shot accuracy on class folders, printed (or one JSON object)."""
+    import mlx.core as mx
+
+    import mlx_aim
+    from mlx_aim.tasks.zero_shot_eval import evaluate, read_label_map
+
+    if paths or config.labels or config.output is not None:
+        raise InputError("--eval takes its images and labels from DIR: no paths, --labels or -o")
+    config.validate()
+    prompts = read_label_map(config.labels_file) if config.labels_file is not None else None
+    templates = config.prompts()
+    prepare_cpu_backend()
+    with working(f"loading {config.model}", enabled=not config.quiet):
+        model = mlx_aim.load(config.model, dtype=getattr(mx, config.dtype))
+    result = evaluate(
+        model,
+        config.eval_dir,
+        templates,
+        prompts=prompts,
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        on_error=report,
+    )
+    if config.as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    typer.echo(
+        f"top-1 {100 * result.top1:.2f}% on {plural(result.images, 'image')}, "
+        f"{plural(len(result.labels), 'class', 'classes')} (chance {100 / len(result.labels):.2f}%)"
+    )
+    if result.top5 is not None:
+        typer.echo(f"top-5 {100 * result.top5:.2f}%")
+    width = max(len(name) for name in result.per_class)
+    for name, accuracy in result.per_class.items():
+        typer.echo(f"  {name:<{width}}  {100 * accuracy:6.2f}%")
+    if result.confused:
+        typer.echo("most confused (true -> predicted: images):")
+        for true, predicted, count in result.confused:
+            typer.echo(f"  {true} -> {predicted}: {count}")
 
 
 def _report(

@@ -13,7 +13,6 @@ The layout follows apple/ml-aim's ``AIMv2LiT`` (keys ``image_encoder.*``, ``text
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..errors import InputError
+from ..objectives.contrastive import INIT_LOG_SCALE, l2_normalize, logit_scale
 from . import aim_v2
 from .base import BaseModelArgs, ConfigError
 from .encoder import sanitize_vision_weights
@@ -117,6 +117,7 @@ class TextPreprocessor(nn.Module):
         super().__init__()
         self.text_embedding = nn.Embedding(vocab_size, dim)
         self.positional_embedding = mx.zeros((max_context_length, dim))
+        self.check_ids = True  # False inside compiled training steps (the check evaluates)
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         length = input_ids.shape[1]
@@ -126,7 +127,8 @@ class TextPreprocessor(nn.Module):
                 f"got {length}; truncate the ids (the tokenizer does)"
             )
         vocab_size = self.text_embedding.weight.shape[0]
-        if input_ids.size and ((input_ids < 0) | (input_ids >= vocab_size)).any().item():
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        if self.check_ids and input_ids.size and outside.any().item():
             raise InputError(
                 f"token ids must lie in [0, {vocab_size}) (the text tower's vocabulary), got "
                 f"{input_ids.min().item()}..{input_ids.max().item()}"
@@ -154,11 +156,6 @@ class TextEncoder(nn.Module):
         return mx.take_along_axis(tokens, eos[:, None, None].astype(mx.int32), axis=1)[:, 0]
 
 
-def l2_normalize(x: mx.array) -> mx.array:
-    """``x`` scaled to unit L2 norm along the last axis."""
-    return x / mx.maximum(mx.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 class Model(nn.Module):
     """AIMv2 LiT dual encoder.
 
@@ -177,7 +174,7 @@ class Model(nn.Module):
         self.text_encoder = TextEncoder(args)
         self.image_projector = nn.Linear(vision.embed_dim, args.projection_dim, bias=False)
         self.text_projector = nn.Linear(args.text_embed_dim, args.projection_dim, bias=False)
-        self.log_logit_scale = mx.array(math.log(1 / 0.07))
+        self.log_logit_scale = mx.array(INIT_LOG_SCALE)
         self._tokenizer = None
         self.tokenizer_loader: Callable[[], Any] | None = None
 
@@ -203,7 +200,7 @@ class Model(nn.Module):
     @property
     def logit_scale(self) -> mx.array:
         """``exp(log_logit_scale)`` with the log-scale clamped to ``[0, log(max_logit_scale)]``."""
-        return mx.exp(mx.clip(self.log_logit_scale, 0.0, math.log(self.args.max_logit_scale)))
+        return logit_scale(self.log_logit_scale, self.args.max_logit_scale)
 
     def logits(self, image_embeds: mx.array, text_embeds: mx.array) -> mx.array:
         """Scaled cosine similarities (B_images, B_texts) of two sets of embeddings."""

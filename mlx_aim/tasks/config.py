@@ -136,7 +136,16 @@ class ZeroShotConfig:
 
     labels: str | None = _setting(None, "Comma-separated label names, e.g. 'cat,dog,car'.")
     labels_file: Path | None = _setting(
-        None, "A text file with one label a line (added to --labels)."
+        None,
+        "A text file with one label a line (added to --labels); with --eval, lines "
+        "'folder: label text' naming the label of a class folder.",
+    )
+    eval_dir: Path | None = _setting(
+        None,
+        "Measure zero-shot accuracy on labelled images: a folder with one folder per class (its "
+        "name is the label, _ read as a space). Prints top-1, top-5 (more than 5 classes), "
+        "per-class accuracy and the most confused pairs.",
+        flag="eval",
     )
     template: str | None = _setting(
         None, f"Prompt with {{}} standing for the label (default: {TEMPLATE!r})."

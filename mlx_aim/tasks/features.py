@@ -192,11 +192,13 @@ def compute_feature_set(
     num_workers: int = 2,
     on_error: Callable[[ImageError], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    opener: Callable[[Path], Any] | None = None,
 ) -> FeatureSet:
     """Run ``runner`` over the labelled images ``items`` in order; unreadable files are skipped.
 
     Features are stored as ``dtype`` in RAM or, with ``out_file``, in a memory-mapped ``.npy``.
-    If a float16 value would overflow, the extraction is redone in float32.
+    If a float16 value would overflow, the extraction is redone in float32. ``opener`` reads an
+    item (default: image files; e.g. tar members).
     """
     from ..data.loader import ImageLoader
 
@@ -208,7 +210,12 @@ def compute_feature_set(
             on_error(error)
 
     loader = ImageLoader.in_order(
-        items, transform, runner.batch_size, num_workers=num_workers, on_error=skip
+        items,
+        transform,
+        runner.batch_size,
+        num_workers=num_workers,
+        on_error=skip,
+        opener=opener or open_image,
     )
     store = None
     labels: list[int] = []
@@ -245,6 +252,7 @@ def compute_feature_set(
             num_workers=num_workers,
             on_error=on_error,
             progress=progress,
+            opener=opener,
         )
     if progress is not None and len(items) > reported:
         progress(len(items) - reported)  # trailing unreadable files

@@ -35,6 +35,7 @@ from ..io import write_text
 from .config import TEMPLATE, ZeroShotConfig
 from .embed import Embedder, EmbedResult, embed_texts
 from .features import ImageLike
+from .zero_shot_eval import ZeroShotEvaluation, evaluate
 
 TEMPLATE_SETS = ("imagenet",)
 PREDICTION_FORMATS = (".jsonl", ".csv")
@@ -190,3 +191,14 @@ def save_predictions(
         for image, best in zip(paths, top, strict=True):
             writer.writerows([image, rank, label, p] for rank, (label, p) in enumerate(best, 1))
     write_text(path, buffer.getvalue())
+
+
+__all__ = [
+    "ZeroShotClassifier",
+    "ZeroShotEvaluation",
+    "evaluate",
+    "label_embeddings",
+    "load_classifier",
+    "save_predictions",
+    "template_set",
+]

@@ -18,7 +18,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..errors import InputError
-from ..io import check_regular_file, read_json, read_text
+from ..io import check_regular_file, read_json, read_text, write_text
 from .caption_bpe import check_vocabulary
 
 BOS = "<|startoftext|>"
@@ -100,25 +100,67 @@ def _clip_backend(directory: Path):
             f"{directory / BPE_FILES[1]}: unusable with {BPE_FILES[0]} ({e})"
         ) from None
     backend = tk.Tokenizer(model)
-    backend.normalizer = tk.normalizers.Sequence(
-        [
-            tk.normalizers.NFC(),
-            tk.normalizers.Replace(tk.Regex(r"\s+"), " "),
-            tk.normalizers.Lowercase(),
-        ]
-    )
+    backend.normalizer = _clip_normalizer()
     backend.pre_tokenizer = tk.pre_tokenizers.Sequence(
         [
             tk.pre_tokenizers.Split(tk.Regex(CLIP_PATTERN), behavior="removed", invert=True),
             tk.pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
+    _add_start_and_end(backend)
+    return backend
+
+
+def train_clip_bpe(
+    texts: Sequence[str], vocab_size: int, context_length: int = CONTEXT_LENGTH
+) -> Tokenizer:
+    """A tokenizer for a LiT text tower trained from scratch: byte-level BPE of at most
+    ``vocab_size`` tokens learned from ``texts`` (lowercased, whitespace runs to one space, each
+    word with its leading space as in GPT-2, so every text encodes), with CLIP's start and end
+    tokens around every text. ``tokenizer.save(folder)`` writes it as ``tokenizer.json``, which
+    ``load_tokenizer`` reads like a released one."""
+    tk = _tokenizers()
+    alphabet = tk.pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 2:
+        raise ValueError(
+            f"the vocabulary must hold at least {len(alphabet) + 2} tokens (the 256 bytes and the "
+            f"start and end tokens), got {vocab_size}"
+        )
+    backend = tk.Tokenizer(tk.models.BPE())
+    backend.normalizer = _clip_normalizer()
+    backend.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=True)
+    backend.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(texts), trainer=trainer, length=len(texts))
+    _add_start_and_end(backend)
+    return Tokenizer(backend, context_length)
+
+
+def _clip_normalizer():
+    """CLIP's text normalisation: NFC, whitespace runs to one space, lowercase."""
+    tk = _tokenizers()
+    return tk.normalizers.Sequence(
+        [
+            tk.normalizers.NFC(),
+            tk.normalizers.Replace(tk.Regex(r"\s+"), " "),
+            tk.normalizers.Lowercase(),
+        ]
+    )
+
+
+def _add_start_and_end(backend) -> None:
+    """Put ``<|startoftext|>`` and ``<|endoftext|>`` around every text ``backend`` encodes."""
+    tk = _tokenizers()
     backend.add_special_tokens([BOS, EOS])
     backend.post_processor = tk.processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}",
         special_tokens=[(BOS, backend.token_to_id(BOS)), (EOS, backend.token_to_id(EOS))],
     )
-    return backend
 
 
 def _pad_token(directory: Path) -> tuple[str, Path | None]:
@@ -190,6 +232,10 @@ class Tokenizer:
         """Ids of each text, truncated, unpadded."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         return [e.ids for e in self.backend.encode_batch(texts)]
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json`` into ``directory`` atomically."""
+        write_text(Path(directory) / FULL_FILE, self.backend.to_str(pretty=True))
 
     def __call__(self, texts: str | Sequence[str]) -> mx.array:
         rows = self.encode(texts)

@@ -26,10 +26,10 @@ from ..objectives.patch_order import PATCH_ORDERS, patch_order
 DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
 SEED_MAX = 2**32 - 1
-OBJECTIVES = ("aimv1", "aimv2")
+OBJECTIVES = ("aimv1", "aimv2", "lit")
 # default --steps per objective: at 100 steps an aimv2-nano trunk probes below a random one on
-# the scenes' shapes (docs/aimv2-default-run.md)
-STEPS = {"aimv1": 100, "aimv2": 300}
+# the scenes' shapes (docs/aimv2-default-run.md); LiT: the steps of docs/lit.md
+STEPS = {"aimv1": 100, "aimv2": 300, "lit": 300}
 
 
 def _opt(default: Any, help: str, panel: str = "Optimisation") -> Any:
@@ -105,7 +105,10 @@ class TrainConfig:
         "aimv1: next-patch prediction from the trunk (pixel MLP head). aimv2: the AIMv2 "
         "multimodal objective on image-caption pairs (a causal decoder predicts the next patch, "
         "then the caption's next token; --model aimv2-nano or aimv2-tiny; --data captioned "
-        "images, default the built-in scenes; use --hflip 0 when captions say left and right).",
+        "images, default the built-in scenes; use --hflip 0 when captions say left and right). "
+        "lit: LiT, a text tower trained contrastively against a frozen AIMv2 trunk (--model "
+        "TRUNK) on the same captioned data; the output is a LiT model for zero-shot and "
+        "embed --text.",
         "AIMv2",
     )
     alpha: float = _opt(0.4, "Weight of the image loss: L_text + alpha * L_img.", "AIMv2")
@@ -121,6 +124,28 @@ class TrainConfig:
     decoder_depth: int | None = _opt(None, "Decoder blocks (default: the architecture's).", "AIMv2")
     decoder_heads: int | None = _opt(
         None, "Decoder attention heads (default: the architecture's).", "AIMv2"
+    )
+    # LiT (locked-image text tuning)
+    text_init: str | None = _opt(
+        None,
+        "--objective lit: start the text tower, projections, logit scale and tokenizer from this "
+        "LiT model (a folder or registry name, e.g. aimv2-large-patch14-224-lit); the text sizes "
+        "are then its own.",
+        "LiT",
+    )
+    text_width: int = _opt(256, "LiT text tower width.", "LiT")
+    text_depth: int = _opt(4, "LiT text tower blocks.", "LiT")
+    text_heads: int = _opt(4, "LiT text tower attention heads.", "LiT")
+    projection_dim: int = _opt(
+        256, "LiT shared embedding size (image and text projections).", "LiT"
+    )
+    context_length: int = _opt(32, "LiT text tokens per caption (longer ones are cut).", "LiT")
+    feature_cache: bool = _opt(
+        True,
+        "LiT: compute the frozen trunk's tokens of every image once and keep them on disk "
+        "(MLX_AIM_CACHE, default ~/.cache/mlx-aim/features), so that a step runs only the head "
+        "and the text tower. --no-feature-cache runs the trunk in every step.",
+        "LiT",
     )
     # objective (the paper's ablations; each default is the paper's choice)
     target: str = _opt(
@@ -214,7 +239,7 @@ class TrainConfig:
         builtin_scenes = (builtin_name(self.data) if self.data else scenes) == "scenes"
         if self.steps is None:
             self.steps = STEPS.get(self.objective, STEPS["aimv1"])
-        if self.model is None:
+        if self.model is None and self.objective != "lit":  # LiT needs the trunk named
             self.model = "aimv2-nano" if self.objective == "aimv2" else "aim-nano"
         if self.hflip is None:
             self.hflip = 0.0 if builtin_scenes else 0.5
@@ -223,6 +248,8 @@ class TrainConfig:
 
     @property
     def model_name(self) -> str:
+        if self.objective == "lit":
+            return f"{Path(self.model or 'trunk').name}-lit"
         return Path(self.model).stem if self.model.endswith(".json") else self.model
 
     @property
@@ -266,14 +293,20 @@ class TrainConfig:
             )
         for name in ("decoder_width", "decoder_depth", "decoder_heads", "vocab_size"):
             _check_range(name, getattr(self, name), 1, INT_MAX)
+        lit_sizes = ("text_width", "text_depth", "text_heads", "projection_dim", "context_length")
+        for name in lit_sizes:
+            _check_range(name, getattr(self, name), 1, INT_MAX)
         _check_range("alpha", self.alpha, 0, math.inf)
-        if self.objective == "aimv2":
+        if self.objective == "lit":
+            self._validate_lit()
+        if self.objective != "aimv1":
             ablations = ("target", "attention", "patch_order")
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             changed = [f"--{_flag(n)}" for n in ablations if getattr(self, n) != defaults[n]]
             if changed:
                 raise InputError(
-                    f"{', '.join(changed)}: AIMv1-objective switches; --objective aimv2 keeps the paper's choices"
+                    f"{', '.join(changed)}: AIMv1-objective switches; --objective "
+                    f"{self.objective} keeps the paper's choices"
                 )
         choices = (
             ("dtype", DTYPES), ("target", TARGETS), ("attention", ATTENTIONS),
@@ -286,6 +319,20 @@ class TrainConfig:
                     f"got {getattr(self, name)!r}"
                 )
         return self
+
+    def _validate_lit(self) -> None:
+        if self.model is None:
+            raise InputError(
+                "--objective lit needs --model TRUNK: an AIMv2 trunk (a training run's folder, a "
+                "converted model, a registry name; an architecture name gives a random trunk)"
+            )
+        if self.probe_data is not None:
+            raise InputError("--probe-data: not with --objective lit (its trunk is frozen)")
+        if self.text_width % self.text_heads:
+            raise InputError(
+                f"--text-width ({self.text_width}) must be a multiple of --text-heads "
+                f"({self.text_heads})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -54,6 +54,7 @@ class TrainLoop:
         step: int,
         *,
         inputs: Callable[[dict[str, Any]], Any],
+        part_names: tuple[str, ...] = (),
         validation: Validation | CaptionValidation,
         previews: Previews | None,
         probe: DownstreamProbe | None = None,
@@ -66,6 +67,7 @@ class TrainLoop:
         self.config, self.world = config, world
         self.model, self.optimizer = model, optimizer
         self.train_step, self.loader, self.inputs = train_step, loader, inputs
+        self.part_names = part_names  # names of what the step returns after the gradient norm
         self.validation, self.previews, self.probe = validation, previews, probe
         self.reporter, self.metrics, self.store = reporter, metrics, store
         self.documents, self.skipped = documents, skipped
@@ -75,7 +77,7 @@ class TrainLoop:
         self.last_preview_step = self.last_probe_step = None
         self.initial_loss = self.initial_val_loss = self.final_loss = None
         self.window: list[float] = []  # train losses since the last logging step
-        self.parts_window: list[list[float]] = []  # aimv2: [image, text] losses, same steps
+        self.parts_window: list[list[float]] = []  # the step's parts (part_names), same steps
         self.images_per_second: float | None = None
         self.stopped_by: int | None = None  # the signal that stopped the loop
 
@@ -204,8 +206,8 @@ class TrainLoop:
             "time": time.time(),
         }
         if self.parts_window:
-            image, text = np.mean(self.parts_window, axis=0).tolist()
-            record.update(image_loss=image, text_loss=text)
+            means = np.mean(self.parts_window, axis=0).tolist()
+            record.update(zip(self.part_names, means, strict=True))
         if self.world.is_main:
             self.metrics.append(record)
             val = {"val_loss": self.last_val, "val_step": self.last_val_step}

@@ -57,8 +57,25 @@ class CaptionInputs:
     members: dict[Path, tuple[Path, int, int]]  # tar members: (shard, offset, size)
 
 
-def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
-    """Find the captions, get the tokenizer and resolve the model (see the module docstring)."""
+@dataclass
+class CaptionData:
+    """The captioned images of a run: (path, caption) pairs of each split, and how to read them."""
+
+    train: list[tuple[Path, str]]
+    val: list[tuple[Path, str]]
+    description: str
+    skipped: list
+    found: CaptionedImages  # opens files and tar members (``open_image``)
+
+    @property
+    def images(self) -> Images:
+        train, val = [p for p, _ in self.train], [p for p, _ in self.val]
+        return Images(train, val, self.description, self.skipped)
+
+
+def find_caption_data(config: TrainConfig) -> CaptionData:
+    """``--data`` / ``--val-data`` (default the built-in scenes), split by ``--val-fraction``
+    when no validation data is given."""
     val_data = resolve_builtin(config.val_data) if config.val_data else None
     if config.data is None or is_builtin_name(config.data):
         name = str(config.data or "scenes")
@@ -77,22 +94,28 @@ def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
         train_items, val_items = split_paths(train_items, config.val_fraction, config.seed)
     else:
         val_items = []
-    tokenizer = _tokenizer(config, output, [c for _, c in train_items])
+    return CaptionData(train_items, val_items, description, skipped, train)
+
+
+def prepare_captions(config: TrainConfig, output: Path) -> CaptionInputs:
+    """Find the captions, get the tokenizer and resolve the model (see the module docstring)."""
+    data = find_caption_data(config)
+    tokenizer = _tokenizer(config, output, [c for _, c in data.train])
     model_config, preprocessing = _resolve_model(config, tokenizer.vocab_size)
     length = model_config.get("max_text_tokens", 32)
-    train_sequences = tokenizer.sequences([c for _, c in train_items], length)
+    train_sequences = tokenizer.sequences([c for _, c in data.train], length)
     if len(train_sequences) and (train_sequences[:, 1] == tokenizer.eos).all():
         raise InputError(f"{tokenizer.source}: encodes every training caption to no tokens")
     return CaptionInputs(
-        images=Images([p for p, _ in train_items], [p for p, _ in val_items], description, skipped),
+        images=data.images,
         train_sequences=train_sequences,
-        val_sequences=tokenizer.sequences([c for _, c in val_items], length),
+        val_sequences=tokenizer.sequences([c for _, c in data.val], length),
         tokenizer=tokenizer,
         model_config=model_config,
         preprocessing=preprocessing,
-        open_image=train.open_image,
-        captions=dict(train_items + val_items),
-        members=train.members,
+        open_image=data.found.open_image,
+        captions=dict(data.train + data.val),
+        members=data.found.members,
     )
 
 

@@ -31,7 +31,7 @@ import mlx.optimizers as optim
 
 from ..objectives.multimodal import IMAGE_LOSS_WEIGHT, multimodal_loss
 from ..objectives.next_patch import predicted_patches, sample_prefix_lengths
-from .step import accumulate_or_update, cast_floats
+from .step import accumulate_or_update, cast_floats, step_over_micro_batches
 
 Batch = tuple[mx.array, mx.array]  # normalized NHWC images (B, H, W, C), int32 sequences (B, T+1)
 
@@ -101,17 +101,6 @@ def make_multimodal_train_step(
     micro_step = partial(mx.compile, inputs=state, outputs=state)(micro_step)
 
     def train_step(micro_batches: list[Batch]) -> tuple[mx.array, mx.array, mx.array]:
-        accumulated, losses, parts = None, [], []
-        for i, (images, sequences) in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            loss, part, out = micro_step(images, sequences, accumulated, last, len(micro_batches))
-            losses.append(loss)
-            parts.append(part)
-            if not last:
-                accumulated = out
-                mx.eval(accumulated, loss, part, state)
-        loss, part = mx.stack(losses).mean(), mx.stack(parts).mean(axis=0)
-        mx.eval(state, loss, part, out)
-        return loss, out, part
+        return step_over_micro_batches(micro_step, micro_batches, state)
 
     return train_step

@@ -40,6 +40,7 @@ from .multimodal import CaptionInputs, CaptionValidation, prepare_captions
 from .multimodal_step import make_multimodal_train_step
 from .resume import data_listing
 from .step import make_train_step
+from .stopping import StopSignals
 
 # A compiled optimizer step: micro-batch inputs -> (loss, gradient norm, *loss parts).
 TrainStep = Callable[[list[Any]], tuple[mx.array, ...]]
@@ -47,6 +48,9 @@ TrainStep = Callable[[list[Any]], tuple[mx.array, ...]]
 
 class ObjectivePlan:
     """AIMv1 next-patch prediction from the trunk; the base every other objective refines."""
+
+    part_names: tuple[str, ...] = ()  # what the step returns after (loss, gradient norm)
+    loss_title = "next-patch loss"
 
     def __init__(self, config: TrainConfig, world: World):
         self.config, self.world = config, world
@@ -68,6 +72,14 @@ class ObjectivePlan:
         model = build_model(self.model_config)
         model.set_grad_checkpoint(self.config.grad_checkpoint)
         return model
+
+    def trunk(self, model: nn.Module) -> nn.Module:
+        """The image trunk inside the model (its ``args`` give the image grid)."""
+        return model.encoder
+
+    def exported(self, model: nn.Module) -> nn.Module:
+        """What the run exports at the root of its output directory: the trunk."""
+        return model.encoder
 
     def save_files(self, output: Path) -> None:
         """Write the files the exported trunk needs besides its weights (rank 0)."""
@@ -171,6 +183,8 @@ class ObjectivePlan:
 class AimV2Plan(ObjectivePlan):
     """The AIMv2 multimodal objective on image-caption pairs (``--objective aimv2``)."""
 
+    part_names = ("image_loss", "text_loss")
+
     def __init__(self, config: TrainConfig, world: World):
         self.config, self.world = config, world
         self.captions: CaptionInputs = on_every_rank(
@@ -253,10 +267,16 @@ def _check_same_tokenizer(captions: CaptionInputs, world: World) -> None:
         )
 
 
-# ``--objective`` -> the plan of its runs (``config.OBJECTIVES`` lists the same names).
+# ``--objective`` -> the plan of its runs (``config.OBJECTIVES`` lists the same names; ``lit``:
+# ``lit.LitPlan``, which imports this module).
 PLANS: dict[str, type[ObjectivePlan]] = {"aimv1": ObjectivePlan, "aimv2": AimV2Plan}
 
 
-def plan_for(config: TrainConfig, world: World) -> ObjectivePlan:
-    """The plan of ``config.objective``, with its model config and data resolved."""
+def plan_for(config: TrainConfig, world: World, stop: StopSignals | None = None) -> ObjectivePlan:
+    """The plan of ``config.objective``, with its model config and data resolved (``stop``:
+    the run's stop signals, for plans that work long before the first step)."""
+    if config.objective == "lit":  # lit.py builds on this module
+        from .lit import LitPlan
+
+        return LitPlan(config, world, stop)
     return PLANS[config.objective](config, world)

@@ -328,12 +328,13 @@ def loss_curve_image(
     title: str = "loss",
     size: tuple[int, int] = (720, 420),
     probe: Sequence[tuple[int, float]] = (),
+    probe_label: str = "probe top-1",
 ) -> Image.Image:
     """A line chart of the train (blue) and validation (orange) loss against the step.
 
     The loss axis is logarithmic with round tick values; values that are not positive and
     finite are left out. ``probe`` (step, top-1 in [0, 1]) is drawn in green against a second
-    axis on the right, 0 to 100 %.
+    axis on the right, 0 to 100 %, named ``probe_label``.
     """
     width, height = size
     left, right, top, bottom = 64, (56 if probe else 16), 32, 40
@@ -379,7 +380,7 @@ def loss_curve_image(
     for series, colour, label, dy in (
         (train, (31, 119, 180), "train", 0),
         (val, (255, 127, 14), "val", 14),
-        (probe, (44, 160, 44), "probe top-1", 28),
+        (probe, (44, 160, 44), probe_label, 28),
     ):
         line = [(xy(s, 1.0)[0], accuracy_y(v)) if series is probe else xy(s, v) for s, v in series]
         if len(line) > 1:

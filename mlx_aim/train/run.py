@@ -41,7 +41,7 @@ from .inputs import Images, SkippedFiles, evaluation_preprocess
 from .loop import TrainLoop, run_loop
 from .optim import build_optimizer, warmup_cosine
 from .output import LOCK_FILE, OutputLock, preflight, remove_leftovers
-from .plans import plan_for
+from .plans import ObjectivePlan, plan_for
 from .report import LOG_FILE, METRICS_FILE, MetricsLog, Reporter, loss_curve_image, save_png
 from .resume import DATA_FILE, check_resumable, restore
 from .stopping import StopSignals
@@ -113,17 +113,20 @@ def _train(
 ) -> TrainResult:
     started = time.perf_counter()
     output = config.output_dir
-    plan = plan_for(config, world)  # the objective's model config and (aimv2) captions
+    plan = plan_for(config, world, stop)  # the objective's model config and data
     model_config, preprocessing = plan.model_config, plan.preprocessing
     mx.random.seed(config.seed)
     model = plan.build_model()
     images = plan.find_images()
     listing = plan.data_listing(images) if world.is_main else {}
-    probe = on_main(lambda: _downstream_probe(config, preprocessing, model, reporter), world)
+    trunk = plan.trunk(model)
+    probe = on_main(lambda: _downstream_probe(config, preprocessing, trunk, reporter), world)
     store = CheckpointStore(output, config.keep_checkpoints, reporter.log)
-    on_main(lambda: _open_output(config, model, reporter, cleanup), world)
+    on_main(lambda: _open_output(config, model, trunk, reporter, cleanup), world)
     if world.is_main:
         plan.save_files(output)
+        for line in getattr(plan, "log_lines", []):
+            reporter.log(line)
 
     schedule = warmup_cosine(config.lr, config.warmup, config.steps, config.min_lr)
     optimizer = build_optimizer(
@@ -140,7 +143,7 @@ def _train(
         skipped(problem)
     _check_same_image_count(images, world)
 
-    encoder = model.encoder.args
+    encoder = trunk.args
     loader = plan.loader(encoder, loader_starts, skipped)
     validation, previews = plan.evaluators(encoder, skipped)
     metrics = MetricsLog(output)
@@ -148,7 +151,9 @@ def _train(
         if start_step:
             metrics.truncate_after(start_step)
         _write_run_file(config, model_config, preprocessing, images, start_step, world)
-        _log_header(config, world, model, images, len(validation.subset), start_step, reporter)
+        _log_header(
+            config, world, model, trunk, images, len(validation.subset), start_step, reporter
+        )
 
     if mx.metal.is_available():  # keep the model resident on Apple silicon (as mlx-lm does)
         mx.set_wired_limit(mx.device_info()["max_recommended_working_set_size"])
@@ -161,6 +166,7 @@ def _train(
         loader,
         start_step,
         inputs=plan.inputs,
+        part_names=plan.part_names,
         validation=validation,
         previews=previews,
         probe=probe,
@@ -175,16 +181,20 @@ def _train(
     else:
         loop.evaluate_start()
     run_loop(loop, stop, store)
-    return _finish(loop, config, preprocessing, reporter, start_step, started)
+    return _finish(loop, config, preprocessing, reporter, start_step, started, plan)
 
 
 def _open_output(
-    config: TrainConfig, model: nn.Module, reporter: Reporter, cleanup: contextlib.ExitStack
+    config: TrainConfig,
+    model: nn.Module,
+    trunk: nn.Module,
+    reporter: Reporter,
+    cleanup: contextlib.ExitStack,
 ) -> None:
     """Check, lock and clean the output directory, then start the log (rank 0)."""
     output = config.output_dir
     num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    trunk_params = sum(v.size for _, v in tree_flatten(model.encoder.parameters()))
+    trunk_params = sum(v.size for _, v in tree_flatten(trunk.parameters()))
     # float32 weights + two AdamW moments per checkpoint, one more being written, and the trunk
     needed = (config.keep_checkpoints + 1) * 12 * num_params + 4 * trunk_params + 2**24
     reusable = checkpoint_bytes(output) + sum(
@@ -260,7 +270,7 @@ def _check_same_image_count(images: Images, world: World) -> None:
 
 
 def _downstream_probe(
-    config: TrainConfig, preprocessing: Preprocessing, model: nn.Module, reporter: Reporter
+    config: TrainConfig, preprocessing: Preprocessing, trunk: nn.Module, reporter: Reporter
 ) -> DownstreamProbe | None:
     """The quick probe on ``--probe-data``, if asked for (rank 0)."""
     if config.probe_data is None:
@@ -269,7 +279,7 @@ def _downstream_probe(
 
     return DownstreamProbe(
         config.probe_data,
-        evaluation_preprocess(preprocessing, model.encoder.args),
+        evaluation_preprocess(preprocessing, trunk.args),
         workers=config.workers,
         on_error=lambda e: reporter.log(f"--probe-data: skipping unreadable image {e}"),
     )
@@ -306,14 +316,15 @@ def _log_header(
     config: TrainConfig,
     world: World,
     model: nn.Module,
+    trunk: nn.Module,
     images: Images,
     val_images: int,
     start_step: int,
     reporter: Reporter,
 ) -> None:
-    encoder = model.encoder.args
+    encoder = trunk.args
     num_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    trunk_params = sum(v.size for _, v in tree_flatten(model.encoder.parameters()))
+    trunk_params = sum(v.size for _, v in tree_flatten(trunk.parameters()))
     local_batch = config.batch_size // world.size
     reporter.log(
         f"mlx-aim train: {config.model_name} ({trunk_params / 1e6:.2f}M trunk + "
@@ -373,6 +384,7 @@ def _finish(
     reporter: Reporter,
     start_step: int,
     started: float,
+    plan: ObjectivePlan,
 ) -> TrainResult:
     """Evaluate, preview and checkpoint the last step, export the trunk and summarise."""
     output, world = config.output_dir, loop.world
@@ -388,8 +400,8 @@ def _finish(
     if loop.last_checkpoint != loop.step:
         loop.checkpoint()
     if world.is_main:
-        _export(loop.model.encoder, output, preprocessing)
-        title = f"{config.model_name} next-patch loss ({objective_label(config)})"
+        _export(plan.exported(loop.model), output, preprocessing)
+        title = f"{config.model_name} {plan.loss_title} ({objective_label(config)})"
         _draw_loss_curve(loop.metrics, output / LOSS_CURVE_FILE, title)
     if loop.stopped_by is not None:
         raise Interrupted(
@@ -449,7 +461,13 @@ def _draw_loss_curve(metrics: MetricsLog, path: Path, title: str) -> None:
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
     val = [(r["step"], r["loss"]) for r in records if r.get("split") == "val"]
     probe = [(r["step"], r["top1"]) for r in records if r.get("split") == "probe"]
-    save_png(loss_curve_image(train, val, title=title, probe=probe), path)
+    label = "probe top-1"
+    if not probe:  # LiT: the in-batch accuracy of the training batches
+        probe = [
+            (r["step"], r["accuracy"]) for r in records if "accuracy" in r and r["split"] == "train"
+        ]
+        label = "in-batch accuracy"
+    save_png(loss_curve_image(train, val, title=title, probe=probe, probe_label=label), path)
 
 
 def summary(result: TrainResult) -> str:
@@ -470,8 +488,13 @@ def summary(result: TrainResult) -> str:
         + (f", {result.images_per_second:.1f} images/s" if result.images_per_second else "")
         + f", peak memory {result.peak_memory_gb:.2f} GB"
         + (f", {plural(skipped, 'unreadable file')} skipped" if skipped else "")
-        + f". Trained trunk: {result.output} (mlx_aim.load / mlx-aim probe --model / mlx-aim "
-        "embed --model)"
+        + (
+            f". LiT model: {result.output} (mlx_aim.load / mlx-aim zero-shot -m / mlx-aim embed "
+            "-m ... --text)"
+            if result.model is not None and result.model.args.model_type == "aim_v2_lit"
+            else f". Trained trunk: {result.output} (mlx_aim.load / mlx-aim probe --model / "
+            "mlx-aim embed --model)"
+        )
     )
 
 

@@ -147,6 +147,26 @@ def accumulate_or_update(
     return norm
 
 
+def step_over_micro_batches(
+    micro_step: Callable, micro_batches: list[tuple[mx.array, ...]], state: list
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One optimizer step of a compiled ``micro_step(*inputs, accumulated, update, accum_steps)
+    -> (loss, parts, out)`` over the micro-batches: ``(mean loss, gradient norm, mean parts)``,
+    evaluated. ``out`` is the running gradient sum, and the norm after the last micro-batch."""
+    accumulated, losses, parts = None, [], []
+    for i, inputs in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        loss, part, out = micro_step(*inputs, accumulated, last, len(micro_batches))
+        losses.append(loss)
+        parts.append(part)
+        if not last:
+            accumulated = out
+            mx.eval(accumulated, loss, part, state)
+    loss, part = mx.stack(losses).mean(), mx.stack(parts).mean(axis=0)
+    mx.eval(state, loss, part, out)
+    return loss, out, part
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: optim.Optimizer,
