@@ -8,7 +8,6 @@
 // the model's output projection reads.
 
 #include <cmath>
-#include <limits>
 #include <cstring>
 #include <memory>
 #include <tuple>
@@ -17,13 +16,13 @@
 #include "kernels.h"
 #include "small_gemm.h"
 #include "support.h"
+#include "threads.h"
 #include "vector_math.h"
 
 namespace mlx_aim {
 
 namespace {
 
-constexpr float kLowest = std::numeric_limits<float>::lowest();
 using bool_t = uint8_t;  // a bool's storage, for a contiguous copy of a mask row
 static_assert(sizeof(bool) == sizeof(bool_t));
 
@@ -178,55 +177,6 @@ void scatter(
   }
 }
 
-typedef uint8_t Flags16 __attribute__((vector_size(16)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
-
-// s[j] = fill where keep[j] is false, 16 at a time (GCC does not vectorize this select by itself).
-void fill_masked(float* s, const bool* keep, int64_t n, float fill) {
-  const Vec16 fills = Vec16{} + fill;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    Flags16 flags;
-    std::memcpy(&flags, keep + j, sizeof(flags));
-    const Int16 kept = __builtin_convertvector(flags, Int16) != 0;
-    store16(s + j, kept ? load16(s + j) : fills);
-  }
-  for (; j < n; ++j) {
-    s[j] = keep[j] ? s[j] : fill;
-  }
-}
-
-// A row of scores s (in place) becomes its softmax over the keys, masked keys at the float32
-// minimum; writes the row's (max, 1 / sum).
-void softmax_row(
-    float* s,
-    const bool* keep,
-    int64_t nk,
-    float* max_out,
-    float* inv_sum_out) {
-  if (keep != nullptr) {
-    fill_masked(s, keep, nk, kLowest);
-  }
-  std::tie(*max_out, *inv_sum_out) = softmax_in_place(s, nk);
-}
-
-// A row of P from its scores s (in place) and the forward pass's (max, 1 / sum): the same
-// operations as softmax_row, so the same values.
-void probabilities_row(
-    float* s,
-    const bool* keep,
-    int64_t nk,
-    float max,
-    float inv_sum) {
-  if (keep != nullptr) {
-    fill_masked(s, keep, nk, kLowest);
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) {
-    s[j] = exp_nonpositive(s[j] - max) * inv_sum;
-  }
-}
-
 struct ForwardArgs {
   Rows q, k, v;
   KeepMask mask;
@@ -252,7 +202,7 @@ void forward_head(const ForwardArgs& a, int64_t b, int64_t h, ForwardBuffers& w)
   float* stats = a.stats + (b * a.heads + h) * n.nq * 2;
   for (int64_t i = 0; i < n.nq; ++i) {
     const bool* keep = a.mask.row(b, h, i, n.nk, w.keep);
-    softmax_row(w.s.data() + i * n.nkc, keep, n.nk, stats + 2 * i, stats + 2 * i + 1);
+    std::tie(stats[2 * i], stats[2 * i + 1]) = softmax_row(w.s.data() + i * n.nkc, keep, n.nk);
   }
   gather(a.v, b, h, n.nk, n.d, 1.0f, w.v.data(), n.dc);
   gemm(n.mq, n.dc, n.nk, w.s.data(), n.nkc, w.v.data(), n.dc, w.o.data(), n.dc);
@@ -446,7 +396,7 @@ std::vector<mx::array> FusedAttention::vjp(
       primals[2],
       outputs[0],
       outputs[1],
-      mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s)};
+      float32_cotangent(cotangents[0], s)};
   if (primals.size() > 3) {
     inputs.push_back(primals[3]);
   }
@@ -458,11 +408,9 @@ std::vector<mx::array> FusedAttention::vjp(
       {mx::float32, mx::float32, mx::float32},
       std::make_shared<FusedAttentionVJP>(s, scale_),
       std::move(inputs));
-  std::vector<mx::array> vjps;
-  for (int arg : argnums) {
-    vjps.push_back(arg < 3 ? heads_first(grads[arg], s) : mx::zeros_like(primals[arg], s));
-  }
-  return vjps;
+  return gradients_for(argnums, [&](int arg) {
+    return arg < 3 ? heads_first(grads[arg], s) : mx::zeros_like(primals[arg], s);
+  });
 }
 
 void FusedAttentionVJP::eval_cpu(

@@ -1,21 +1,18 @@
-// Float32 exp and erf from plain arithmetic, so that loops over them vectorize (no libm calls),
-// a vectorized row max and softmax, and a row-parallel loop over the cores this process may use.
+// Float32 exp and erf from plain arithmetic, so that loops over them vectorize (no libm calls), and
+// the vectorized row max, masked fill and (masked) softmax of one row.
 
 #pragma once
 
-#include <sched.h>
-
 #include <algorithm>
-#include <atomic>
+#include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <utility>
-#include <vector>
 
 namespace mlx_aim {
+
+constexpr float kLowest = std::numeric_limits<float>::lowest();  // a masked score
 
 // exp(y) for y <= 0 (NaN stays NaN, exp(-inf) = 0): y = n ln2 + r with |r| <= ln2 / 2
 // (Cody-Waite: ln 2 in two parts so that n * kLn2Hi is exact), exp(r) by its degree-7 Taylor
@@ -42,24 +39,28 @@ inline float exp_nonpositive(float y) {
   return p * two_n;
 }
 
+#define HALF_ERF_P(...) constexpr float kHalfErfP[] = {__VA_ARGS__};
+#define ERF_Q(...) constexpr float kErfQ[] = {__VA_ARGS__};
+#include "erf_fit.inc"
+#undef HALF_ERF_P
+#undef ERF_Q
+
+// c[0] + c[1] s + ... + c[N-1] s^(N-1), by Horner's rule.
+template <size_t N>
+inline float polynomial(const float (&c)[N], float s) {
+  float sum = c[N - 1];
+  for (size_t i = N - 1; i-- > 0;) {
+    sum = sum * s + c[i];
+  }
+  return sum;
+}
+
 // 0.5 erf(a / sqrt 2) for a >= 0 (NaN stays NaN) as a P(a^2) / Q(a^2) on a <= 4 sqrt 2, where
-// erf rounds to 1: the degree-5/5 fit of mlx_aim's portable CPU kernels, max abs error 2e-7.
+// erf rounds to 1 (erf_fit.inc, shared with the portable kernels), max abs error 2e-7.
 inline float half_erf(float a) {
   a = std::min(a, 5.656854249492380f);
   const float s = a * a;
-  const float p =
-      0.39894221294521526f +
-      s * (0.034696523074525774f +
-           s * (0.004726190458421924f +
-                s * (0.0001769834746358358f +
-                     s * (6.3653764663803644e-06f + s * 2.1817031098618527e-08f))));
-  const float q =
-      1.0f +
-      s * (0.25363686379121675f +
-           s * (0.029121619750357867f +
-                s * (0.0019308149340320222f +
-                     s * (7.603796684841192e-05f + s * 1.1712551652742244e-06f))));
-  return a * p / q;
+  return a * polynomial(kHalfErfP, s) / polynomial(kErfQ, s);
 }
 
 // 16 floats; the compiler maps it onto the CPU's vectors (one AVX-512 register, two AVX ones).
@@ -93,8 +94,31 @@ inline float row_max(const float* s, int64_t n) {
   return max;
 }
 
-// s[0..n) (in place) becomes its softmax; returns (max, 1 / sum of the exponentials).
-inline std::pair<float, float> softmax_in_place(float* s, int64_t n) {
+typedef uint8_t Flags16 __attribute__((vector_size(16)));
+typedef int32_t Int16 __attribute__((vector_size(64)));
+
+// s[j] = fill where keep[j] is false, 16 at a time (GCC does not vectorize this select by itself).
+inline void fill_masked(float* s, const bool* keep, int64_t n, float fill) {
+  const Vec16 fills = Vec16{} + fill;
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    Flags16 flags;
+    std::memcpy(&flags, keep + j, sizeof(flags));
+    const Int16 kept = __builtin_convertvector(flags, Int16) != 0;
+    store16(s + j, kept ? load16(s + j) : fills);
+  }
+  for (; j < n; ++j) {
+    s[j] = keep[j] ? s[j] : fill;
+  }
+}
+
+// A row of scores s[0..n) (in place) becomes its softmax, the keys where `keep` is false (when
+// not null) at the float32 minimum, as mx.fast does (a fully masked row comes out uniform);
+// returns the row's (max, 1 / sum of the exponentials).
+inline std::pair<float, float> softmax_row(float* s, const bool* keep, int64_t n) {
+  if (keep != nullptr) {
+    fill_masked(s, keep, n, kLowest);
+  }
   const float max = row_max(s, n);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -110,47 +134,16 @@ inline std::pair<float, float> softmax_in_place(float* s, int64_t n) {
   return {max, inv_sum};
 }
 
-// Threads a kernel may use: the cores this process may run on (its affinity mask), at most
-// OMP_NUM_THREADS when that is set (the usual knob, which PyTorch and OpenBLAS honor too). Read
-// once.
-inline int usable_cores() {
-  static const int cores = [] {
-    int count = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-      count = std::max(1, CPU_COUNT(&set));
-    }
-    if (const char* limit = std::getenv("OMP_NUM_THREADS")) {
-      const int threads = std::atoi(limit);
-      if (threads > 0) {
-        count = std::min(count, threads);
-      }
-    }
-    return count;
-  }();
-  return cores;
-}
-
-// Calls body(begin, end) on consecutive chunks of [0, n) in parallel, one chunk of at least
-// `grain` items per thread. Kernels running at once (several CPU streams) share the cores.
-template <typename Body>
-void parallel_for(int64_t n, int64_t grain, Body body) {
-  static std::atomic<int> running{0};
-  const int sharing = running.fetch_add(1) + 1;
-  const int64_t by_work = std::max<int64_t>(1, n / std::max<int64_t>(1, grain));
-  const int threads = static_cast<int>(
-      std::min<int64_t>(by_work, std::max(1, usable_cores() / sharing)));
-  const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> helpers;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t begin = t * chunk;
-    helpers.emplace_back(body, begin, std::min(n, begin + chunk));
+// A row of probabilities from its scores s (in place) and softmax_row's (max, 1 / sum): the same
+// operations, so the same values.
+inline void probabilities_row(float* s, const bool* keep, int64_t n, float max, float inv_sum) {
+  if (keep != nullptr) {
+    fill_masked(s, keep, n, kLowest);
   }
-  body(0, std::min(n, chunk));
-  for (auto& helper : helpers) {
-    helper.join();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_nonpositive(s[j] - max) * inv_sum;
   }
-  running.fetch_sub(1);
 }
 
 }  // namespace mlx_aim
