@@ -4,8 +4,9 @@
 // at the float32 minimum, as mx.fast does) and O = P v in thread-local buffers, with the small
 // products of small_gemm.h; it keeps each row's (max, 1 / sum) for the backward pass, which
 // recomputes P from them instead of storing it: dV = P^T dO, dS = P (dO v^T - rowsum(dO O)),
-// dq = scale dS k, dk = dS^T (scale q). The outputs are written in (B, N, H, d) order, the layout
-// the model's output projection reads.
+// dq = scale dS k, dk = dS^T (scale q). Blocks of keys a (prefix-)causal mask hides from a whole
+// tile of query rows are skipped (KeyLimits). The outputs are written in (B, N, H, d) order, the
+// layout the model's output projection reads.
 
 #include <cmath>
 #include <cstring>
@@ -111,6 +112,90 @@ struct HeadShape {
 // and what lies outside (the padding) only feeds rows and columns of products that are dropped.
 using Buffer = std::vector<float>;
 
+// The keys each query row needs: row i attends no key at or past limit[i], and the kTileRows rows
+// of tile t compute their scores up to column cols[t] (their largest limit, rounded up to
+// kTileCols): a causal or prefix-causal mask skips the blocks it masks fully (about a sixth of a
+// prefix-causal head). Where the tiles' columns do not grow with the rows (another mask), or
+// without a mask, every row takes every key. A fully masked row takes every key (it attends
+// uniformly).
+struct KeyLimits {
+  std::vector<int64_t> limit, cols;
+
+  void compute(const KeepMask& mask, int64_t b, int64_t h, const HeadShape& n,
+               std::vector<bool_t>& scratch) {
+    limit.assign(n.nq, n.nk);
+    cols.assign(n.mq / kTileRows, n.nkc);
+    if (mask.data == nullptr) {
+      return;
+    }
+    for (int64_t i = 0; i < n.nq; ++i) {
+      const bool* keep = mask.row(b, h, i, n.nk, scratch);
+      int64_t end = n.nk;
+      while (end > 0 && !keep[end - 1]) {
+        --end;
+      }
+      limit[i] = end > 0 ? end : n.nk;
+    }
+    for (size_t t = 0; t < cols.size(); ++t) {
+      const int64_t first = t * kTileRows;
+      const int64_t last = std::min<int64_t>(n.nq, first + kTileRows);
+      const int64_t widest = *std::max_element(limit.begin() + first, limit.begin() + last);
+      cols[t] = round_up(widest, kTileCols);
+      if (t > 0 && cols[t] < cols[t - 1]) {  // not growing: no skipping
+        limit.assign(n.nq, n.nk);
+        cols.assign(cols.size(), n.nkc);
+        return;
+      }
+    }
+  }
+  // The first query row whose tile reaches key column j: no row before it needs that key, and
+  // every row from there on has it computed (the columns grow with the rows).
+  int64_t first_row(int64_t j, int64_t nq) const {
+    size_t t = 0;
+    while (t < cols.size() && cols[t] <= j) {
+      ++t;
+    }
+    return std::min<int64_t>(nq, t * kTileRows);
+  }
+};
+
+// The scores of each row tile, (scale q) k^T up to the tile's columns.
+void tile_scores(const HeadShape& n, const KeyLimits& lim, const float* q, const float* kt,
+                 float* s) {
+  for (size_t t = 0; t < lim.cols.size(); ++t) {
+    const int64_t i0 = t * kTileRows;
+    gemm(kTileRows, lim.cols[t], n.d, q + i0 * n.dc, n.dc, kt, n.nkc, s + i0 * n.nkc, n.nkc);
+  }
+}
+
+// C = A B per row tile of A (row stride lda), the sum over the tile's keys only: A's entries past
+// a row's limit (up to the tile's columns) are 0.
+void tile_times_keys(const HeadShape& n, const KeyLimits& lim, const float* a, int64_t lda,
+                     const float* b, float* c) {
+  for (size_t t = 0; t < lim.cols.size(); ++t) {
+    const int64_t i0 = t * kTileRows;
+    const int64_t depth = std::min(lim.cols[t], n.nk);
+    gemm(kTileRows, n.dc, depth, a + i0 * lda, lda, b, n.dc, c + i0 * n.dc, n.dc);
+  }
+}
+
+// C = A^T B per tile of keys (C's rows), summed over the queries that reach them: A (nq x nkc,
+// row stride n.nkc) and B (nq x dc).
+void keys_times_tiles(const HeadShape& n, const KeyLimits& lim, const float* a, const float* b,
+                      float* c) {
+  for (int64_t j0 = 0; j0 < n.nkr; j0 += kTileRows) {
+    const int64_t p0 = lim.first_row(j0, n.nq);
+    gemm<true>(kTileRows, n.dc, n.nq - p0, a + p0 * n.nkc + j0, n.nkc, b + p0 * n.dc, n.dc,
+               c + j0 * n.dc, n.dc);
+  }
+}
+
+// Zeroes row i's entries from its limit to its tile's columns (what the products above read).
+void clear_past_limit(float* row, const KeyLimits& lim, int64_t i) {
+  const int64_t end = lim.cols[i / kTileRows];
+  std::fill(row + lim.limit[i], row + end, 0.0f);
+}
+
 // rows x cols of `src` (row(b, h, r)) into dst (row stride ld), times `scale`.
 void gather(
     const Rows& src,
@@ -190,6 +275,7 @@ struct ForwardArgs {
 struct ForwardBuffers {
   Buffer q, kt, s, v, o;
   std::vector<bool_t> keep;
+  KeyLimits limits;
   explicit ForwardBuffers(const HeadShape& n)
       : q(n.mq * n.dc), kt(n.d * n.nkc), s(n.mq * n.nkc), v(n.nk * n.dc), o(n.mq * n.dc) {}
 };
@@ -198,14 +284,17 @@ void forward_head(const ForwardArgs& a, int64_t b, int64_t h, ForwardBuffers& w)
   const HeadShape& n = a.shape;
   gather(a.q, b, h, n.nq, n.d, a.scale, w.q.data(), n.dc);
   gather_transposed(a.k, b, h, n.nk, n.d, w.kt.data(), n.nkc);
-  gemm(n.mq, n.nkc, n.d, w.q.data(), n.dc, w.kt.data(), n.nkc, w.s.data(), n.nkc);
+  w.limits.compute(a.mask, b, h, n, w.keep);
+  tile_scores(n, w.limits, w.q.data(), w.kt.data(), w.s.data());
   float* stats = a.stats + (b * a.heads + h) * n.nq * 2;
   for (int64_t i = 0; i < n.nq; ++i) {
     const bool* keep = a.mask.row(b, h, i, n.nk, w.keep);
-    std::tie(stats[2 * i], stats[2 * i + 1]) = softmax_row(w.s.data() + i * n.nkc, keep, n.nk);
+    float* row = w.s.data() + i * n.nkc;
+    std::tie(stats[2 * i], stats[2 * i + 1]) = softmax_row(row, keep, w.limits.limit[i]);
+    clear_past_limit(row, w.limits, i);
   }
   gather(a.v, b, h, n.nk, n.d, 1.0f, w.v.data(), n.dc);
-  gemm(n.mq, n.dc, n.nk, w.s.data(), n.nkc, w.v.data(), n.dc, w.o.data(), n.dc);
+  tile_times_keys(n, w.limits, w.s.data(), n.nkc, w.v.data(), w.o.data());
   scatter(w.o.data(), n.dc, n.nq, n.d, 1.0f, a.out, b, h, a.heads, n.nq);
 }
 
@@ -224,6 +313,7 @@ struct BackwardArgs {
 struct BackwardBuffers {
   Buffer q, kt, s, dout, vt, dp, k, result;
   std::vector<bool_t> keep;
+  KeyLimits limits;
   explicit BackwardBuffers(const HeadShape& n)
       : q(n.mq * n.dc),
         kt(n.d * n.nkc),
@@ -264,20 +354,18 @@ void probabilities_and_score_grads(
     float* p = w.s.data() + i * n.nkc;
     float* ds = w.dp.data() + i * n.nkc;
     const bool* keep = a.mask.row(b, h, i, n.nk, w.keep);
-    probabilities_row(p, keep, n.nk, stats[2 * i], stats[2 * i + 1]);
+    const int64_t limit = w.limits.limit[i];
+    probabilities_row(p, keep, limit, stats[2 * i], stats[2 * i + 1]);
     const float dot = dots[i];
-    if (keep == nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < n.nk; ++j) {
-        ds[j] = p[j] * (ds[j] - dot);
-      }
-    } else {  // p is 0 where masked, unless the whole row is (then uniform): zero it there
-#pragma omp simd
-      for (int64_t j = 0; j < n.nk; ++j) {
-        ds[j] = p[j] * (ds[j] - dot);
-      }
-      fill_masked(ds, keep, n.nk, 0.0f);
+    for (int64_t j = 0; j < limit; ++j) {
+      ds[j] = p[j] * (ds[j] - dot);
     }
+    if (keep != nullptr) {  // p is 0 where masked, unless the whole row is (then uniform)
+      fill_masked(ds, keep, limit, 0.0f);
+    }
+    clear_past_limit(p, w.limits, i);
+    clear_past_limit(ds, w.limits, i);
   }
 }
 
@@ -285,21 +373,22 @@ void backward_head(const BackwardArgs& a, int64_t b, int64_t h, BackwardBuffers&
   const HeadShape& n = a.shape;
   gather(a.q, b, h, n.nq, n.d, a.scale, w.q.data(), n.dc);
   gather_transposed(a.k, b, h, n.nk, n.d, w.kt.data(), n.nkc);
-  gemm(n.mq, n.nkc, n.d, w.q.data(), n.dc, w.kt.data(), n.nkc, w.s.data(), n.nkc);
+  w.limits.compute(a.mask, b, h, n, w.keep);
+  tile_scores(n, w.limits, w.q.data(), w.kt.data(), w.s.data());
   gather(a.dout, b, h, n.nq, n.d, 1.0f, w.dout.data(), n.dc);
   gather_transposed(a.v, b, h, n.nk, n.d, w.vt.data(), n.nkc);
-  gemm(n.mq, n.nkc, n.d, w.dout.data(), n.dc, w.vt.data(), n.nkc, w.dp.data(), n.nkc);
+  tile_scores(n, w.limits, w.dout.data(), w.vt.data(), w.dp.data());
   probabilities_and_score_grads(a, b, h, w);
 
   // dq = scale dS k
   gather(a.k, b, h, n.nk, n.d, 1.0f, w.k.data(), n.dc);
-  gemm(n.mq, n.dc, n.nk, w.dp.data(), n.nkc, w.k.data(), n.dc, w.result.data(), n.dc);
+  tile_times_keys(n, w.limits, w.dp.data(), n.nkc, w.k.data(), w.result.data());
   scatter(w.result.data(), n.dc, n.nq, n.d, a.scale, a.dq, b, h, a.heads, n.nq);
 
   // dv = P^T dO, dk = dS^T (scale q): P and dS read transposed (rows up to nkr <= nkc)
-  gemm<true>(n.nkr, n.dc, n.nq, w.s.data(), n.nkc, w.dout.data(), n.dc, w.result.data(), n.dc);
+  keys_times_tiles(n, w.limits, w.s.data(), w.dout.data(), w.result.data());
   scatter(w.result.data(), n.dc, n.nk, n.d, 1.0f, a.dv, b, h, a.heads, n.nk);
-  gemm<true>(n.nkr, n.dc, n.nq, w.dp.data(), n.nkc, w.q.data(), n.dc, w.result.data(), n.dc);
+  keys_times_tiles(n, w.limits, w.dp.data(), w.q.data(), w.result.data());
   scatter(w.result.data(), n.dc, n.nk, n.d, 1.0f, a.dk, b, h, a.heads, n.nk);
 }
 
