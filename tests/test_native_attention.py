@@ -52,6 +52,8 @@ CASES = [  # (B, H, Nq, Nk, d, mask): the trunk, odd widths and lengths, pooling
     (2, 2, 90, 90, 16, "causal"),
     (1, 2, 40, 40, 16, "shrinking"),
     (2, 1, 70, 70, 32, "random"),
+    (2, 2, 16, 16, 8, "prefix-causal"),
+    (1, 1, 12, 40, 24, "random"),
 ]
 
 

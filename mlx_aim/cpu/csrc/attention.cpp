@@ -95,7 +95,7 @@ struct HeadShape {
   int64_t nq, nk, d;
   int64_t mq;  // nq rounded up to kTileRows
   int64_t nkr;  // nk rounded up to kTileRows
-  int64_t nkc;  // nk rounded up to kTileCols
+  int64_t nkc;  // nkr rounded up to kTileCols: a transposed product reads nkr columns of a row
   int64_t dc;  // d rounded up to kTileCols
 
   HeadShape(int64_t nq_, int64_t nk_, int64_t d_)
@@ -104,7 +104,7 @@ struct HeadShape {
         d(d_),
         mq(round_up(nq_, kTileRows)),
         nkr(round_up(nk_, kTileRows)),
-        nkc(round_up(nk_, kTileCols)),
+        nkc(round_up(round_up(nk_, kTileRows), kTileCols)),
         dc(round_up(d_, kTileCols)) {}
 };
 
@@ -190,9 +190,10 @@ void keys_times_tiles(const HeadShape& n, const KeyLimits& lim, const float* a, 
   }
 }
 
-// Zeroes row i's entries from its limit to its tile's columns (what the products above read).
-void clear_past_limit(float* row, const KeyLimits& lim, int64_t i) {
-  const int64_t end = lim.cols[i / kTileRows];
+// Zeroes row i's entries from its limit to its tile's columns, rounded up to whole key tiles of
+// keys_times_tiles (what the products above read).
+void clear_past_limit(float* row, const KeyLimits& lim, const HeadShape& n, int64_t i) {
+  const int64_t end = std::min(round_up(lim.cols[i / kTileRows], kTileRows), n.nkc);
   std::fill(row + lim.limit[i], row + end, 0.0f);
 }
 
@@ -291,7 +292,7 @@ void forward_head(const ForwardArgs& a, int64_t b, int64_t h, ForwardBuffers& w)
     const bool* keep = a.mask.row(b, h, i, n.nk, w.keep);
     float* row = w.s.data() + i * n.nkc;
     std::tie(stats[2 * i], stats[2 * i + 1]) = softmax_row(row, keep, w.limits.limit[i]);
-    clear_past_limit(row, w.limits, i);
+    clear_past_limit(row, w.limits, n, i);
   }
   gather(a.v, b, h, n.nk, n.d, 1.0f, w.v.data(), n.dc);
   tile_times_keys(n, w.limits, w.s.data(), n.nkc, w.v.data(), w.o.data());
@@ -364,8 +365,8 @@ void probabilities_and_score_grads(
     if (keep != nullptr) {  // p is 0 where masked, unless the whole row is (then uniform)
       fill_masked(ds, keep, limit, 0.0f);
     }
-    clear_past_limit(p, w.limits, i);
-    clear_past_limit(ds, w.limits, i);
+    clear_past_limit(p, w.limits, n, i);
+    clear_past_limit(ds, w.limits, n, i);
   }
 }
 

@@ -63,29 +63,38 @@ inline float half_erf(float a) {
   return a * polynomial(kHalfErfP, s) / polynomial(kErfQ, s);
 }
 
-// 16 floats; the compiler maps it onto the CPU's vectors (one AVX-512 register, two AVX ones).
-typedef float Vec16 __attribute__((vector_size(64)));
+// Floats in one of the CPU's vector registers. A wider generic vector than the hardware's is not
+// split cleanly: GCC 12 builds an AVX-512-wide one lane by lane through memory on an AVX2 CPU,
+// which made the attention 13x slower there.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;  // SSE, NEON
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-inline Vec16 load16(const float* p) {
-  Vec16 v;
+inline Vec load(const float* p) {
+  Vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store16(float* p, Vec16 v) {
+inline void store(float* p, Vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// max of s[0..n), 16 lanes at a time (GCC does not vectorize a float max reduction by itself).
+// max of s[0..n), a vector at a time (GCC does not vectorize a float max reduction by itself).
 inline float row_max(const float* s, int64_t n) {
-  Vec16 lanes = Vec16{} - std::numeric_limits<float>::infinity();
+  Vec lanes = Vec{} - std::numeric_limits<float>::infinity();
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const Vec16 v = load16(s + j);
+  for (; j + kLanes <= n; j += kLanes) {
+    const Vec v = load(s + j);
     lanes = v > lanes ? v : lanes;
   }
   float max = -std::numeric_limits<float>::infinity();
-  for (int lane = 0; lane < 16; ++lane) {
+  for (int lane = 0; lane < kLanes; ++lane) {
     max = std::max(max, lanes[lane]);
   }
   for (; j < n; ++j) {
@@ -94,18 +103,19 @@ inline float row_max(const float* s, int64_t n) {
   return max;
 }
 
-typedef uint8_t Flags16 __attribute__((vector_size(16)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
+typedef uint8_t Flags __attribute__((vector_size(kLanes)));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
-// s[j] = fill where keep[j] is false, 16 at a time (GCC does not vectorize this select by itself).
+// s[j] = fill where keep[j] is false, a vector at a time (GCC does not vectorize this select by
+// itself).
 inline void fill_masked(float* s, const bool* keep, int64_t n, float fill) {
-  const Vec16 fills = Vec16{} + fill;
+  const Vec fills = Vec{} + fill;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    Flags16 flags;
+  for (; j + kLanes <= n; j += kLanes) {
+    Flags flags;
     std::memcpy(&flags, keep + j, sizeof(flags));
-    const Int16 kept = __builtin_convertvector(flags, Int16) != 0;
-    store16(s + j, kept ? load16(s + j) : fills);
+    const Ints kept = __builtin_convertvector(flags, Ints) != 0;
+    store(s + j, kept ? load(s + j) : fills);
   }
   for (; j < n; ++j) {
     s[j] = keep[j] ? s[j] : fill;
