@@ -5,7 +5,6 @@
 #pragma once
 
 #include <sched.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -43,24 +42,13 @@ inline int usable_cores() {
 
 // Worker threads that run the parts of parallel loops. A loop's caller runs parts too, and keeps
 // taking them until none is left, so a loop always finishes, even with every worker busy on
-// another loop (several CPU streams) or none started (a forked child: the pool's threads did not
-// follow, and the child starts its own).
+// another loop (several CPU streams at once).
 class ThreadPool {
  public:
   // The process's pool: usable_cores() - 1 workers, started on first use.
   static ThreadPool& instance() {
-    static std::atomic<ThreadPool*> pool{nullptr};
-    static std::mutex creating;
-    ThreadPool* current = pool.load();
-    if (current == nullptr || current->pid_ != getpid()) {
-      std::lock_guard<std::mutex> lock(creating);
-      current = pool.load();
-      if (current == nullptr || current->pid_ != getpid()) {
-        current = new ThreadPool(usable_cores() - 1);  // never freed: workers outlive exit
-        pool.store(current);
-      }
-    }
-    return *current;
+    static ThreadPool* pool = new ThreadPool(usable_cores() - 1);  // never freed: workers detach
+    return *pool;
   }
 
   // Calls part(i) for every i in [0, parts), on the workers and the calling thread.
@@ -101,7 +89,7 @@ class ThreadPool {
     std::condition_variable finished;
   };
 
-  explicit ThreadPool(int workers) : workers_(std::max(0, workers)), pid_(getpid()) {
+  explicit ThreadPool(int workers) : workers_(std::max(0, workers)) {
     for (int t = 0; t < workers_; ++t) {
       std::thread([this] { serve(); }).detach();
     }
@@ -142,7 +130,6 @@ class ThreadPool {
   }
 
   int workers_;
-  pid_t pid_;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<Loop*> queue_;
