@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mlx_aim.errors import InputError, OutputError
-from mlx_aim.io import check_destination
+from mlx_aim.errors import InputError
 from mlx_aim.messages import plural
+from mlx_aim.tasks.config import PATHS_HELP, SLOW_ON_CPU, EmbedConfig
 
 from .errors import (
     EXIT_CODES_HELP,
@@ -22,14 +22,14 @@ from .errors import (
     reported_errors,
     warn,
 )
+from .options import with_config_options
 from .progress import progress_bars, working
 
 if TYPE_CHECKING:
     from mlx_aim.data.images import ImageError
     from mlx_aim.tasks.embed import Embedder, EmbedResult
 
-DTYPES = ("float32", "bfloat16", "float16")
-SLOW_ON_CPU = "on a CPU, bfloat16, float16 and --quantize run 9-15x slower than float32"
+_SHORT = {"model": "-m", "output": "-o", "batch_size": "-b", "quiet": "-q"}
 
 
 def register(app: typer.Typer) -> None:
@@ -67,48 +67,27 @@ def end_partial(skipped: list[ImageError], quiet: bool) -> None:
         raise typer.Exit(ExitCode.PARTIAL)
 
 
-def _texts(paths: list[str] | None, texts: list[str] | None, text_file: Path | None) -> list[str]:
-    """``--text`` values, then the non-empty lines of ``--text-file``."""
-    from mlx_aim.io import read_text
-
-    if paths:
-        raise InputError("give image paths or --text / --text-file, not both")
-    lines = read_text(text_file).splitlines() if text_file is not None else []
-    texts = [*(texts or []), *(line for line in lines if line.strip())]
-    if not texts:
-        raise InputError("no text to embed (--text or --text-file)")
-    return texts
-
-
-def _embed_texts(
-    texts: list[str],
-    model: str,
-    output: Path | None,
-    normalize: bool,
-    dtype: str,
-    as_json: bool,
-    quiet: bool,
-) -> None:
+def _embed_texts(texts: list[str], config: EmbedConfig) -> None:
     """``mlx-aim embed --text``: text embeddings of a LiT model, written as image embeddings are."""
     import mlx.core as mx
 
     import mlx_aim
     from mlx_aim.tasks.embed import embed_texts, save_embeddings
 
-    with working(f"loading {model}", enabled=not quiet):
-        net = mlx_aim.load(model, dtype=getattr(mx, dtype))
+    with working(f"loading {config.model}", enabled=not config.quiet):
+        net = mlx_aim.load(config.model, dtype=getattr(mx, config.dtype))
     try:
-        vectors = embed_texts(net, texts, normalize=normalize)
+        vectors = embed_texts(net, texts, normalize=config.normalize)
     except ValueError as e:  # a model without a text tower
-        raise InputError(f"--model {model}: {e}") from None
+        raise InputError(f"--model {config.model}: {e}") from None
     for string, vector in zip(texts, vectors, strict=True):
-        if as_json:
+        if config.as_json:
             typer.echo(json.dumps({"text": string, "embedding": vector.tolist()}))
-        elif output is None:
+        elif config.output is None:
             typer.echo(_summary(string, vector))
-    if output is not None:
-        written = save_embeddings(output, vectors, texts)
-        if not quiet:
+    if config.output is not None:
+        written = save_embeddings(config.output, vectors, texts)
+        if not config.quiet:
             names = " and ".join(str(f) for f in reversed(written))
             err_console.print(
                 f"wrote {plural(len(texts), 'text embedding')} to {names}",
@@ -128,51 +107,6 @@ def _summary(path: str, vector) -> str:
     return f"{path}  shape {tuple(values.shape)}  {norm_name} {norm:.4f}  [{shown}, ...]"
 
 
-def _pooling(pool: str, tokens: bool, layers: str | None) -> str:
-    """--pool with its shorthands applied: --tokens, and --layers alone meaning layers."""
-    if tokens:
-        return "tokens"
-    return "layers" if layers is not None and pool == "auto" else pool
-
-
-def _check_options(
-    pool: str, layers: str | None, dtype: str, quantize: int | None, batch_size: int, workers: int
-) -> None:
-    from mlx_aim.tasks.embed import POOLS
-
-    if pool not in POOLS:
-        raise InputError(f"--pool must be one of {', '.join(POOLS)}, not {pool!r}")
-    if layers is not None and pool != "layers":
-        raise InputError(f"--layers only applies to --pool layers, not --pool {pool}")
-    if dtype not in DTYPES:
-        raise InputError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if quantize is not None and quantize not in (4, 8):
-        raise InputError(f"--quantize must be 4 or 8, not {quantize}")
-    if batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, not {batch_size}")
-    if workers < 0:
-        raise InputError(f"--workers must be >= 0, not {workers}")
-
-
-def _check_output(output: Path, model: str, force: bool) -> None:
-    """Refuse, before any work, an output that cannot or must not be written."""
-    from mlx_aim.tasks.embed import output_files
-
-    files = output_files(output)
-    source = Path(model).expanduser()
-    if source.exists():
-        read = source.resolve()
-        for file in files:
-            target = file.expanduser().resolve()
-            if target == read or (source.is_dir() and target.is_relative_to(read)):
-                raise OutputError(
-                    f"{file} is inside the model {source} being read; write the embeddings "
-                    "elsewhere"
-                )
-    for file in files:
-        check_destination(file, overwrite=force)
-
-
 def find_files(
     paths: list[str], output: Path | None, report: Callable[[ImageError], None]
 ) -> list[Path]:
@@ -188,44 +122,6 @@ def find_files(
     if output is not None:
         check_sources(output, files)
     return files
-
-
-def _load_embedder(
-    model: str,
-    *,
-    dtype: str,
-    quantize: int | None,
-    pool: str,
-    layers: str | None,
-    normalize: bool,
-    batch_size: int,
-    output: Path | None,
-) -> Embedder:
-    """The model loaded (and quantized) as an :class:`Embedder`; bad options are InputErrors."""
-    import mlx.core as mx
-
-    import mlx_aim
-    from mlx_aim.tasks.embed import Embedder, output_format
-    from mlx_aim.tasks.embed import quantize as quantize_model
-    from mlx_aim.tasks.features import vision_model
-    from mlx_aim.tasks.probe import resolve_layers
-
-    net = mlx_aim.load(model, dtype=getattr(mx, dtype))
-    try:
-        chosen = None if layers is None else resolve_layers(layers, vision_model(net).args, model)
-        if quantize is not None:
-            quantize_model(net, quantize)
-        embedder = Embedder(
-            net, pool=pool, layers=chosen, normalize=normalize, batch_size=batch_size
-        )
-    except ValueError as e:
-        raise InputError(str(e)) from None
-    if embedder.ragged and output is not None and output_format(output) != ".jsonl":
-        raise InputError(
-            f"{output}: native-resolution tokens differ in count between images; write them as "
-            ".jsonl"
-        )
-    return embedder
 
 
 def _embed(
@@ -245,11 +141,12 @@ def _embed(
     return result
 
 
-def _warn_if_slow(dtype: str, quantize: int | None) -> None:
+def _warn_if_slow(config: EmbedConfig) -> None:
     import mlx.core as mx
 
     prepare_cpu_backend()
-    if (dtype != "float32" or quantize is not None) and mx.default_device().type == mx.cpu:
+    slow = config.dtype != "float32" or config.quantize is not None
+    if slow and mx.default_device().type == mx.cpu:
         warn(f"{SLOW_ON_CPU}; drop --dtype/--quantize here for speed")
 
 
@@ -274,63 +171,8 @@ def _print(result: EmbedResult, as_json: bool) -> None:
 
 
 def embed_command(
-    paths: list[str] | None = typer.Argument(
-        None,
-        help="Image files, folders (recursive), glob patterns, .txt path lists, or - to read "
-        "paths from standard input.",
-        show_default=False,
-    ),
-    model: str = typer.Option(
-        "aimv2-large-patch14-224",
-        "--model",
-        "-m",
-        help="A registry name, an mlx-aim model directory (convert, train or probe output) or a "
-        "checkpoint file.",
-    ),
-    output: Path | None = typer.Option(
-        None,
-        "--output",
-        "-o",
-        help="Write the embeddings: .npy (+ <stem>.paths.txt), .safetensors (paths in the "
-        "metadata) or .jsonl. Without it a summary per image is printed.",
-    ),
-    pool: str = typer.Option(
-        "auto",
-        "--pool",
-        help="mean (of final tokens; AIMv2 default), head (the model's attention pool), layers "
-        "(token mean of averaged block outputs; AIMv1 default), tokens (all patch tokens), "
-        "projection (LiT: the image embedding in the text space; its default) or auto.",
-    ),
-    tokens: bool = typer.Option(False, "--tokens", help="Shorthand for --pool tokens."),
-    layers: str | None = typer.Option(
-        None, "--layers", help="Blocks for --pool layers: last, best or i,j,k."
-    ),
-    normalize: bool = typer.Option(False, "--normalize", help="Scale embeddings to unit norm."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per forward pass."),
-    dtype: str = typer.Option(
-        "float32", "--dtype", help=f"float32, bfloat16 or float16 ({SLOW_ON_CPU})."
-    ),
-    quantize: int | None = typer.Option(
-        None,
-        "--quantize",
-        help="Quantize the linear layers to 4 or 8 bits (mlx.nn.quantize; saves memory on Apple "
-        "GPUs, slower on a CPU).",
-    ),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print one JSON object per image with the full vector."
-    ),
-    workers: int = typer.Option(2, "--workers", help="Image decoding threads (0: none)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing --output."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
-    text: list[str] | None = typer.Option(
-        None,
-        "--text",
-        help="Embed this text instead of images (repeatable; LiT models). The texts take the "
-        "place of the paths in the output.",
-    ),
-    text_file: Path | None = typer.Option(
-        None, "--text-file", help="Embed each line of this file as a text (LiT models)."
-    ),
+    paths: list[str] | None = typer.Argument(None, help=PATHS_HELP, show_default=False),
+    **settings: Any,
 ) -> None:
     """Embed images (or texts, with a LiT model) and print or save the vectors in input order.
 
@@ -347,48 +189,33 @@ def embed_command(
     A file that cannot be read is named on stderr with its reason and skipped (exit code 4);
     every other file is embedded and written.
     """
+    config = EmbedConfig(**settings)
     with reported_errors():
-        _check_options(_pooling(pool, tokens, layers), layers, dtype, quantize, batch_size, workers)
-        if output is not None:
-            _check_output(output, model, force)
-        if text or text_file is not None:
-            texts = _texts(paths, text, text_file)
-            return _embed_texts(texts, model, output, normalize, dtype, as_json, quiet)
+        config.validate().check_output()
+        if config.embeds_text:
+            return _embed_texts(config.texts(paths), config)
         if not paths:
             raise InputError("give image paths (or --text / --text-file with a LiT model)")
-    embedder_options = {
-        "dtype": dtype,
-        "quantize": quantize,
-        "pool": _pooling(pool, tokens, layers),
-        "layers": layers,
-        "normalize": normalize,
-        "batch_size": batch_size,
-        "output": output,
-    }
-    _embed_images(paths, model, embedder_options, as_json=as_json, workers=workers, quiet=quiet)
+    _embed_images(paths, config)
 
 
-def _embed_images(
-    paths: list[str],
-    model: str,
-    embedder_options: dict[str, Any],
-    *,
-    as_json: bool,
-    workers: int,
-    quiet: bool,
-) -> None:
-    """Embed the image files of ``paths`` and print or write them; ``embedder_options`` are the
-    keyword arguments of :func:`_load_embedder` (``output`` among them)."""
+def _embed_images(paths: list[str], config: EmbedConfig) -> None:
+    """Embed the image files of ``paths`` and print or write them."""
+    from mlx_aim.tasks.embed import load_embedder
+
     skipped, report = skip_reporter()
-    output = embedder_options["output"]
+    output = config.output
     with reported_errors():
         files = find_files(paths, output, report)
-        _warn_if_slow(embedder_options["dtype"], embedder_options["quantize"])
-        with working(f"loading {model}", enabled=not quiet):
-            embedder = _load_embedder(model, **embedder_options)
-        result = _embed(embedder, files, report, workers, quiet)
-        if as_json or output is None:
-            _print(result, as_json)
+        _warn_if_slow(config)
+        with working(f"loading {config.model}", enabled=not config.quiet):
+            embedder = load_embedder(config)
+        result = _embed(embedder, files, report, config.workers, config.quiet)
+        if config.as_json or output is None:
+            _print(result, config.as_json)
         if output is not None:
-            _write(output, result, embedder.pool, quiet)
-    end_partial(skipped, quiet)
+            _write(output, result, embedder.pool, config.quiet)
+    end_partial(skipped, config.quiet)
+
+
+with_config_options(embed_command, EmbedConfig, _SHORT)

@@ -6,38 +6,23 @@ The settings flags (--epochs, --lr, ...) are generated from ``ProbeConfig``'s fi
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.nn
 import typer
 
-import mlx_aim
-from mlx_aim.checkpoints.registry import LAPTOP_ARCHITECTURES
-from mlx_aim.data.builtin import builtin_dataset
 from mlx_aim.errors import EXIT_CODES_HELP, ExitCode, InputError, OutputError
 from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
-from mlx_aim.tasks.features import FeatureCache
-from mlx_aim.tasks.probe import (
-    Hooks,
-    ProbeConfig,
-    check_classes,
-    eval_files,
-    evaluate_classifier,
-    load_dataset,
-    random_model,
-    read_classes,
-    save_evaluation,
-    save_probe,
-    train_probe,
-)
+from mlx_aim.tasks.probe.config import Hooks, ProbeConfig
 
 from .errors import err_console, prepare_cpu_backend, reported_errors, warn
-from .options import config_options
+from .options import with_config_options
 from .progress import progress_bars
+
+if TYPE_CHECKING:
+    import mlx.nn
 
 _SHORT = {"epochs": "-e", "batch_size": "-b"}
 
@@ -115,6 +100,8 @@ def probe_command(
 
       mlx-aim probe --data ~/imagenet --model aim-600M --layers best --eval-only
     """
+    from mlx_aim.data.builtin import builtin_dataset
+
     prepare_cpu_backend()
     with reported_errors():
         config = ProbeConfig(**settings).validate()
@@ -132,6 +119,8 @@ def probe_command(
 
 def _check_cache(config: ProbeConfig) -> None:
     """Refuse an unwritable feature cache before any work (``--no-cache`` avoids it)."""
+    from mlx_aim.tasks.features import FeatureCache
+
     if config.cache:
         try:
             check_destination(FeatureCache(config.cache_dir).root, overwrite=True, directory=True)
@@ -144,6 +133,10 @@ def _load_trunk(
 ) -> mlx.nn.Module:
     """The trunk to probe: random (--random-init), or what mlx_aim.load returns (``head``: a
     released AIMv1 classifier head to attach)."""
+    import mlx_aim
+    from mlx_aim.checkpoints.registry import LAPTOP_ARCHITECTURES
+    from mlx_aim.tasks.probe import random_model
+
     if random_init:
         return random_model(model, seed)
     if model in LAPTOP_ARCHITECTURES:
@@ -173,6 +166,8 @@ def _train(
     quiet: bool,
 ) -> None:
     """Check the destinations, train the probe, write OUTPUT and print the summary."""
+    from mlx_aim.tasks.probe import check_classes, load_dataset, save_probe, train_probe
+
     check_destination(output, overwrite=force, directory=True)
     _check_cache(config)
     dataset = load_dataset(data_dir, config.val_fraction, config.seed)
@@ -212,6 +207,15 @@ def _evaluate(
     quiet: bool,
 ) -> None:
     """Score a classifier on ``data_dir`` (val/ when it has one); write the results with -o."""
+    import mlx_aim
+    from mlx_aim.tasks.probe import (
+        eval_files,
+        evaluate_classifier,
+        load_dataset,
+        read_classes,
+        save_evaluation,
+    )
+
     for file in eval_files(output) if output is not None else []:
         check_destination(file, overwrite=force)
     dataset = load_dataset(data_dir, 0.0, config.seed)  # val/ when there is one, else every image
@@ -248,8 +252,7 @@ def _exit_if_skipped(unreadable: int) -> None:
         raise typer.Exit(int(ExitCode.PARTIAL))
 
 
-_declared = list(inspect.signature(probe_command).parameters.values())[:-1]  # all but **settings
-probe_command.__signature__ = inspect.Signature(_declared + config_options(ProbeConfig, _SHORT))
+with_config_options(probe_command, ProbeConfig, _SHORT)
 
 
 def register(app: typer.Typer) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_aim.benchmark.suite import resolve_config
+from mlx_aim.benchmark.workload import resolve_config
 from mlx_aim.cpu import portable
 from mlx_aim.cpu.native import native_kernels, native_status
 from mlx_aim.models import build_model

@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.optimizers as optim
 import numpy as np
 import pytest
-from train_helpers import TINY_PRETRAIN
+from configs import TINY_PRETRAIN
 
 from mlx_aim.errors import InputError
 from mlx_aim.models import build_model
@@ -23,8 +23,7 @@ from mlx_aim.objectives.patch_order import (
     random_order,
     spiral_order,
 )
-from mlx_aim.train.config import TrainConfig
-from mlx_aim.train.loop import objective_label, objective_variant
+from mlx_aim.train.config import TrainConfig, objective_label, objective_variant
 from mlx_aim.train.step import make_train_step, packed_next_patch_loss
 
 # ---- patch orders -----------------------------------------------------------------------------

@@ -6,26 +6,15 @@ import sys
 
 import pytest
 import torch
+from configs import TINY_V1
 from torch.utils.flop_counter import FlopCounterMode
 
 from mlx_aim.benchmark.report import to_markdown
-from mlx_aim.benchmark.suite import (
-    BenchOptions,
-    flops_per_image,
-    growth_cells,
-    run_benchmark,
-    worker_env,
-)
+from mlx_aim.benchmark.suite import BenchOptions, run_benchmark, worker_env
+from mlx_aim.benchmark.workload import flops_per_image, growth_cells
 from mlx_aim.reference import torch_aim as ref
 
-V1 = {
-    "model_type": "aim_v1",
-    "image_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-}
+V1 = {**TINY_V1, "image_size": 32, "patch_size": 8, "num_heads": 2}
 V2 = {**V1, "model_type": "aim_v2", "mlp_hidden_dim": 48, "pos_embed_type": "sincos"}
 PRETRAIN = {"model_type": "aim_pretrain", "encoder": V1, "head_blocks": 2, "head_width": 48}
 

@@ -5,9 +5,9 @@ import json
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_AIMV2_TRUNK
 from mlx_aim_cli.main import app
 from PIL import Image
-from train_helpers import TINY_AIMV2_TRUNK
 from typer.testing import CliRunner
 
 from mlx_aim.errors import InputError

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_V1, TINY_V2
 from image_corpus import make_corpus, noise
 from mlx_aim_cli.main import app
 from PIL import Image
@@ -28,24 +29,8 @@ from mlx_aim.tasks.embed import (
 )
 from mlx_aim.tasks.features import layer_average, preprocess
 
-V1 = {
-    "model_type": "aim_v1",
-    "image_size": 28,
-    "patch_size": 7,
-    "embed_dim": 64,
-    "num_blocks": 2,
-    "num_heads": 4,
-}
-V2_NATIVE = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 14,
-    "embed_dim": 32,
-    "num_blocks": 1,
-    "num_heads": 2,
-    "mlp_hidden_dim": 48,
-    "pos_embed_type": "sincos",
-}
+V1 = {**TINY_V1, "embed_dim": 64}
+V2_NATIVE = {**TINY_V2, "num_blocks": 1, "pos_embed_type": "sincos"}
 
 
 def tiny(config=V1, prep=None):

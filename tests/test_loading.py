@@ -9,6 +9,7 @@ import warnings
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_V1, TINY_V2
 from mlx.utils import tree_flatten
 from release_files import aim_v2_reference, register_tiny_architectures, write_v2_official_mlx
 
@@ -22,23 +23,8 @@ from mlx_aim.models.base import ConfigError
 from mlx_aim.models.size import estimate_parameters
 from mlx_aim.train.checkpoint import STATE_FILE, CheckpointStore
 
-TINY = {
-    "model_type": "aim_v1",
-    "image_size": 16,
-    "patch_size": 8,
-    "embed_dim": 16,
-    "num_blocks": 2,
-    "num_heads": 2,
-}
-V2 = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 14,
-    "embed_dim": 16,
-    "num_blocks": 3,
-    "num_heads": 2,
-    "mlp_hidden_dim": 24,
-}
+TINY = {**TINY_V1, "image_size": 16, "patch_size": 8, "embed_dim": 16, "num_heads": 2}
+V2 = {**TINY_V2, "embed_dim": 16, "num_blocks": 3, "mlp_hidden_dim": 24}
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import math
 
+import configs
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -9,23 +10,8 @@ import pytest
 from mlx_aim.models import build_model
 from mlx_aim.models.layers import patchify, prefix_causal_mask, sincos_pos_embed
 
-TINY_V1 = {
-    "model_type": "aim_v1",
-    "image_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "num_blocks": 3,
-    "num_heads": 4,
-}
-TINY_V2 = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 14,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 48,
-}
+TINY_V1 = {**configs.TINY_V1, "image_size": 32, "patch_size": 8, "num_blocks": 3}
+TINY_V2 = configs.TINY_V2
 
 
 def test_prefix_causal_mask_matches_definition():
@@ -160,11 +146,18 @@ def test_parameter_count_of_aim_nano_is_as_documented():
 
 @pytest.mark.parametrize("config", [TINY_V1, TINY_V2])
 def test_linear_probe_classifier_pools_the_token_mean(config):
-    model = build_model({**config, "num_classes": 4, "probe_layers": [1], "classifier": "linear"})
+    model = build_model({**config, "num_classes": 4, "probe_layers": [1], "head": "linear"})
     model.eval()
     x = mx.random.normal((3, config["image_size"], config["image_size"], 3))
     feature = model.extract_features(x)[1].mean(axis=1)
     np.testing.assert_allclose(model(x), model.head.linear(model.head.bn(feature)), atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [TINY_V1, TINY_V2])
+def test_a_config_written_with_the_former_classifier_field_loads_its_head(config):
+    old = build_model({**config, "num_classes": 4, "probe_layers": [1], "classifier": "linear"})
+    assert old.args.head == "linear" and "classifier" not in old.args.to_dict()
+    assert type(old.head).__name__ == "LinearClassifier"
 
 
 def test_v2_encoder_accepts_an_attentive_probe_classifier():

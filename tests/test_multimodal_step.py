@@ -3,15 +3,16 @@
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx.utils import tree_flatten, tree_unflatten
-from train_helpers import TINY_AIMV2_TRUNK
+from configs import TINY_AIMV2_TRUNK
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 import mlx_aim
 from mlx_aim.checkpoints.registry import multimodal_pretrain_config
 from mlx_aim.checkpoints.weights import save_model
 from mlx_aim.models import build_model
 from mlx_aim.models.base import ConfigError
-from mlx_aim.objectives.multimodal import caption_sequences
+from mlx_aim.objectives.multimodal import caption_sequences, multimodal_loss
+from mlx_aim.objectives.next_patch import sample_prefix_lengths
 from mlx_aim.train.multimodal_step import make_multimodal_train_step
 from mlx_aim.train.optim import build_optimizer, warmup_cosine
 
@@ -81,11 +82,47 @@ def test_restoring_the_three_states_continues_bit_for_bit():
     assert [step_2([batch])[0].item() for _ in range(3)] == expected
 
 
-def test_accumulated_micro_batches_average_their_losses():
-    _, _, step = setup()
+def _micro_batch_terms(model, images, sequences, prefix):
+    """Loss, [image, text] losses and gradients of one micro-batch at given prefix lengths."""
+    patch_size = model.encoder.args.patch_size
+
+    def loss_fn(params):
+        model.update(params)
+        pixels, logits = model(images, prefix, sequences[:, :-1])
+        loss, image, text = multimodal_loss(
+            pixels, logits, images, prefix, sequences[:, 1:], patch_size=patch_size, pad=PAD
+        )
+        return loss, mx.stack([image, text])
+
+    params = model.trainable_parameters()
+    (loss, parts), grads = mx.value_and_grad(loss_fn)(params)
+    model.update(params)
+    return loss, parts, grads
+
+
+def test_accumulated_micro_batches_average_their_losses_and_gradients():
+    """Two accumulated micro-batches: the step's loss, loss parts and gradient norm are those of
+    the mean of the two micro-batches' losses and gradients (each at the prefix lengths the step
+    draws for it), not of their sum or of the last one alone."""
+    model, _, step = setup()
     images, sequences = fixed_batch()
-    loss, _, _ = step([(images[:4], sequences[:4]), (images[4:], sequences[4:])])
-    assert np.isfinite(loss.item())
+    halves = [(images[:4], sequences[:4]), (images[4:], sequences[4:])]
+    num_patches = model.encoder.args.num_patches
+    key = np.array(mx.random.state[0]).tolist()
+    terms = [
+        _micro_batch_terms(model, x, y, sample_prefix_lengths(len(x), num_patches))
+        for x, y in halves
+    ]
+    mx.random.seed((key[0] << 32) | key[1])  # the step draws the same prefix lengths
+    (loss_a, parts_a, grads_a), (loss_b, parts_b, grads_b) = terms
+    assert abs(loss_a.item() - loss_b.item()) > 1e-3  # the average is not either one
+    mean_grads = tree_map(lambda a, b: (a + b) / 2, grads_a, grads_b)
+    expected_norm = np.sqrt(sum(np.sum(np.square(g)) for _, g in tree_flatten(mean_grads)))
+
+    loss, norm, parts = step(halves)
+    assert loss.item() == pytest.approx((loss_a.item() + loss_b.item()) / 2, rel=1e-5)
+    np.testing.assert_allclose(parts, (parts_a + parts_b) / 2, rtol=1e-5)
+    assert norm.item() == pytest.approx(float(expected_norm), rel=1e-4)
 
 
 def test_bfloat16_keeps_float32_masters():

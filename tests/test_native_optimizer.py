@@ -19,7 +19,7 @@ from mlx_aim.train.step import global_norm
 def native_on(kernels, monkeypatch):
     monkeypatch.setattr(native, "_state", {"module": kernels})
     monkeypatch.delenv("MLX_AIM_NATIVE", raising=False)
-    monkeypatch.delenv("MLX_AIM_FAST_MATH", raising=False)
+    monkeypatch.delenv("MLX_AIM_CPU_KERNELS", raising=False)
     with mx.stream(mx.cpu):
         yield kernels
 

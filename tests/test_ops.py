@@ -20,9 +20,9 @@ WIDE = np.concatenate(
 @pytest.fixture(autouse=True)
 def cpu_fast_math(monkeypatch):
     """Every test runs the CPU kernels (also on machines with a GPU) unless it says otherwise."""
-    monkeypatch.delenv("MLX_AIM_FAST_MATH", raising=False)
+    monkeypatch.delenv("MLX_AIM_CPU_KERNELS", raising=False)
     with mx.stream(mx.cpu):
-        assert ops.fast_math_enabled()
+        assert ops.cpu_kernels_enabled()
         yield
 
 
@@ -156,24 +156,24 @@ def test_env_var_and_backend_select_the_implementation(monkeypatch):
     mask = prefix_causal_mask(mx.array([1, 4]), 6)
     assert _reference_equal(x, q, mask) == (False, False)  # CPU: the fast kernels run
 
-    monkeypatch.setenv("MLX_AIM_FAST_MATH", "0")
-    assert not ops.fast_math_enabled()
+    monkeypatch.setenv("MLX_AIM_CPU_KERNELS", "0")
+    assert not ops.cpu_kernels_enabled()
     assert _reference_equal(x, q, mask) == (True, True)
 
-    monkeypatch.setenv("MLX_AIM_FAST_MATH", "1")
+    monkeypatch.setenv("MLX_AIM_CPU_KERNELS", "1")
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
-    assert not ops.fast_math_enabled()  # GPU backends keep MLX's fused kernels
+    assert not ops.cpu_kernels_enabled()  # GPU backends keep MLX's fused kernels
     assert _reference_equal(x, q, mask) == (True, True)
 
 
 def test_float64_inputs_use_the_reference_ops():
     x = mx.random.normal((32,)).astype(mx.float64)
-    assert not ops.fast_math_enabled(x)
+    assert not ops.cpu_kernels_enabled(x)
     assert mx.array_equal(ops.gelu(x), nn.gelu(x)).item()
 
 
 def _block_loss_and_grads(fast: bool, monkeypatch):
-    monkeypatch.setenv("MLX_AIM_FAST_MATH", "1" if fast else "0")
+    monkeypatch.setenv("MLX_AIM_CPU_KERNELS", "1" if fast else "0")
     mx.random.seed(3)
     trunk = Transformer([Block(32, 4, MLP(32, 96), layer_norm) for _ in range(2)], layer_norm(32))
     x = mx.random.normal((2, 12, 32)) * 2

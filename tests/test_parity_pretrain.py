@@ -5,6 +5,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from configs import TINY_V1
 from mlx.utils import tree_flatten
 from parity import PARITY_REL, relative_error
 from release_files import images, nhwc
@@ -22,9 +23,6 @@ from mlx_aim.reference.torch_aim import (
 from mlx_aim.train.step import packed_next_patch_loss
 
 CONV = "encoder.preprocessor.patchifier.proj.weight"
-TINY_V1 = dict(
-    model_type="aim_v1", image_size=28, patch_size=7, embed_dim=32, num_blocks=2, num_heads=4
-)
 TINY_V2 = {**TINY_V1, "model_type": "aim_v2", "mlp_hidden_dim": 64}
 
 

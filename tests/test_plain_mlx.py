@@ -4,29 +4,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from configs import TINY_V1, TINY_V2
 from mlx.utils import tree_flatten
 
 from mlx_aim.models import build_model
 from mlx_aim.objectives.next_patch import next_patch_loss
 from mlx_aim.reference import plain_mlx
 
-V1 = {
-    "model_type": "aim_v1",
-    "image_size": 32,
-    "patch_size": 8,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-}
-V2 = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 14,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 48,
-}
+V1 = {**TINY_V1, "image_size": 32, "patch_size": 8, "num_heads": 2}
+V2 = TINY_V2
 
 
 def _pretrain(encoder: dict) -> dict:

@@ -3,6 +3,7 @@
 
 import json
 
+import configs
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import mlx_aim
-from mlx_aim.checkpoints.registry import aim_v1_preprocessing, default_preprocessing
+from mlx_aim.checkpoints.registry import aim_v1_preprocessing, default_preprocessing, resolve_layers
 from mlx_aim.checkpoints.weights import apply_weights, save_model
 from mlx_aim.data.transforms import Preprocessing
 from mlx_aim.errors import InputError, OutputError
@@ -30,28 +31,12 @@ from mlx_aim.tasks.probe import (
     compute_features,
     load_dataset,
     random_model,
-    resolve_layers,
     save_probe,
     train_probe,
 )
 
-TINY = {
-    "model_type": "aim_v1",
-    "image_size": 28,
-    "patch_size": 7,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 4,
-}
-TINY_V2 = {
-    "model_type": "aim_v2",
-    "image_size": 28,
-    "patch_size": 7,
-    "embed_dim": 32,
-    "num_blocks": 2,
-    "num_heads": 2,
-    "mlp_hidden_dim": 48,
-}
+TINY = configs.TINY_V1
+TINY_V2 = {**configs.TINY_V2, "patch_size": 7}
 COLORS = {"red": 0, "green": 1, "blue": 2}
 TEXTURES = ("brick", "grass", "gravel", "moon", "camera")  # grey images shipped with scikit-image
 
@@ -123,7 +108,7 @@ def test_saved_probe_loads_as_the_full_classifier(colour_data, tmp_path):
     out = save_probe(result, tmp_path / "probe")
     loaded = mlx_aim.load(out)
     assert loaded.args.num_classes == 3 and loaded.args.probe_layers == [0, 1]
-    assert loaded.args.classifier == "attentive"
+    assert loaded.args.head == "attentive"
     assert json.loads((out / "classes.json").read_text()) == ["blue", "green", "red"]
     assert json.loads((out / "probe_report.json").read_text())["layers"] == [0, 1]
     x = mx.random.normal((4, 28, 28, 3))

@@ -5,8 +5,8 @@ import math
 
 import numpy as np
 import pytest
+from configs import TINY_PRETRAIN
 from PIL import Image
-from train_helpers import TINY_PRETRAIN
 
 from mlx_aim.errors import InputError
 from mlx_aim.experiments import study

@@ -6,8 +6,8 @@ import shutil
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_AIMV2_TRUNK
 from PIL import Image
-from train_helpers import TINY_AIMV2_TRUNK
 
 import mlx_aim
 from mlx_aim.errors import InputError

@@ -10,8 +10,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_AIMV2_TRUNK, TINY_PRETRAIN
 from PIL import Image
-from train_helpers import TINY_AIMV2_TRUNK, TINY_PRETRAIN
 
 ROOT = Path(__file__).parents[1]
 LAUNCH = shutil.which("mlx.launch")

@@ -12,8 +12,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_PRETRAIN
 from PIL import Image
-from train_helpers import TINY_PRETRAIN
 
 from mlx_aim.train.checkpoint import FAULT_ENV
 from mlx_aim.train.resume import data_changes, data_listing

@@ -12,15 +12,15 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_PRETRAIN
 from image_corpus import make_corpus
 from PIL import Image
-from train_helpers import TINY_PRETRAIN
 
 import mlx_aim
 from mlx_aim.errors import ExitCode, InputError, NonFiniteError, OutputError
 from mlx_aim.train import TrainConfig, train
-from mlx_aim.train.loop import summary
 from mlx_aim.train.output import OutputLock
+from mlx_aim.train.run import summary
 
 TINY = TINY_PRETRAIN
 

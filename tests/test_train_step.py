@@ -5,8 +5,8 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_PRETRAIN
 from mlx.utils import tree_flatten, tree_unflatten
-from train_helpers import TINY_PRETRAIN
 
 from mlx_aim.models import build_model
 from mlx_aim.train.optim import build_optimizer, decays, warmup_cosine

@@ -6,6 +6,7 @@ import struct
 import mlx.core as mx
 import numpy as np
 import pytest
+from configs import TINY_V1
 
 import mlx_aim
 from mlx_aim.checkpoints.weights import (
@@ -21,11 +22,10 @@ from mlx_aim.models import build_model
 from mlx_aim.models.base import ConfigError
 
 TINY = {
-    "model_type": "aim_v1",
+    **TINY_V1,
     "image_size": 16,
     "patch_size": 8,
     "embed_dim": 16,
-    "num_blocks": 2,
     "num_heads": 2,
     "num_classes": 3,
     "probe_layers": [1],

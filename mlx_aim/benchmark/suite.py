@@ -39,15 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoints.registry import get_entry, pretrain_config
-from ..models import build_model_args
+from .workload import (
+    TASKS,
+    flops_per_image,
+    growth_cells,
+    resolve_config,
+    write_shared_state,
+)
 
 IMPLS = ("mlx-aim", "plain-mlx", "torch-eager", "torch-compile")
-TASKS = ("train", "embed")
 BLAS_MODES = ("auto", "bundled")
-ALIASES = {"vit-s": "aim-small"}  # ViT-S-like: 224 px, patch 16, width 384, depth 12
-GROWTH_WIDTHS = ("aim-tiny", "aim-small", "aim-base")
-GROWTH_PATCHES = (64, 196, 256, 576)
 WORKER = "mlx_aim.benchmark.worker"
 PACKAGE = Path(__file__).resolve().parents[1]  # mlx_aim/
 
@@ -78,111 +79,11 @@ class BenchOptions:
     errors: list[str] = field(default_factory=list)
 
 
-# ---- configs and FLOPs -------------------------------------------------------------------------
-
-
-def resolve_config(name: str, tasks: tuple[str, ...] | None) -> tuple[dict, tuple[str, ...], int]:
-    """(model config, tasks, default batch) for a registry name, an alias or a config.json path.
-
-    Architectures without released weights (the laptop configs) default to both tasks at batch 8;
-    released models to inference only at batch 1. ``train`` uses the ``aim_pretrain`` config.
-    A config file is taken as it is (``train`` needs an ``aim_pretrain`` config).
-    """
-    if name.endswith(".json"):
-        config = json.loads(Path(name).read_text())
-        build_model_args(config)  # validates; raises ConfigError naming the field
-        trainable = config["model_type"] == "aim_pretrain"
-        tasks = tasks or (TASKS if trainable else ("embed",))
-        if "train" in tasks and not trainable:
-            raise ValueError(f"{name}: task 'train' needs an aim_pretrain config")
-        return config, tasks, 8
-    entry = get_entry(ALIASES.get(name, name))
-    trainable = entry.checkpoint is None
-    tasks = tasks or (TASKS if trainable else ("embed",))
-    config = pretrain_config(entry.name) if "train" in tasks else dict(entry.config)
-    return config, tasks, 8 if trainable else 1
-
-
-def _encoder(config: dict) -> dict:
-    return config["encoder"] if config["model_type"] == "aim_pretrain" else config
-
-
-def flops_per_image(config: dict, batch: int = 2) -> dict[str, float | None]:
-    """Model FLOPs per image: ``embed`` (trunk forward) and ``train`` (3 x the forward of the trunk
-    and of the head at the positions a batch of ``batch`` predicts: ceil(B / 2) * n of B * n)."""
-    enc = _encoder(config)
-    d, p, c = enc["embed_dim"], enc["patch_size"], enc.get("num_channels", 3)
-    n = (enc["image_size"] // p) ** 2
-    if enc["model_type"] == "aim_v2":
-        mlp = 3 * 2 * n * d * enc["mlp_hidden_dim"]
-    else:
-        mlp = 2 * 2 * n * d * int(enc.get("mlp_ratio", 4.0) * d)
-    attention = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d
-    trunk = 2 * n * p * p * c * d + enc["num_blocks"] * (attention + mlp)
-    if config["model_type"] != "aim_pretrain":
-        return {"embed": float(trunk), "train": None}
-    w = config.get("head_width", 2048)
-    hidden = int(config.get("head_mlp_ratio", 4.0) * w)
-    predicted = n * ((batch + 1) // 2) / batch  # paired prefix lengths: K predictions per pair
-    head = predicted * (
-        2 * d * w + config.get("head_blocks", 12) * 2 * 2 * w * hidden + 2 * w * p * p * c
-    )
-    return {"embed": float(trunk), "train": float(3 * (trunk + head))}
-
-
-def growth_cells(depth: int, batch: int) -> list[dict]:
-    """Pre-training configs over widths (tiny to base) x patches per image, ``depth`` blocks."""
-    cells = []
-    for name in GROWTH_WIDTHS:
-        base = pretrain_config(name, head_blocks=1)
-        for patches in GROWTH_PATCHES:
-            side = int(round(patches**0.5))
-            enc = {**base["encoder"], "num_blocks": depth}
-            enc["image_size"] = side * enc["patch_size"]
-            config = {**base, "encoder": enc}
-            cells.append(
-                {
-                    "arch": name,
-                    "width": enc["embed_dim"],
-                    "patches": patches,
-                    "batch": batch,
-                    "config": config,
-                    "flops_per_image": flops_per_image(config, batch)["train"],
-                }
-            )
-    return cells
-
-
-# ---- shared weights and inputs -------------------------------------------------------------------
-
-
-def write_shared_state(config: dict, batch: int, seed: int, folder: Path) -> tuple[Path, Path]:
-    """Initial weights of mlx-aim's model for ``config`` and one input batch, as safetensors."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from ..models import build_model
-    from ..objectives.next_patch import sample_paired_prefix_lengths
-
-    mx.random.seed(seed)
-    model = build_model(config)
-    weights = folder / "weights.safetensors"
-    mx.save_safetensors(str(weights), dict(tree_flatten(model.parameters())))
-    enc = _encoder(config)
-    size, k = enc["image_size"], (enc["image_size"] // enc["patch_size"]) ** 2
-    rng = np.random.default_rng(seed)
-    images = rng.standard_normal((batch, size, size, enc.get("num_channels", 3)), np.float32)
-    prefix = sample_paired_prefix_lengths(batch, k, key=mx.random.key(seed))
-    inputs = folder / "inputs.safetensors"
-    mx.save_safetensors(str(inputs), {"images": mx.array(images), "prefix_lengths": prefix})
-    return weights, inputs
-
-
 # ---- workers -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Variant:
+class Column:
     """One measured column: an implementation, MLX's BLAS mode, activation checkpointing."""
 
     label: str
@@ -199,17 +100,17 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-def variants(options: BenchOptions, tasks: tuple[str, ...]) -> list[Variant]:
+def columns(options: BenchOptions, tasks: tuple[str, ...]) -> list[Column]:
     out = []
     for i, blas in enumerate(options.mlx_blas):
         suffix = "" if i == 0 else f" [{blas} BLAS]"
         for impl in ("mlx-aim", "plain-mlx"):
             if impl in options.impls:
-                out.append(Variant(impl + suffix, impl, blas))
+                out.append(Column(impl + suffix, impl, blas))
         if options.grad_checkpoint and "mlx-aim" in options.impls and "train" in tasks:
-            out.append(Variant("mlx-aim +ckpt" + suffix, "mlx-aim", blas, True))
+            out.append(Column("mlx-aim +ckpt" + suffix, "mlx-aim", blas, True))
     if torch_available():
-        out += [Variant(i, i) for i in ("torch-eager", "torch-compile") if i in options.impls]
+        out += [Column(i, i) for i in ("torch-eager", "torch-compile") if i in options.impls]
     return out
 
 
@@ -222,7 +123,7 @@ THREAD_VARIABLES = (
 )
 
 
-def worker_env(variant_backend: str, blas: str | None, threads: int | None) -> dict[str, str]:
+def worker_env(column_backend: str, blas: str | None, threads: int | None) -> dict[str, str]:
     """The environment of a worker: this checkout first on the path, no preloaded or selected BLAS
     for torch and for MLX's bundled BLAS, and ``threads`` for every thread pool when given."""
     env = dict(os.environ)
@@ -230,7 +131,7 @@ def worker_env(variant_backend: str, blas: str | None, threads: int | None) -> d
         env.update({name: str(threads) for name in THREAD_VARIABLES})
     root = str(PACKAGE.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    if variant_backend == "torch" or blas == "bundled":
+    if column_backend == "torch" or blas == "bundled":
         env.pop("LD_PRELOAD", None)
         env["MLX_AIM_BLAS"] = "off"  # importing mlx_aim then loads no BLAS
     return env
@@ -416,7 +317,7 @@ def _result_header(options: BenchOptions, config: dict, tasks: tuple[str, ...], 
     return result
 
 
-def measure_peaks(chosen: list[Variant], base: dict, options: BenchOptions, folder: Path):
+def measure_peaks(chosen: list[Column], base: dict, options: BenchOptions, folder: Path):
     """(GEMM GFLOP/s, BLAS name) of each backend and BLAS mode, each measured in its own process."""
     peaks, blas_names = {}, {}
     for key, impl, blas in _peak_jobs(chosen):
@@ -428,7 +329,7 @@ def measure_peaks(chosen: list[Variant], base: dict, options: BenchOptions, fold
 
 
 def measure_task(
-    task: str, chosen: list[Variant], base: dict, peaks: dict, options: BenchOptions, folder: Path
+    task: str, chosen: list[Column], base: dict, peaks: dict, options: BenchOptions, folder: Path
 ) -> tuple[dict[str, dict], dict[str, float]]:
     """(metrics per column, agreement with mlx-aim) of one task; rounds are interleaved and each
     column keeps its best round."""
@@ -463,7 +364,7 @@ def run_benchmark(options: BenchOptions) -> dict[str, Any]:
     check_options(options)
     config, tasks, default_batch = resolve_config(options.config, options.tasks)
     batch = options.batch_size or default_batch
-    chosen = variants(options, tasks)
+    chosen = columns(options, tasks)
     result = _result_header(options, config, tasks, batch)
     with tempfile.TemporaryDirectory(prefix="mlx-aim-bench-") as tmp:
         folder = Path(tmp)
@@ -522,7 +423,7 @@ def _peak_key(impl: str, blas: str | None) -> str:
     return "torch" if impl.startswith("torch") else f"mlx ({blas} BLAS)"
 
 
-def _peak_jobs(chosen: list[Variant]) -> list[tuple[str, str, str | None]]:
+def _peak_jobs(chosen: list[Column]) -> list[tuple[str, str, str | None]]:
     jobs = {}
     for v in chosen:
         jobs.setdefault(_peak_key(v.impl, v.blas), (v.impl, v.blas))
@@ -557,7 +458,7 @@ def _checkpoint_summary(train: dict) -> dict[str, Any]:
     }
 
 
-def _run_growth(options: BenchOptions, chosen: list[Variant], folder: Path, peaks: dict) -> dict:
+def _run_growth(options: BenchOptions, chosen: list[Column], folder: Path, peaks: dict) -> dict:
     cells = growth_cells(options.growth_depth, options.growth_batch)
     out: dict[str, Any] = {
         "depth": options.growth_depth,

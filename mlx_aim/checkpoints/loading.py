@@ -103,7 +103,7 @@ def load_training_checkpoint(path: str | Path, dtype: mx.Dtype | None = None) ->
 
 def _run_preprocessing(run: Path, encoder: dict[str, Any]) -> Preprocessing:
     """The preprocessing a run trained with (its ``run.json``), else the family default."""
-    from ..train.loop import RUN_FILE
+    from ..train.run import RUN_FILE
 
     default = default_preprocessing(encoder)
     if not (run / RUN_FILE).exists():

@@ -7,10 +7,13 @@ model was evaluated with.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.transforms import CLIP_MEAN, CLIP_STD, Preprocessing
+from ..errors import InputError
+from ..models.base import last_six_blocks
 
 
 def aim_v1_preprocessing(size: int) -> Preprocessing:
@@ -228,3 +231,54 @@ def default_preprocessing(config: dict[str, Any]) -> Preprocessing:
     if config["model_type"] == "aim_v2":
         return aim_v2_preprocessing(size, native=config.get("pos_embed_type") == "sincos")
     return aim_v1_preprocessing(size)
+
+
+def known_best_layers(args: Any, name: str | None = None) -> tuple[int, ...]:
+    """The released "best" probe blocks of an AIMv1 model, by registry name or architecture."""
+    entry = REGISTRY.get(name) if name else None
+    if entry is not None and entry.checkpoint is not None:
+        return entry.checkpoint.best_layers
+    keys = ("model_type", "embed_dim", "num_blocks", "num_heads", "patch_size")
+    for entry in REGISTRY.values():
+        if entry.checkpoint and entry.checkpoint.best_layers:
+            if all(entry.config[k] == getattr(args, k) for k in keys):
+                return entry.checkpoint.best_layers
+    return ()
+
+
+def resolve_layers(spec: str | Sequence[int], args: Any, name: str | None = None) -> list[int]:
+    """Block indices for ``last`` (the last six), ``best`` (released AIMv1 only) or ``i,j,k``.
+
+    Negative indices count from the end.
+    """
+    n = args.num_blocks
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec == "last":
+            return last_six_blocks(n)
+        if spec == "best":
+            best = known_best_layers(args, name)
+            if not best:
+                released = ", ".join(
+                    k for k, e in REGISTRY.items() if e.checkpoint and e.checkpoint.best_layers
+                )
+                raise InputError(
+                    f"--layers best is only defined for the released AIMv1 models ({released})"
+                )
+            return list(best)
+        try:
+            spec = [int(part) for part in spec.split(",") if part.strip()]
+        except ValueError:
+            raise InputError(
+                f"--layers must be last, best or block indices like 3,4,5; got {spec!r}"
+            ) from None
+    layers = []
+    for i in spec:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise InputError(f"--layers: block {i} does not exist, the trunk has blocks 0..{n - 1}")
+        if j not in layers:
+            layers.append(j)
+    if not layers:
+        raise InputError("--layers names no block")
+    return layers

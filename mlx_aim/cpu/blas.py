@@ -33,11 +33,11 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from ..env import env_flag
 from .toolchain import missing_build_tools, switched_off
 
 ENV_VAR = "MLX_AIM_BLAS"
 THREAD_TIMEOUT_VAR = "OPENBLAS_THREAD_TIMEOUT"
-_OFF = {"off", "0", "none", "false", "no"}
 _SYSTEM_OPENBLAS = ("libopenblasp.so.0", "libopenblas.so.0")  # Fedora's pthread build, then any
 _SYSTEM_OTHERS = ("libmkl_rt.so.3", "libmkl_rt.so.2", "libblis.so.4", "libblis.so.3")
 _HINT = "apt-get install libopenblas0-pthread, or pip install 'mlx-aim[fast-cpu]'"
@@ -121,7 +121,7 @@ def _choose() -> BlasInfo | None:
     if not sys.platform.startswith("linux") or _mlx_uses_cuda():
         return None
     setting = os.environ.get(ENV_VAR, "").strip()
-    if setting.lower() in _OFF:
+    if not env_flag(ENV_VAR):
         logger.info("%s=%s: MLX keeps its bundled BLAS", ENV_VAR, setting)
         return None
     preloaded = _describe(ctypes.CDLL(None), "preloaded")

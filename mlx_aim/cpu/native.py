@@ -37,6 +37,7 @@ from types import ModuleType
 
 import mlx.core as mx
 
+from ..env import cache_root
 from .toolchain import ENV_VAR, cmake_path, missing_build_tools, switched_off
 
 MODULE_NAME = "mlx_aim_kernels"
@@ -119,8 +120,7 @@ def build_kernels(force: bool = False) -> Path:
 
 def module_path() -> Path:
     """Where the compiled module for this machine and these versions lives (or will)."""
-    root = os.environ.get("MLX_AIM_CACHE") or os.path.join("~", ".cache", "mlx-aim")
-    return Path(root).expanduser() / "native" / f"{MODULE_NAME}-{_build_key()}.so"
+    return cache_root() / "native" / f"{MODULE_NAME}-{_build_key()}.so"
 
 
 def unavailable_reason() -> str | None:

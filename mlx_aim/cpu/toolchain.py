@@ -9,13 +9,14 @@ import shutil
 import sys
 from pathlib import Path
 
+from ..env import env_flag
+
 ENV_VAR = "MLX_AIM_NATIVE"
-_OFF = ("0", "false", "off", "no")
 
 
 def switched_off() -> bool:
-    """Whether ``MLX_AIM_NATIVE`` turns the native kernels off (0, false, off, no)."""
-    return os.environ.get(ENV_VAR, "1").strip().lower() in _OFF
+    """Whether ``MLX_AIM_NATIVE`` turns the native kernels off (0, false, off, no, none)."""
+    return not env_flag(ENV_VAR)
 
 
 def cmake_path() -> str | None:

@@ -14,12 +14,12 @@ per-patch-normalised pixel targets are not trivially flat.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from ..env import cache_root
 from ..errors import InputError
 from ..io import atomic_directory, read_json, write_json
 from .images import PathLike
@@ -33,8 +33,7 @@ _FORMAT_VERSION = 1
 
 def cache_dir() -> Path:
     """Where built-in datasets live: ``$MLX_AIM_CACHE/datasets`` or ``~/.cache/mlx-aim/datasets``."""
-    base = os.environ.get("MLX_AIM_CACHE")
-    return (Path(base).expanduser() if base else Path.home() / ".cache" / "mlx-aim") / "datasets"
+    return cache_root() / "datasets"
 
 
 def builtin_dataset(name: str = "digits", root: PathLike | None = None) -> Path:

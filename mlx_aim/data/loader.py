@@ -64,12 +64,17 @@ def split_paths(paths: Sequence, val_fraction: float, seed: int = 0) -> tuple[li
 
 @dataclass
 class LabeledImages:
-    """Image paths with integer labels indexing ``classes`` (sorted folder names)."""
+    """Image paths with integer labels indexing ``classes`` (sorted folder names).
+
+    ``val`` is None when the folder has no validation split (``mlx_aim.tasks.probe.load_dataset``
+    then splits ``train``); ``root`` is the folder the images were found in.
+    """
 
     train: list[tuple[Path, int]]
     val: list[tuple[Path, int]] | None
     classes: list[str]
     errors: list[ImageError] = field(default_factory=list)
+    root: str = ""
 
 
 def find_labeled_images(root: PathLike) -> LabeledImages:
@@ -107,7 +112,7 @@ def find_labeled_images(root: PathLike) -> LabeledImages:
                 f"in {train_dir}"
             )
         val = _labeled(val_dir, val_classes, classes, errors)
-    return LabeledImages(train, val, classes, errors)
+    return LabeledImages(train, val, classes, errors, str(root))
 
 
 def _subfolders(folder: Path) -> list[str]:

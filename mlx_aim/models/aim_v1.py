@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .base import BaseModelArgs, ConfigError
+from .encoder import VisionEncoder
 from .layers import (
     MLP,
     Block,
     SinCosPreprocessor,
     Transformer,
-    VisionEncoder,
     build_classifier,
     layer_norm,
 )
@@ -28,7 +28,7 @@ class ModelArgs(BaseModelArgs):
     mlp_ratio: float = 4.0
     num_classes: int = 0
     probe_layers: list[int] | None = None
-    classifier: str = "attentive"
+    head: str = "attentive"  # the probe head when num_classes > 0: attentive or linear
 
     def validate(self) -> None:
         super().validate()

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .base import BaseModelArgs, ConfigError
+from .encoder import VisionEncoder
 from .layers import (
     AttentionPoolingClassifier,
     Block,
@@ -15,7 +16,6 @@ from .layers import (
     SinCosPreprocessor,
     SwiGLU,
     Transformer,
-    VisionEncoder,
     build_classifier,
     rms_norm,
 )
@@ -34,7 +34,7 @@ class ModelArgs(BaseModelArgs):
     pos_embed_type: str = "absolute"
     num_classes: int = 0
     probe_layers: list[int] | None = None
-    classifier: str = "attentive"
+    head: str = "attentive"  # the probe head when num_classes > 0: attentive or linear
     pooling_head: bool = False  # transformers' Aimv2VisionModel(use_head=True) attention pooling
 
     def validate(self) -> None:

@@ -22,13 +22,13 @@ import mlx.nn as nn
 
 from . import aim_v2
 from .base import BaseModelArgs, ConfigError
+from .encoder import sanitize_vision_weights
 from .layers import (
     AttentionPoolingClassifier,
     Block,
     SwiGLU,
     Transformer,
     rms_norm,
-    sanitize_vision_weights,
 )
 
 # The image tower of the released aimv2-large-patch14-224-lit.

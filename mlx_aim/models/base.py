@@ -14,6 +14,12 @@ class ConfigError(InputError):
     """A model configuration that cannot describe a valid model; the message names the field."""
 
 
+# The probe heads a classifier config may ask for (``ModelArgs.head``, ``ProbeConfig.head``).
+HEADS = ("attentive", "linear")
+# Fields renamed since configs were first written: old name -> current name (old files still load).
+RENAMED_FIELDS = {"classifier": "head"}
+
+
 def last_six_blocks(num_blocks: int) -> list[int]:
     """The default probe layers: the last six blocks (every block of a shallower trunk)."""
     return list(range(max(0, num_blocks - 6), num_blocks))
@@ -48,8 +54,12 @@ class BaseModelArgs:
         """Build and validate a config; unknown, missing or wrong-typed fields raise ConfigError."""
         if not isinstance(config, dict):
             raise ConfigError(f"config must be a JSON object, got {type(config).__name__}")
-        hints = typing.get_type_hints(cls)
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        config = {
+            RENAMED_FIELDS[k] if k in RENAMED_FIELDS and RENAMED_FIELDS[k] in fields else k: v
+            for k, v in config.items()
+        }
+        hints = typing.get_type_hints(cls)
         unknown = sorted(set(config) - set(fields) - {"quantization"})
         if unknown:
             raise ConfigError(f"unknown field(s) {unknown} for model_type {cls.model_type!r}")
@@ -91,10 +101,8 @@ class BaseModelArgs:
             )
         if getattr(self, "num_classes", 0) < 0:
             raise ConfigError(f"field 'num_classes' must be >= 0, got {self.num_classes}")
-        if getattr(self, "classifier", "attentive") not in ("attentive", "linear"):
-            raise ConfigError(
-                f"field 'classifier' must be 'attentive' or 'linear', got {self.classifier!r}"
-            )
+        if getattr(self, "head", "attentive") not in HEADS:
+            raise ConfigError(f"field 'head' must be 'attentive' or 'linear', got {self.head!r}")
         layers = getattr(self, "probe_layers", None)
         if layers is not None and (not layers or not all(0 <= i < self.num_blocks for i in layers)):
             raise ConfigError(

@@ -40,6 +40,7 @@ from ..errors import InputError
 from ..io import atomic_paths
 from ..models.aim_v2_lit import l2_normalize
 from ..text.clip_tokenizer import model_tokenizer
+from .config import POOLS, EmbedConfig
 from .features import (
     BatchRunner,
     ImageLike,
@@ -50,7 +51,6 @@ from .features import (
     vision_model,
 )
 
-POOLS = ("auto", "mean", "head", "layers", "tokens", "projection")
 FORMATS = (".npy", ".safetensors", ".jsonl")
 PATHS_SUFFIX = ".paths.txt"
 
@@ -230,6 +230,38 @@ class Embedder:
             if len(errors) < len(paths):
                 raise  # not the loader's "no image could be read"
         return EmbedResult(_stack(out), done, errors)
+
+
+def load_embedder(config: EmbedConfig) -> Embedder:
+    """The model of ``config`` loaded (and quantized) as an :class:`Embedder` with its pooling;
+    bad settings are ``InputError``s."""
+    from ..checkpoints.loading import load
+    from ..checkpoints.registry import resolve_layers
+
+    net = load(config.model, dtype=getattr(mx, config.dtype))
+    layers = config.layers
+    try:
+        chosen = (
+            None if layers is None else resolve_layers(layers, vision_model(net).args, config.model)
+        )
+        if config.quantize is not None:
+            quantize(net, config.quantize)
+        embedder = Embedder(
+            net,
+            pool=config.pooling,
+            layers=chosen,
+            normalize=config.normalize,
+            batch_size=config.batch_size,
+        )
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    output = config.output
+    if embedder.ragged and output is not None and output_format(output) != ".jsonl":
+        raise InputError(
+            f"{output}: native-resolution tokens differ in count between images; write them as "
+            ".jsonl"
+        )
+    return embedder
 
 
 def _stack(arrays: list[np.ndarray]) -> Embeddings:

@@ -5,7 +5,7 @@
 - ``image_transform`` / ``preprocess``: a model's evaluation preprocessing (``model.preprocessing``).
 - ``BatchRunner``: a compiled forward on batches of one fixed size (a short last batch is padded).
 - ``layer_average``: the AIMv1 feature, the mean of chosen raw block outputs.
-- ``extract_features`` / ``FeatureCache``: features of a labelled image list, cached on disk as
+- ``compute_feature_set`` / ``FeatureCache``: features of a labelled image list, cached on disk as
   float16 and keyed by the trunk's weights, the image files and the settings.
 """
 
@@ -30,8 +30,9 @@ from ..checkpoints.registry import default_preprocessing
 from ..cpu.streams import StreamSplit, cpu_stream_count
 from ..data.images import ImageError, open_image, to_rgb
 from ..data.transforms import NativeResolution, Preprocessing
+from ..env import cache_root
 from ..io import atomic_paths
-from ..models.layers import layer_average as layer_average  # the one definition; re-exported
+from ..models.encoder import layer_average as layer_average  # the one definition; re-exported
 
 # AIMv2-native accepts 112 to 4096 patches; larger images are downscaled to fit.
 NATIVE_MAX_PATCHES = 4096
@@ -181,7 +182,7 @@ class _Float16Overflow(Exception):
     pass
 
 
-def extract_features(
+def compute_feature_set(
     runner: BatchRunner,
     items: Sequence[tuple[str | os.PathLike, int]],
     transform: Callable[..., np.ndarray],
@@ -235,7 +236,7 @@ def extract_features(
         if progress is not None:
             progress(-reported)
         del store
-        return extract_features(
+        return compute_feature_set(
             runner,
             items,
             transform,
@@ -256,17 +257,14 @@ def extract_features(
 
 def default_cache_dir() -> Path:
     """``$MLX_AIM_CACHE/features``, else ``~/.cache/mlx-aim/features``."""
-    root = os.environ.get("MLX_AIM_CACHE") or os.path.join("~", ".cache", "mlx-aim")
-    return Path(root).expanduser() / "features"
+    return cache_root() / "features"
 
 
 def model_fingerprint(model: nn.Module) -> str:
     """Hash of a trunk's config and weights (any classifier head excluded)."""
     trunk = vision_model(model)
     h = hashlib.blake2b(digest_size=16)
-    config = {
-        k: v for k, v in trunk.args.to_dict().items() if k not in ("num_classes", "classifier")
-    }
+    config = {k: v for k, v in trunk.args.to_dict().items() if k not in ("num_classes", "head")}
     h.update(json.dumps(config, sort_keys=True).encode())
     for key, value in sorted(tree_flatten(trunk.parameters()), key=lambda kv: kv[0]):
         if key.startswith("head."):

@@ -25,15 +25,17 @@ import os
 from collections.abc import Callable, Sequence
 from importlib import resources
 
+import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
 from ..data.images import ImageError
+from ..errors import InputError
 from ..io import write_text
+from .config import TEMPLATE, ZeroShotConfig
 from .embed import Embedder, EmbedResult, embed_texts
 from .features import ImageLike
 
-TEMPLATE = "a photo of a {}."
 TEMPLATE_SETS = ("imagenet",)
 PREDICTION_FORMATS = (".jsonl", ".csv")
 
@@ -144,6 +146,20 @@ class ZeroShotClassifier:
             [(self.labels[j], float(row[j])) for j in best]
             for row, best in zip(probs, order, strict=True)
         ]
+
+
+def load_classifier(
+    config: ZeroShotConfig, labels: Sequence[str], templates: Sequence[str]
+) -> ZeroShotClassifier:
+    """The LiT model of ``config`` as a classifier of ``labels``; a model without a text tower or
+    tokenizer, or bad labels or templates, are ``InputError``s."""
+    from ..checkpoints.loading import load
+
+    net = load(config.model, dtype=getattr(mx, config.dtype))
+    try:
+        return ZeroShotClassifier(net, labels, templates, batch_size=config.batch_size)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def prediction_format(path: str | os.PathLike) -> str:

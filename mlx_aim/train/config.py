@@ -17,9 +17,10 @@ from typing import Any
 
 from .. import io
 from ..errors import InputError
+from ..messages import plural
 from ..models.base import matches_type
-from ..objectives.next_patch import ATTENTIONS, TARGETS
-from ..objectives.patch_order import PATCH_ORDERS
+from ..objectives.next_patch import ATTENTIONS, TARGETS, Variant
+from ..objectives.patch_order import PATCH_ORDERS, patch_order
 
 DTYPES = ("float32", "bfloat16")
 INT_MAX = 2**31 - 1  # step counts and sizes: MLX and the data loader index with 32-bit integers
@@ -281,6 +282,30 @@ class TrainConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainConfig:
         """Build from a mapping of field names (``-`` or ``_``); unknown keys or types raise."""
         return cls(**_check_values(values, source)).validate()
+
+
+def objective_variant(config: TrainConfig, encoder: Any) -> Variant:
+    """The objective ``config`` asks for (targets, attention, patch order) on ``encoder``'s grid."""
+    grid = encoder.image_size // encoder.patch_size
+    order = None
+    if config.patch_order != "raster":  # raster order permutes nothing
+        order = tuple(patch_order(config.patch_order, grid, grid, config.seed).tolist())
+    return Variant(target=config.target, attention=config.attention, order=order)
+
+
+def objective_label(config: TrainConfig) -> str:
+    """The switches in a few words, for titles: "norm-pixels, prefix attention, raster order,
+    crop 0.4-1" (and the pixel head's depth and width when set)."""
+    if config.objective == "aimv2":
+        label = f"AIMv2 objective, alpha {config.alpha:g}"
+    else:
+        label = f"{config.target}, {config.attention} attention, {config.patch_order} order"
+    label += f", crop {config.min_crop_scale:g}-1"
+    if config.head_blocks is not None:
+        label += f", {plural(config.head_blocks, 'head block')}"
+    if config.head_width is not None:
+        label += f", head width {config.head_width}"
+    return label
 
 
 def config_fields() -> list[tuple[dataclasses.Field, Any]]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
 from ..errors import MlxAimError
+
+T = TypeVar("T")
 
 # Variables set by the launchers: mlx.launch (ring, jaccl, nccl) and mpirun.
 _LAUNCH_VARS = (
@@ -95,3 +99,19 @@ def agree(error: MlxAimError | None, world: World) -> None:
     if failed:
         rank, code = failed[0]
         raise MlxAimError(f"rank {rank} stopped the run (see its error above)", exit_code=code)
+
+
+def on_every_rank(fn: Callable[[], T], world: World) -> T:
+    """Run ``fn`` on every rank; when any rank fails, every rank raises (see ``agree``)."""
+    try:
+        value = fn()
+    except MlxAimError as e:
+        agree(e, world)
+        raise
+    agree(None, world)
+    return value
+
+
+def on_main(fn: Callable[[], T], world: World) -> T | None:
+    """Run ``fn`` on rank 0 only (None elsewhere); a failure there stops every rank."""
+    return on_every_rank(fn if world.is_main else lambda: None, world)

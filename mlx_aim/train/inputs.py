@@ -148,3 +148,13 @@ class SkippedFiles:
             self.log(f"skipping unreadable image {error}")
         else:
             print(f"[rank {self.world.rank}] skipping unreadable image {error}", flush=True)
+
+
+def evaluation_preprocess(preprocessing: Preprocessing, encoder: Any) -> Preprocessing:
+    """The model's evaluation preprocessing, at the size the pre-training model takes."""
+    if preprocessing.crop != encoder.image_size or preprocessing.native:
+        size = encoder.image_size
+        return Preprocessing(size, size, preprocessing.mean, preprocessing.std)
+    return Preprocessing(
+        preprocessing.resize, preprocessing.crop, preprocessing.mean, preprocessing.std
+    )
