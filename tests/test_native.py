@@ -427,4 +427,3 @@ def test_swiglu_uses_the_native_gate_for_float32_only(kernels, monkeypatch):
         assert_parity(out, mlp.fc2(mx.sigmoid(gate) * gate * value), rel=1e-6)
         half = ops.silu_gate(gate.astype(mx.bfloat16), value.astype(mx.bfloat16))  # MLX's ops
     assert half.dtype == mx.bfloat16
-

@@ -100,48 +100,51 @@ void layer_norm_vjp_row(
 
 }  // namespace
 
+namespace {
+
+// LayerNorm (with a bias) or RMSNorm (without) over the last axis of x, checked: the graph node.
+mx::array norm(
+    const mx::array& x,
+    const mx::array& weight,
+    const mx::array* bias,
+    float eps,
+    const char* op,
+    mx::StreamOrDevice s) {
+  check_float32(x, op);
+  check_float32(weight, op);
+  if (bias != nullptr) {
+    check_float32(*bias, op);
+  }
+  if (x.ndim() == 0) {
+    throw std::invalid_argument(std::string("[mlx_aim.") + op + "] expects at least one axis");
+  }
+  const int dim = x.shape().back();
+  if (weight.shape() != mx::Shape{dim} || (bias != nullptr && bias->shape() != mx::Shape{dim})) {
+    throw std::invalid_argument(
+        std::string("[mlx_aim.") + op + "] expects " + (bias ? "weight and bias" : "a weight") +
+        " of shape (" + std::to_string(dim) + ",)");
+  }
+  std::vector<mx::array> inputs = {mx::contiguous(x, false, s), mx::contiguous(weight, false, s)};
+  if (bias != nullptr) {
+    inputs.push_back(mx::contiguous(*bias, false, s));
+  }
+  return mx::array(
+      x.shape(), mx::float32, std::make_shared<LayerNorm>(mx::to_stream(s), eps), inputs);
+}
+
+}  // namespace
+
 mx::array layer_norm(
     const mx::array& x,
     const mx::array& weight,
     const mx::array& bias,
     float eps,
     mx::StreamOrDevice s) {
-  for (const auto* a : {&x, &weight, &bias}) {
-    check_float32(*a, "layer_norm");
-  }
-  if (x.ndim() == 0) {
-    throw std::invalid_argument("[mlx_aim.layer_norm] expects at least one axis");
-  }
-  const int dim = x.shape().back();
-  if (weight.shape() != mx::Shape{dim} || bias.shape() != mx::Shape{dim}) {
-    throw std::invalid_argument(
-        "[mlx_aim.layer_norm] expects weight and bias of shape (" + std::to_string(dim) + ",)");
-  }
-  return mx::array(
-      x.shape(),
-      mx::float32,
-      std::make_shared<LayerNorm>(mx::to_stream(s), eps),
-      {mx::contiguous(x, false, s),
-       mx::contiguous(weight, false, s),
-       mx::contiguous(bias, false, s)});
+  return norm(x, weight, &bias, eps, "layer_norm", s);
 }
 
 mx::array rms_norm(const mx::array& x, const mx::array& weight, float eps, mx::StreamOrDevice s) {
-  check_float32(x, "rms_norm");
-  check_float32(weight, "rms_norm");
-  if (x.ndim() == 0) {
-    throw std::invalid_argument("[mlx_aim.rms_norm] expects at least one axis");
-  }
-  const int dim = x.shape().back();
-  if (weight.shape() != mx::Shape{dim}) {
-    throw std::invalid_argument(
-        "[mlx_aim.rms_norm] expects a weight of shape (" + std::to_string(dim) + ",)");
-  }
-  return mx::array(
-      x.shape(),
-      mx::float32,
-      std::make_shared<LayerNorm>(mx::to_stream(s), eps),
-      {mx::contiguous(x, false, s), mx::contiguous(weight, false, s)});
+  return norm(x, weight, nullptr, eps, "rms_norm", s);
 }
 
 void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
@@ -149,7 +152,7 @@ void LayerNorm::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   allocate(out, x);
   auto& encoder = encoder_for(stream(), inputs, out);
   const int64_t n = x.shape().back();
-  const int64_t rows = n == 0 ? 0 : int64_t(x.size()) / n;
+  const int64_t rows = row_count(x);
   encoder.dispatch([x = x.data<float>(),
                     weight = inputs[1].data<float>(),
                     bias = inputs.size() > 2 ? inputs[2].data<float>() : nullptr,
@@ -174,7 +177,7 @@ void LayerNormVJP::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx
   }
   auto& encoder = encoder_for(stream(), inputs, outputs);
   const int64_t n = x.shape().back();
-  const int64_t rows = n == 0 ? 0 : int64_t(x.size()) / n;
+  const int64_t rows = row_count(x);
   encoder.dispatch([x = x.data<float>(),
                     weight = inputs[1].data<float>(),
                     g = cotangent.data<float>(),

@@ -110,6 +110,18 @@ void softmax_vjp_row(
 }
 
 
+// Calls row(r, scratch) for r in [0, rows), rows of n elements split over the cores; `scratch` is
+// the calling thread's own buffer.
+template <typename Row>
+void for_each_row(int64_t rows, int64_t n, Row row) {
+  parallel_for(rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> scratch;
+    for (int64_t r = begin; r < end; ++r) {
+      row(r, scratch);
+    }
+  });
+}
+
 }  // namespace
 
 mx::array softmax(
@@ -139,17 +151,14 @@ void Softmax::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   allocate(out, scores);
   auto& encoder = encoder_for(stream(), inputs, out);
   const int64_t n = scores.shape().back();
-  const int64_t rows = n == 0 ? 0 : int64_t(scores.size()) / n;
+  const int64_t rows = row_count(scores);
   encoder.dispatch([scores = scores.data<float>(),
                     mask = MaskView(mask_, inputs.size() > 1 ? &inputs[1] : nullptr),
                     out = out.data<float>(),
                     rows,
                     n] {
-    parallel_for(rows, row_grain(n), [&](int64_t begin, int64_t end) {
-      std::vector<uint8_t> scratch;
-      for (int64_t r = begin; r < end; ++r) {
-        masked_softmax_row(scores + r * n, mask, r, n, out + r * n, scratch);
-      }
+    for_each_row(rows, n, [&](int64_t r, std::vector<uint8_t>& scratch) {
+      masked_softmax_row(scores + r * n, mask, r, n, out + r * n, scratch);
     });
   });
 }
@@ -160,7 +169,7 @@ void SoftmaxVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
   allocate(out, cotangent);
   auto& encoder = encoder_for(stream(), inputs, out);
   const int64_t n = probs.shape().back();
-  const int64_t rows = n == 0 ? 0 : int64_t(probs.size()) / n;
+  const int64_t rows = row_count(probs);
   const auto kind = inputs.size() > 2 ? MaskKind::Boolean : MaskKind::None;
   encoder.dispatch([probs = probs.data<float>(),
                     g = cotangent.data<float>(),
@@ -168,11 +177,8 @@ void SoftmaxVJP::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) 
                     out = out.data<float>(),
                     rows,
                     n] {
-    parallel_for(rows, row_grain(n), [&](int64_t begin, int64_t end) {
-      std::vector<uint8_t> scratch;
-      for (int64_t r = begin; r < end; ++r) {
-        softmax_vjp_row(probs + r * n, g + r * n, mask, r, n, out + r * n, scratch);
-      }
+    for_each_row(rows, n, [&](int64_t r, std::vector<uint8_t>& scratch) {
+      softmax_vjp_row(probs + r * n, g + r * n, mask, r, n, out + r * n, scratch);
     });
   });
 }

@@ -21,6 +21,12 @@ namespace mlx_aim {
 
 constexpr int64_t kGrain = 16384;  // elements a thread gets at least: smaller work stays serial
 
+// Rows of an array's last axis (0 when it has no elements).
+inline int64_t row_count(const mx::array& a) {
+  const int64_t n = a.shape().back();
+  return n == 0 ? 0 : int64_t(a.size()) / n;
+}
+
 // Rows a thread gets at least, for rows of n elements.
 inline int64_t row_grain(int64_t n) {
   return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n));
