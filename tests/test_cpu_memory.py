@@ -45,3 +45,24 @@ def test_other_backends_are_left_alone(default_cache_limit, monkeypatch):
     monkeypatch.setattr(mx, "default_device", lambda: mx.Device(mx.gpu))
     assert reuse_freed_buffers() is None
     assert mx.set_cache_limit(MLX_DEFAULT_CPU_CACHE_LIMIT) == MLX_DEFAULT_CPU_CACHE_LIMIT
+
+
+@pytest.mark.parametrize("mib", [0, 32, 300])
+def test_the_environment_sets_how_many_mib_of_freed_buffers_to_keep(
+    default_cache_limit, monkeypatch, mib
+):
+    monkeypatch.setenv("MLX_AIM_CPU_CACHE_MB", str(mib))
+    assert reuse_freed_buffers() == mib << 20
+    assert mx.set_cache_limit(MLX_DEFAULT_CPU_CACHE_LIMIT) == mib << 20
+
+
+def test_auto_or_an_unreadable_setting_keeps_a_quarter_of_the_memory_limit(
+    default_cache_limit, monkeypatch, caplog
+):
+    memory_limit = mx.set_memory_limit(1 << 40)
+    mx.set_memory_limit(memory_limit)
+    for value in ("auto", "lots"):
+        monkeypatch.setenv("MLX_AIM_CPU_CACHE_MB", value)
+        mx.set_cache_limit(MLX_DEFAULT_CPU_CACHE_LIMIT)
+        assert reuse_freed_buffers() == max(MLX_DEFAULT_CPU_CACHE_LIMIT, memory_limit // 4)
+    assert "MLX_AIM_CPU_CACHE_MB='lots'" in caplog.text

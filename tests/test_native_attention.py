@@ -33,6 +33,12 @@ def masks(kind: str, b: int, n_q: int, n_k: int):
         keep = np.array(prefix_causal_mask(mx.array(np.arange(b) * 3 % n_k + 1), n_k))
         keep[0, 0, -1] = False  # a fully masked row attends uniformly and passes no gradient
         return mx.array(keep), keep
+    if kind == "shrinking":  # later rows attend fewer keys: no block is skipped
+        keep = np.arange(n_q)[:, None] + np.arange(n_k)[None] < n_k
+        return mx.array(keep), keep
+    if kind == "random":  # blocks of rows whose last kept key moves back and forth
+        keep = np.random.default_rng(0).random((n_q, n_k)) < 0.1
+        return mx.array(keep), keep
     keep = np.arange(n_q)[:, None] + (n_k - n_q) >= np.arange(n_k)[None]
     return "causal", keep
 
@@ -43,6 +49,11 @@ CASES = [  # (B, H, Nq, Nk, d, mask): the trunk, odd widths and lengths, pooling
     (3, 2, 1, 50, 48, "none"),
     (2, 2, 10, 33, 80, "causal"),
     (1, 8, 65, 65, 128, "none"),
+    (2, 2, 90, 90, 16, "causal"),
+    (1, 2, 40, 40, 16, "shrinking"),
+    (2, 1, 70, 70, 32, "random"),
+    (2, 2, 16, 16, 8, "prefix-causal"),
+    (1, 1, 12, 40, 24, "random"),
 ]
 
 

@@ -275,15 +275,16 @@ def mlx_loader(spec: dict, result: dict) -> None:
     enc = spec["config"]["encoder"]
     size, batch = enc["image_size"], spec["batch"]
     folder = Path(spec["image_dir"])
-    rng = np.random.default_rng(0)
-    side = max(64, size * 8 // 7 + 8)
-    paths = []
-    for i in range(spec["num_images"]):
-        low = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
-        image = Image.fromarray(low).resize((side, side), Image.Resampling.BILINEAR)
-        path = folder / f"{i:05d}.jpg"
-        image.save(path, quality=90)
-        paths.append(path)
+    paths = sorted(folder.glob("*.jpg"))  # a folder of photos given, else small made-up ones
+    if not paths:
+        rng = np.random.default_rng(0)
+        side = max(64, size * 8 // 7 + 8)
+        for i in range(spec["num_images"]):
+            low = rng.integers(0, 256, (side // 8, side // 8, 3), dtype=np.uint8)
+            image = Image.fromarray(low).resize((side, side), Image.Resampling.BILINEAR)
+            path = folder / f"{i:05d}.jpg"
+            image.save(path, quality=90)
+            paths.append(path)
 
     def loader():
         return ImageLoader(paths, TrainTransform(size), batch, seed=0, num_workers=spec["workers"])

@@ -20,30 +20,29 @@ Half-precision inputs are computed in float32 and rounded back. The model reache
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 from types import ModuleType
 
 import mlx.core as mx
 
 DTYPES = (mx.float32, mx.float16, mx.bfloat16)
 
+
+def _fit(name: str) -> tuple[float, ...]:
+    """The coefficients ``name(c0, c1, ...)`` of ``csrc/erf_fit.inc``, the erf fit the native
+    kernels compile in: one source for both."""
+    text = (Path(__file__).parent / "csrc" / "erf_fit.inc").read_text()
+    found = re.search(rf"^{name}\(([^)]*)\)", text, re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"{name} missing from erf_fit.inc")
+    return tuple(float(c) for c in found.group(1).split(","))
+
+
 # 0.5 erf(a / sqrt 2) = a P(a^2) / Q(a^2) for 0 <= a <= 4 sqrt 2 (our degree-5/5 least-squares
 # fit of erf(z) = z p(z^2) / q(z^2) on |z| <= 4, rescaled); erf rounds to 1 beyond.
-_HALF_ERF_P = (
-    0.39894221294521526,
-    0.034696523074525774,
-    0.004726190458421924,
-    0.0001769834746358358,
-    6.3653764663803644e-06,
-    2.1817031098618527e-08,
-)
-_ERF_Q = (
-    1.0,
-    0.25363686379121675,
-    0.029121619750357867,
-    0.0019308149340320222,
-    7.603796684841192e-05,
-    1.1712551652742244e-06,
-)
+_HALF_ERF_P = _fit("HALF_ERF_P")
+_ERF_Q = _fit("ERF_Q")
 _ERF_END = 4.0 * math.sqrt(2.0)
 _LOG2E = 1.4426950408889634
 _LN2_HI = 0.693145751953125  # ln 2 split so that n * _LN2_HI is exact for |n| < 2^9

@@ -4,11 +4,11 @@
 // at the float32 minimum, as mx.fast does) and O = P v in thread-local buffers, with the small
 // products of small_gemm.h; it keeps each row's (max, 1 / sum) for the backward pass, which
 // recomputes P from them instead of storing it: dV = P^T dO, dS = P (dO v^T - rowsum(dO O)),
-// dq = scale dS k, dk = dS^T (scale q). The outputs are written in (B, N, H, d) order, the layout
-// the model's output projection reads.
+// dq = scale dS k, dk = dS^T (scale q). Blocks of keys a (prefix-)causal mask hides from a whole
+// tile of query rows are skipped (KeyLimits). The outputs are written in (B, N, H, d) order, the
+// layout the model's output projection reads.
 
 #include <cmath>
-#include <limits>
 #include <cstring>
 #include <memory>
 #include <tuple>
@@ -17,13 +17,13 @@
 #include "kernels.h"
 #include "small_gemm.h"
 #include "support.h"
+#include "threads.h"
 #include "vector_math.h"
 
 namespace mlx_aim {
 
 namespace {
 
-constexpr float kLowest = std::numeric_limits<float>::lowest();
 using bool_t = uint8_t;  // a bool's storage, for a contiguous copy of a mask row
 static_assert(sizeof(bool) == sizeof(bool_t));
 
@@ -95,7 +95,7 @@ struct HeadShape {
   int64_t nq, nk, d;
   int64_t mq;  // nq rounded up to kTileRows
   int64_t nkr;  // nk rounded up to kTileRows
-  int64_t nkc;  // nk rounded up to kTileCols
+  int64_t nkc;  // nkr rounded up to kTileCols: a transposed product reads nkr columns of a row
   int64_t dc;  // d rounded up to kTileCols
 
   HeadShape(int64_t nq_, int64_t nk_, int64_t d_)
@@ -104,13 +104,98 @@ struct HeadShape {
         d(d_),
         mq(round_up(nq_, kTileRows)),
         nkr(round_up(nk_, kTileRows)),
-        nkc(round_up(nk_, kTileCols)),
+        nkc(round_up(round_up(nk_, kTileRows), kTileCols)),
         dc(round_up(d_, kTileCols)) {}
 };
 
-// One thread's buffer for one head's matrix, zeroed once: every head writes the same region of it,
+// One thread's buffer for one head's matrix, zeroed when made: every head writes the same region of it,
 // and what lies outside (the padding) only feeds rows and columns of products that are dropped.
 using Buffer = std::vector<float>;
+
+// The keys each query row needs: row i attends no key at or past limit[i], and the kTileRows rows
+// of tile t compute their scores up to column cols[t] (their largest limit, rounded up to
+// kTileCols): a causal or prefix-causal mask skips the blocks it masks fully (about a sixth of a
+// prefix-causal head). Where the tiles' columns do not grow with the rows (another mask), or
+// without a mask, every row takes every key. A fully masked row takes every key (it attends
+// uniformly).
+struct KeyLimits {
+  std::vector<int64_t> limit, cols;
+
+  void compute(const KeepMask& mask, int64_t b, int64_t h, const HeadShape& n,
+               std::vector<bool_t>& scratch) {
+    limit.assign(n.nq, n.nk);
+    cols.assign(n.mq / kTileRows, n.nkc);
+    if (mask.data == nullptr) {
+      return;
+    }
+    for (int64_t i = 0; i < n.nq; ++i) {
+      const bool* keep = mask.row(b, h, i, n.nk, scratch);
+      int64_t end = n.nk;
+      while (end > 0 && !keep[end - 1]) {
+        --end;
+      }
+      limit[i] = end > 0 ? end : n.nk;
+    }
+    for (size_t t = 0; t < cols.size(); ++t) {
+      const int64_t first = t * kTileRows;
+      const int64_t last = std::min<int64_t>(n.nq, first + kTileRows);
+      const int64_t widest = *std::max_element(limit.begin() + first, limit.begin() + last);
+      cols[t] = round_up(widest, kTileCols);
+      if (t > 0 && cols[t] < cols[t - 1]) {  // not growing: no skipping
+        limit.assign(n.nq, n.nk);
+        cols.assign(cols.size(), n.nkc);
+        return;
+      }
+    }
+  }
+  // The first query row whose tile reaches key column j: no row before it needs that key, and
+  // every row from there on has it computed (the columns grow with the rows).
+  int64_t first_row(int64_t j, int64_t nq) const {
+    size_t t = 0;
+    while (t < cols.size() && cols[t] <= j) {
+      ++t;
+    }
+    return std::min<int64_t>(nq, t * kTileRows);
+  }
+};
+
+// The scores of each row tile, (scale q) k^T up to the tile's columns.
+void tile_scores(const HeadShape& n, const KeyLimits& lim, const float* q, const float* kt,
+                 float* s) {
+  for (size_t t = 0; t < lim.cols.size(); ++t) {
+    const int64_t i0 = t * kTileRows;
+    gemm(kTileRows, lim.cols[t], n.d, q + i0 * n.dc, n.dc, kt, n.nkc, s + i0 * n.nkc, n.nkc);
+  }
+}
+
+// C = A B per row tile of A (row stride lda), the sum over the tile's keys only: A's entries past
+// a row's limit (up to the tile's columns) are 0.
+void tile_times_keys(const HeadShape& n, const KeyLimits& lim, const float* a, int64_t lda,
+                     const float* b, float* c) {
+  for (size_t t = 0; t < lim.cols.size(); ++t) {
+    const int64_t i0 = t * kTileRows;
+    const int64_t depth = std::min(lim.cols[t], n.nk);
+    gemm(kTileRows, n.dc, depth, a + i0 * lda, lda, b, n.dc, c + i0 * n.dc, n.dc);
+  }
+}
+
+// C = A^T B per tile of keys (C's rows), summed over the queries that reach them: A (nq x nkc,
+// row stride n.nkc) and B (nq x dc).
+void keys_times_tiles(const HeadShape& n, const KeyLimits& lim, const float* a, const float* b,
+                      float* c) {
+  for (int64_t j0 = 0; j0 < n.nkr; j0 += kTileRows) {
+    const int64_t p0 = lim.first_row(j0, n.nq);
+    gemm<true>(kTileRows, n.dc, n.nq - p0, a + p0 * n.nkc + j0, n.nkc, b + p0 * n.dc, n.dc,
+               c + j0 * n.dc, n.dc);
+  }
+}
+
+// Zeroes row i's entries from its limit to its tile's columns, rounded up to whole key tiles of
+// keys_times_tiles (what the products above read).
+void clear_past_limit(float* row, const KeyLimits& lim, const HeadShape& n, int64_t i) {
+  const int64_t end = std::min(round_up(lim.cols[i / kTileRows], kTileRows), n.nkc);
+  std::fill(row + lim.limit[i], row + end, 0.0f);
+}
 
 // rows x cols of `src` (row(b, h, r)) into dst (row stride ld), times `scale`.
 void gather(
@@ -178,55 +263,6 @@ void scatter(
   }
 }
 
-typedef uint8_t Flags16 __attribute__((vector_size(16)));
-typedef int32_t Int16 __attribute__((vector_size(64)));
-
-// s[j] = fill where keep[j] is false, 16 at a time (GCC does not vectorize this select by itself).
-void fill_masked(float* s, const bool* keep, int64_t n, float fill) {
-  const Vec16 fills = Vec16{} + fill;
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    Flags16 flags;
-    std::memcpy(&flags, keep + j, sizeof(flags));
-    const Int16 kept = __builtin_convertvector(flags, Int16) != 0;
-    store16(s + j, kept ? load16(s + j) : fills);
-  }
-  for (; j < n; ++j) {
-    s[j] = keep[j] ? s[j] : fill;
-  }
-}
-
-// A row of scores s (in place) becomes its softmax over the keys, masked keys at the float32
-// minimum; writes the row's (max, 1 / sum).
-void softmax_row(
-    float* s,
-    const bool* keep,
-    int64_t nk,
-    float* max_out,
-    float* inv_sum_out) {
-  if (keep != nullptr) {
-    fill_masked(s, keep, nk, kLowest);
-  }
-  std::tie(*max_out, *inv_sum_out) = softmax_in_place(s, nk);
-}
-
-// A row of P from its scores s (in place) and the forward pass's (max, 1 / sum): the same
-// operations as softmax_row, so the same values.
-void probabilities_row(
-    float* s,
-    const bool* keep,
-    int64_t nk,
-    float max,
-    float inv_sum) {
-  if (keep != nullptr) {
-    fill_masked(s, keep, nk, kLowest);
-  }
-#pragma omp simd
-  for (int64_t j = 0; j < nk; ++j) {
-    s[j] = exp_nonpositive(s[j] - max) * inv_sum;
-  }
-}
-
 struct ForwardArgs {
   Rows q, k, v;
   KeepMask mask;
@@ -240,6 +276,7 @@ struct ForwardArgs {
 struct ForwardBuffers {
   Buffer q, kt, s, v, o;
   std::vector<bool_t> keep;
+  KeyLimits limits;
   explicit ForwardBuffers(const HeadShape& n)
       : q(n.mq * n.dc), kt(n.d * n.nkc), s(n.mq * n.nkc), v(n.nk * n.dc), o(n.mq * n.dc) {}
 };
@@ -248,14 +285,17 @@ void forward_head(const ForwardArgs& a, int64_t b, int64_t h, ForwardBuffers& w)
   const HeadShape& n = a.shape;
   gather(a.q, b, h, n.nq, n.d, a.scale, w.q.data(), n.dc);
   gather_transposed(a.k, b, h, n.nk, n.d, w.kt.data(), n.nkc);
-  gemm(n.mq, n.nkc, n.d, w.q.data(), n.dc, w.kt.data(), n.nkc, w.s.data(), n.nkc);
+  w.limits.compute(a.mask, b, h, n, w.keep);
+  tile_scores(n, w.limits, w.q.data(), w.kt.data(), w.s.data());
   float* stats = a.stats + (b * a.heads + h) * n.nq * 2;
   for (int64_t i = 0; i < n.nq; ++i) {
     const bool* keep = a.mask.row(b, h, i, n.nk, w.keep);
-    softmax_row(w.s.data() + i * n.nkc, keep, n.nk, stats + 2 * i, stats + 2 * i + 1);
+    float* row = w.s.data() + i * n.nkc;
+    std::tie(stats[2 * i], stats[2 * i + 1]) = softmax_row(row, keep, w.limits.limit[i]);
+    clear_past_limit(row, w.limits, n, i);
   }
   gather(a.v, b, h, n.nk, n.d, 1.0f, w.v.data(), n.dc);
-  gemm(n.mq, n.dc, n.nk, w.s.data(), n.nkc, w.v.data(), n.dc, w.o.data(), n.dc);
+  tile_times_keys(n, w.limits, w.s.data(), n.nkc, w.v.data(), w.o.data());
   scatter(w.o.data(), n.dc, n.nq, n.d, 1.0f, a.out, b, h, a.heads, n.nq);
 }
 
@@ -274,6 +314,7 @@ struct BackwardArgs {
 struct BackwardBuffers {
   Buffer q, kt, s, dout, vt, dp, k, result;
   std::vector<bool_t> keep;
+  KeyLimits limits;
   explicit BackwardBuffers(const HeadShape& n)
       : q(n.mq * n.dc),
         kt(n.d * n.nkc),
@@ -314,20 +355,18 @@ void probabilities_and_score_grads(
     float* p = w.s.data() + i * n.nkc;
     float* ds = w.dp.data() + i * n.nkc;
     const bool* keep = a.mask.row(b, h, i, n.nk, w.keep);
-    probabilities_row(p, keep, n.nk, stats[2 * i], stats[2 * i + 1]);
+    const int64_t limit = w.limits.limit[i];
+    probabilities_row(p, keep, limit, stats[2 * i], stats[2 * i + 1]);
     const float dot = dots[i];
-    if (keep == nullptr) {
 #pragma omp simd
-      for (int64_t j = 0; j < n.nk; ++j) {
-        ds[j] = p[j] * (ds[j] - dot);
-      }
-    } else {  // p is 0 where masked, unless the whole row is (then uniform): zero it there
-#pragma omp simd
-      for (int64_t j = 0; j < n.nk; ++j) {
-        ds[j] = p[j] * (ds[j] - dot);
-      }
-      fill_masked(ds, keep, n.nk, 0.0f);
+    for (int64_t j = 0; j < limit; ++j) {
+      ds[j] = p[j] * (ds[j] - dot);
     }
+    if (keep != nullptr) {  // p is 0 where masked, unless the whole row is (then uniform)
+      fill_masked(ds, keep, limit, 0.0f);
+    }
+    clear_past_limit(p, w.limits, n, i);
+    clear_past_limit(ds, w.limits, n, i);
   }
 }
 
@@ -335,21 +374,22 @@ void backward_head(const BackwardArgs& a, int64_t b, int64_t h, BackwardBuffers&
   const HeadShape& n = a.shape;
   gather(a.q, b, h, n.nq, n.d, a.scale, w.q.data(), n.dc);
   gather_transposed(a.k, b, h, n.nk, n.d, w.kt.data(), n.nkc);
-  gemm(n.mq, n.nkc, n.d, w.q.data(), n.dc, w.kt.data(), n.nkc, w.s.data(), n.nkc);
+  w.limits.compute(a.mask, b, h, n, w.keep);
+  tile_scores(n, w.limits, w.q.data(), w.kt.data(), w.s.data());
   gather(a.dout, b, h, n.nq, n.d, 1.0f, w.dout.data(), n.dc);
   gather_transposed(a.v, b, h, n.nk, n.d, w.vt.data(), n.nkc);
-  gemm(n.mq, n.nkc, n.d, w.dout.data(), n.dc, w.vt.data(), n.nkc, w.dp.data(), n.nkc);
+  tile_scores(n, w.limits, w.dout.data(), w.vt.data(), w.dp.data());
   probabilities_and_score_grads(a, b, h, w);
 
   // dq = scale dS k
   gather(a.k, b, h, n.nk, n.d, 1.0f, w.k.data(), n.dc);
-  gemm(n.mq, n.dc, n.nk, w.dp.data(), n.nkc, w.k.data(), n.dc, w.result.data(), n.dc);
+  tile_times_keys(n, w.limits, w.dp.data(), n.nkc, w.k.data(), w.result.data());
   scatter(w.result.data(), n.dc, n.nq, n.d, a.scale, a.dq, b, h, a.heads, n.nq);
 
   // dv = P^T dO, dk = dS^T (scale q): P and dS read transposed (rows up to nkr <= nkc)
-  gemm<true>(n.nkr, n.dc, n.nq, w.s.data(), n.nkc, w.dout.data(), n.dc, w.result.data(), n.dc);
+  keys_times_tiles(n, w.limits, w.s.data(), w.dout.data(), w.result.data());
   scatter(w.result.data(), n.dc, n.nk, n.d, 1.0f, a.dv, b, h, a.heads, n.nk);
-  gemm<true>(n.nkr, n.dc, n.nq, w.dp.data(), n.nkc, w.q.data(), n.dc, w.result.data(), n.dc);
+  keys_times_tiles(n, w.limits, w.dp.data(), w.q.data(), w.result.data());
   scatter(w.result.data(), n.dc, n.nk, n.d, 1.0f, a.dk, b, h, a.heads, n.nk);
 }
 
@@ -358,11 +398,26 @@ mx::array heads_first(const mx::array& a, mx::StreamOrDevice s) {
   return mx::swapaxes(a, 1, 2, s);
 }
 
+// This thread's buffers for heads of `shape`, kept from call to call: buffers this size allocated
+// anew are fresh pages the kernel zeroes, every call (8% of an aim-tiny training step). Made anew
+// (zeroed) when the shape changes.
+template <typename Buffers>
+Buffers& thread_buffers(const HeadShape& shape) {
+  thread_local std::unique_ptr<Buffers> buffers;
+  thread_local HeadShape built(0, 0, 0);
+  if (!buffers || built.nq != shape.nq || built.nk != shape.nk || built.d != shape.d) {
+    buffers.reset();
+    buffers = std::make_unique<Buffers>(shape);
+    built = shape;
+  }
+  return *buffers;
+}
+
 // Calls body(b, h, buffers) for every (batch, head) pair, the pairs split over the cores.
 template <typename Buffers, typename Body>
 void for_each_head(int64_t batch, int64_t heads, const HeadShape& shape, Body body) {
   parallel_for(batch * heads, 1, [&](int64_t begin, int64_t end) {
-    Buffers buffers(shape);
+    Buffers& buffers = thread_buffers<Buffers>(shape);
     for (int64_t bh = begin; bh < end; ++bh) {
       body(bh / heads, bh % heads, buffers);
     }
@@ -446,7 +501,7 @@ std::vector<mx::array> FusedAttention::vjp(
       primals[2],
       outputs[0],
       outputs[1],
-      mx::contiguous(mx::astype(cotangents[0], mx::float32, s), false, s)};
+      float32_cotangent(cotangents[0], s)};
   if (primals.size() > 3) {
     inputs.push_back(primals[3]);
   }
@@ -458,11 +513,9 @@ std::vector<mx::array> FusedAttention::vjp(
       {mx::float32, mx::float32, mx::float32},
       std::make_shared<FusedAttentionVJP>(s, scale_),
       std::move(inputs));
-  std::vector<mx::array> vjps;
-  for (int arg : argnums) {
-    vjps.push_back(arg < 3 ? heads_first(grads[arg], s) : mx::zeros_like(primals[arg], s));
-  }
-  return vjps;
+  return gradients_for(argnums, [&](int arg) {
+    return arg < 3 ? heads_first(grads[arg], s) : mx::zeros_like(primals[arg], s);
+  });
 }
 
 void FusedAttentionVJP::eval_cpu(

@@ -8,7 +8,7 @@
 
 #include "kernels.h"
 #include "support.h"
-#include "vector_math.h"
+#include "threads.h"
 
 namespace mlx_aim {
 

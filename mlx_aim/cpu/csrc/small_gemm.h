@@ -14,13 +14,10 @@
 
 namespace mlx_aim {
 
-// Rows of C per micro-tile: 8 x 2 vector accumulators fit AVX-512's 32 registers, 4 x 2 the rest.
-#ifdef __AVX512F__
-constexpr int kTileRows = 8;
-#else
-constexpr int kTileRows = 4;
-#endif
-constexpr int64_t kTileCols = 32;  // columns of C per micro-tile (two 16-float vectors)
+// Rows of C per micro-tile, of two vectors each: 8 x 2 accumulators of AVX-512's 32 registers,
+// 6 x 2 of AVX2's 16 (BLIS's 6 x 16 kernel), 4 x 2 otherwise.
+constexpr int kTileRows = kLanes == 16 ? 8 : (kLanes == 8 ? 6 : 4);
+constexpr int64_t kTileCols = 2 * kLanes;  // columns of C per micro-tile
 
 inline int64_t round_up(int64_t n, int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;
@@ -45,12 +42,12 @@ inline void gemm(
   const int64_t depth_step = TransposeA ? lda : 1;  // along the summed axis, in A
   for (int64_t j = 0; j < n; j += kTileCols) {
     for (int64_t i = 0; i < m; i += kTileRows) {
-      Vec16 acc[kTileRows][2] = {};
+      Vec acc[kTileRows][2] = {};
       const float* a_tile = a + i * row_step;
       const float* bj = b + j;
       for (int64_t p = 0; p < k; ++p) {
-        const Vec16 b0 = load16(bj + p * ldb);
-        const Vec16 b1 = load16(bj + p * ldb + 16);
+        const Vec b0 = load(bj + p * ldb);
+        const Vec b1 = load(bj + p * ldb + kLanes);
         const float* a_p = a_tile + p * depth_step;
 #pragma GCC unroll 8
         for (int r = 0; r < kTileRows; ++r) {
@@ -61,8 +58,8 @@ inline void gemm(
       }
 #pragma GCC unroll 8
       for (int r = 0; r < kTileRows; ++r) {
-        store16(c + (i + r) * ldc + j, acc[r][0]);
-        store16(c + (i + r) * ldc + j + 16, acc[r][1]);
+        store(c + (i + r) * ldc + j, acc[r][0]);
+        store(c + (i + r) * ldc + j + kLanes, acc[r][1]);
       }
     }
   }

@@ -1,6 +1,6 @@
 // What every primitive of mlx-aim's CPU kernels shares: the dtype check, the output buffer (donated
-// where MLX allows), the command encoder, the work grain of a thread and the error for a GPU
-// stream.
+// where MLX allows), the command encoder, the work grain of a thread, the error for a GPU stream,
+// and the graph-side pieces of a gradient (the cotangent's cast, the gradients picked by argnums).
 
 #pragma once
 
@@ -13,12 +13,24 @@
 #include "mlx/allocator.h"
 #include "mlx/array.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
 
 namespace mx = mlx::core;
 
 namespace mlx_aim {
 
 constexpr int64_t kGrain = 16384;  // elements a thread gets at least: smaller work stays serial
+
+// Rows of an array's last axis (0 when it has no elements).
+inline int64_t row_count(const mx::array& a) {
+  const int64_t n = a.shape().back();
+  return n == 0 ? 0 : int64_t(a.size()) / n;
+}
+
+// Rows a thread gets at least, for rows of n elements.
+inline int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n));
+}
 
 inline void check_float32(const mx::array& a, const char* op) {
   if (a.dtype() != mx::float32) {
@@ -59,6 +71,22 @@ encoder_for(mx::Stream stream, const std::vector<mx::array>& inputs, mx::array& 
 
 [[noreturn]] inline void no_gpu(const char* name) {
   throw std::runtime_error(std::string("[mlx_aim.") + name + "] runs on MLX's CPU backend only");
+}
+
+// A cotangent as a backward primitive's input: float32, row-contiguous.
+inline mx::array float32_cotangent(const mx::array& cotangent, mx::Stream s) {
+  return mx::contiguous(mx::astype(cotangent, mx::float32, s), false, s);
+}
+
+// A vjp's result: gradient(arg) for each of the argnums asked for, in their order.
+template <typename Gradient>
+std::vector<mx::array> gradients_for(const std::vector<int>& argnums, Gradient gradient) {
+  std::vector<mx::array> vjps;
+  vjps.reserve(argnums.size());
+  for (int arg : argnums) {
+    vjps.push_back(gradient(arg));
+  }
+  return vjps;
 }
 
 }  // namespace mlx_aim

@@ -1,21 +1,18 @@
-// Float32 exp and erf from plain arithmetic, so that loops over them vectorize (no libm calls),
-// a vectorized row max and softmax, and a row-parallel loop over the cores this process may use.
+// Float32 exp and erf from plain arithmetic, so that loops over them vectorize (no libm calls), and
+// the vectorized row max, masked fill and (masked) softmax of one row.
 
 #pragma once
 
-#include <sched.h>
-
 #include <algorithm>
-#include <atomic>
+#include <cstddef>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
 #include <limits>
-#include <thread>
 #include <utility>
-#include <vector>
 
 namespace mlx_aim {
+
+constexpr float kLowest = std::numeric_limits<float>::lowest();  // a masked score
 
 // exp(y) for y <= 0 (NaN stays NaN, exp(-inf) = 0): y = n ln2 + r with |r| <= ln2 / 2
 // (Cody-Waite: ln 2 in two parts so that n * kLn2Hi is exact), exp(r) by its degree-7 Taylor
@@ -42,49 +39,62 @@ inline float exp_nonpositive(float y) {
   return p * two_n;
 }
 
+#define HALF_ERF_P(...) constexpr float kHalfErfP[] = {__VA_ARGS__};
+#define ERF_Q(...) constexpr float kErfQ[] = {__VA_ARGS__};
+#include "erf_fit.inc"
+#undef HALF_ERF_P
+#undef ERF_Q
+
+// c[0] + c[1] s + ... + c[N-1] s^(N-1), by Horner's rule.
+template <size_t N>
+inline float polynomial(const float (&c)[N], float s) {
+  float sum = c[N - 1];
+  for (size_t i = N - 1; i-- > 0;) {
+    sum = sum * s + c[i];
+  }
+  return sum;
+}
+
 // 0.5 erf(a / sqrt 2) for a >= 0 (NaN stays NaN) as a P(a^2) / Q(a^2) on a <= 4 sqrt 2, where
-// erf rounds to 1: the degree-5/5 fit of mlx_aim's portable CPU kernels, max abs error 2e-7.
+// erf rounds to 1 (erf_fit.inc, shared with the portable kernels), max abs error 2e-7.
 inline float half_erf(float a) {
   a = std::min(a, 5.656854249492380f);
   const float s = a * a;
-  const float p =
-      0.39894221294521526f +
-      s * (0.034696523074525774f +
-           s * (0.004726190458421924f +
-                s * (0.0001769834746358358f +
-                     s * (6.3653764663803644e-06f + s * 2.1817031098618527e-08f))));
-  const float q =
-      1.0f +
-      s * (0.25363686379121675f +
-           s * (0.029121619750357867f +
-                s * (0.0019308149340320222f +
-                     s * (7.603796684841192e-05f + s * 1.1712551652742244e-06f))));
-  return a * p / q;
+  return a * polynomial(kHalfErfP, s) / polynomial(kErfQ, s);
 }
 
-// 16 floats; the compiler maps it onto the CPU's vectors (one AVX-512 register, two AVX ones).
-typedef float Vec16 __attribute__((vector_size(64)));
+// Floats in one of the CPU's vector registers. A wider generic vector than the hardware's is not
+// split cleanly: GCC 12 builds an AVX-512-wide one lane by lane through memory on an AVX2 CPU,
+// which made the attention 13x slower there.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;  // SSE, NEON
+#endif
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 
-inline Vec16 load16(const float* p) {
-  Vec16 v;
+inline Vec load(const float* p) {
+  Vec v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
 
-inline void store16(float* p, Vec16 v) {
+inline void store(float* p, Vec v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
-// max of s[0..n), 16 lanes at a time (GCC does not vectorize a float max reduction by itself).
+// max of s[0..n), a vector at a time (GCC does not vectorize a float max reduction by itself).
 inline float row_max(const float* s, int64_t n) {
-  Vec16 lanes = Vec16{} - std::numeric_limits<float>::infinity();
+  Vec lanes = Vec{} - std::numeric_limits<float>::infinity();
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const Vec16 v = load16(s + j);
+  for (; j + kLanes <= n; j += kLanes) {
+    const Vec v = load(s + j);
     lanes = v > lanes ? v : lanes;
   }
   float max = -std::numeric_limits<float>::infinity();
-  for (int lane = 0; lane < 16; ++lane) {
+  for (int lane = 0; lane < kLanes; ++lane) {
     max = std::max(max, lanes[lane]);
   }
   for (; j < n; ++j) {
@@ -93,8 +103,32 @@ inline float row_max(const float* s, int64_t n) {
   return max;
 }
 
-// s[0..n) (in place) becomes its softmax; returns (max, 1 / sum of the exponentials).
-inline std::pair<float, float> softmax_in_place(float* s, int64_t n) {
+typedef uint8_t Flags __attribute__((vector_size(kLanes)));
+typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+// s[j] = fill where keep[j] is false, a vector at a time (GCC does not vectorize this select by
+// itself).
+inline void fill_masked(float* s, const bool* keep, int64_t n, float fill) {
+  const Vec fills = Vec{} + fill;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    Flags flags;
+    std::memcpy(&flags, keep + j, sizeof(flags));
+    const Ints kept = __builtin_convertvector(flags, Ints) != 0;
+    store(s + j, kept ? load(s + j) : fills);
+  }
+  for (; j < n; ++j) {
+    s[j] = keep[j] ? s[j] : fill;
+  }
+}
+
+// A row of scores s[0..n) (in place) becomes its softmax, the keys where `keep` is false (when
+// not null) at the float32 minimum, as mx.fast does (a fully masked row comes out uniform);
+// returns the row's (max, 1 / sum of the exponentials).
+inline std::pair<float, float> softmax_row(float* s, const bool* keep, int64_t n) {
+  if (keep != nullptr) {
+    fill_masked(s, keep, n, kLowest);
+  }
   const float max = row_max(s, n);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -110,47 +144,16 @@ inline std::pair<float, float> softmax_in_place(float* s, int64_t n) {
   return {max, inv_sum};
 }
 
-// Threads a kernel may use: the cores this process may run on (its affinity mask), at most
-// OMP_NUM_THREADS when that is set (the usual knob, which PyTorch and OpenBLAS honor too). Read
-// once.
-inline int usable_cores() {
-  static const int cores = [] {
-    int count = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0) {
-      count = std::max(1, CPU_COUNT(&set));
-    }
-    if (const char* limit = std::getenv("OMP_NUM_THREADS")) {
-      const int threads = std::atoi(limit);
-      if (threads > 0) {
-        count = std::min(count, threads);
-      }
-    }
-    return count;
-  }();
-  return cores;
-}
-
-// Calls body(begin, end) on consecutive chunks of [0, n) in parallel, one chunk of at least
-// `grain` items per thread. Kernels running at once (several CPU streams) share the cores.
-template <typename Body>
-void parallel_for(int64_t n, int64_t grain, Body body) {
-  static std::atomic<int> running{0};
-  const int sharing = running.fetch_add(1) + 1;
-  const int64_t by_work = std::max<int64_t>(1, n / std::max<int64_t>(1, grain));
-  const int threads = static_cast<int>(
-      std::min<int64_t>(by_work, std::max(1, usable_cores() / sharing)));
-  const int64_t chunk = (n + threads - 1) / threads;
-  std::vector<std::thread> helpers;
-  for (int t = 1; t < threads; ++t) {
-    const int64_t begin = t * chunk;
-    helpers.emplace_back(body, begin, std::min(n, begin + chunk));
+// A row of probabilities from its scores s (in place) and softmax_row's (max, 1 / sum): the same
+// operations, so the same values.
+inline void probabilities_row(float* s, const bool* keep, int64_t n, float max, float inv_sum) {
+  if (keep != nullptr) {
+    fill_masked(s, keep, n, kLowest);
   }
-  body(0, std::min(n, chunk));
-  for (auto& helper : helpers) {
-    helper.join();
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_nonpositive(s[j] - max) * inv_sum;
   }
-  running.fetch_sub(1);
 }
 
 }  // namespace mlx_aim
