@@ -48,7 +48,7 @@ def command(args, output, fault=None) -> subprocess.Popen:
     env.pop(FAULT_ENV, None)
     if fault:
         env[FAULT_ENV] = fault
-    argv = [sys.executable, "-c", "from cli.main import app; app()", "train", *args]
+    argv = [sys.executable, "-c", "from mlx_aim_cli.main import app; app()", "train", *args]
     return subprocess.Popen(
         [*argv, "-o", str(output)],
         cwd=ROOT,

@@ -66,7 +66,7 @@ def config(output, model, data, **overrides) -> TrainConfig:
 
 
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-c", "from cli.main import app; app()", "train", *args]
+    command = [sys.executable, "-c", "from mlx_aim_cli.main import app; app()", "train", *args]
     return subprocess.run(
         command, capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parents[1]
     )
