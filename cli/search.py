@@ -160,7 +160,7 @@ def search_command(
         chosen = index_model(model, db) if db is None else model
         index = Index(db, model=chosen, batch_size=1)  # a query is one image or text
         if not index.db.is_file():
-            raise InputError(f"{index.db}: no index here; build one with mlx-aim index first")
+            raise InputError(_no_index(index.db, searched_default=db is None and model is None))
         if duplicates:
             _duplicates(index, threshold, within, as_json, html, quiet)
             return
@@ -170,6 +170,17 @@ def search_command(
         if html is not None:
             title = "search: " + " ".join(query)
             _sheet(html, title, [(h.path, f"{h.score:.3f}") for h in hits], quiet)
+
+
+def _no_index(path: Path, searched_default: bool) -> str:
+    """The error for a missing index, naming the other indexes beside it when the default one
+    (that of the released LiT model) was looked for: an index of another model needs --db."""
+    message = f"{path}: no index here; build one with mlx-aim index first"
+    others = sorted(path.parent.glob("*.sqlite")) if searched_default else []
+    if others:
+        names = ", ".join(str(other) for other in others[:5])
+        message += f", or name one of the indexes of other models with --db: {names}"
+    return message
 
 
 def _duplicates(

@@ -418,3 +418,17 @@ def test_search_uses_the_pooling_the_index_was_built_with(photos, model_dir, tmp
     result = run("search", folder / "coffee.jpg", "--db", db, "-k", "2", "-q")
     assert result.exit_code == 0, result.output
     assert lines(result.stdout) == [str(folder / "coffee.jpg"), str(copy)]
+
+
+def test_search_without_db_names_the_indexes_of_other_models_when_the_default_is_missing(
+    photos, model_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
+    folder, _, _ = photos
+    result = run("index", folder, "--model", model_dir, "-q")
+    assert result.exit_code == 0, result.output
+    built = default_db(model_dir)
+    result = run("search", "coffee")
+    assert result.exit_code == 1
+    assert "no index here" in result.output and "--db" in result.output
+    assert str(built) in result.output.replace("\n", "")
