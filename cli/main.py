@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from mlx_aim.errors import exit_codes_table
@@ -75,8 +77,21 @@ def main(
     """AIM and AIMv2 image models in MLX."""
 
 
+def reflowed(doc: str) -> str:
+    """``doc`` with the lines of each prose paragraph joined, so that ``--help`` wraps them at the
+    terminal's width (rich keeps every newline); paragraphs with indented lines (examples) stay."""
+    paragraphs = doc.split("\n\n")
+    return "\n\n".join(
+        p if any(line[:1].isspace() for line in p.splitlines()) else " ".join(p.splitlines())
+        for p in paragraphs
+    )
+
+
 for _command in COMMANDS:
     _command.register(app)
+for _info in app.registered_commands:
+    if _info.help is None and _info.callback is not None:
+        _info.help = reflowed(inspect.getdoc(_info.callback) or "")
 
 if __name__ == "__main__":
     app()

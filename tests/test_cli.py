@@ -12,7 +12,7 @@ import pytest
 import typer
 from mlx_aim_cli import errors as cli_errors
 from mlx_aim_cli import progress
-from mlx_aim_cli.main import COMMANDS, app
+from mlx_aim_cli.main import COMMANDS, app, reflowed
 from mlx_aim_cli.models import HEADER
 from rich.console import Console
 from typer.testing import CliRunner
@@ -298,3 +298,17 @@ def test_datasets_prints_each_builtin_folder_and_one_folder_by_name():
     assert result.stderr.strip().splitlines() == [
         "error: 'nope' is not a built-in dataset (digits, scenes)"
     ]
+
+
+def test_help_prose_paragraphs_are_one_line_so_the_terminal_wraps_them_but_examples_keep_lines():
+    doc = "Summary.\n\nA sentence cut\nin two.\n\nExamples:\n\n  mlx-aim a\n  mlx-aim b"
+    assert (
+        reflowed(doc)
+        == "Summary.\n\nA sentence cut in two.\n\nExamples:\n\n  mlx-aim a\n  mlx-aim b"
+    )
+    for info in app.registered_commands:
+        for paragraph in info.help.split("\n\n"):
+            lines = paragraph.splitlines()
+            assert len(lines) == 1 or any(line[:1].isspace() for line in lines), (info.name, lines)
+    result = CliRunner().invoke(app, ["index", "--help"])
+    assert result.exit_code == 0 and "Unreadable files" in result.output
