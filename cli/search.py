@@ -159,7 +159,7 @@ def search_command(
             check_destination(html, overwrite=True)
         chosen = index_model(model, db) if db is None else model
         index = Index(db, model=chosen, batch_size=1)  # a query is one image or text
-        if not index.db.is_file():
+        if not index.db.is_file() or _empty(index.db):  # empty: a first index run that failed
             raise InputError(_no_index(index.db, searched_default=db is None and model is None))
         if duplicates:
             _duplicates(index, threshold, within, as_json, html, quiet)
@@ -172,11 +172,24 @@ def search_command(
             _sheet(html, title, [(h.path, f"{h.score:.3f}") for h in hits], quiet)
 
 
+def _empty(db: Path) -> bool:
+    """Whether the index at ``db`` holds no model yet (nothing was ever added)."""
+    from mlx_aim.index.store import Store
+
+    store = Store(db)
+    try:
+        return store.identity is None
+    finally:
+        store.close()
+
+
 def _no_index(path: Path, searched_default: bool) -> str:
     """The error for a missing index, naming the other indexes beside it when the default one
     (that of the released LiT model) was looked for: an index of another model needs --db."""
     message = f"{path}: no index here; build one with mlx-aim index first"
-    others = sorted(path.parent.glob("*.sqlite")) if searched_default else []
+    others = (
+        [o for o in sorted(path.parent.glob("*.sqlite")) if o != path] if searched_default else []
+    )
     if others:
         names = ", ".join(str(other) for other in others[:5])
         message += f", or name one of the indexes of other models with --db: {names}"

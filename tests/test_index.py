@@ -24,6 +24,7 @@ from mlx_aim_cli.main import app
 from typer.testing import CliRunner
 
 import mlx_aim
+from mlx_aim.checkpoints.registry import LIT_NAME
 from mlx_aim.errors import InputError, OutputError
 from mlx_aim.index import Index, default_db
 from mlx_aim.index.cache import cache_path
@@ -420,7 +421,7 @@ def test_search_uses_the_pooling_the_index_was_built_with(photos, model_dir, tmp
     assert lines(result.stdout) == [str(folder / "coffee.jpg"), str(copy)]
 
 
-def test_search_without_db_names_the_indexes_of_other_models_when_the_default_is_missing(
+def test_search_without_db_names_the_indexes_of_other_models_when_the_default_is_missing_or_empty(
     photos, model_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("MLX_AIM_CACHE", str(tmp_path / "cache"))
@@ -432,3 +433,8 @@ def test_search_without_db_names_the_indexes_of_other_models_when_the_default_is
     assert result.exit_code == 1
     assert "no index here" in result.output and "--db" in result.output
     assert str(built) in result.output.replace("\n", "")
+    # a first `mlx-aim index` whose model could not load leaves the default database empty
+    Store(default_db(LIT_NAME), create=True).close()
+    result = run("search", "coffee")
+    assert result.exit_code == 1 and str(built) in result.output.replace("\n", "")
+    assert str(default_db(LIT_NAME)) not in result.output.replace("\n", "").split("--db")[-1]
