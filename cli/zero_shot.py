@@ -45,7 +45,7 @@ def zero_shot_command(
 
       find . -name '*.jpg' | mlx-aim zero-shot - -l 'indoor,outdoor' --top-k 1 --json
 
-      mlx-aim zero-shot -m runs/scenes-lit --eval shapes/   [dim](accuracy on class folders)[/dim]
+      mlx-aim zero-shot -m runs/scenes-lit --eval "$(mlx-aim datasets scenes)/colour/val"
 
     A file that cannot be read is named on stderr and skipped (exit code 4).
     """
