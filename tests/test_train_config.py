@@ -83,6 +83,7 @@ def test_help_lists_every_setting_with_examples_and_exit_codes():
         assert text in result.output
     text = " ".join(result.output.replace("│", " ").split())
     assert "Optimizer steps (default 100; 300 for --objective aimv2" in text
+    assert "300 for --objective lit)" in text
 
 
 @pytest.fixture

@@ -171,7 +171,8 @@ class TrainConfig:
     steps: int | None = _opt(
         None,
         f"Optimizer steps (default {STEPS['aimv1']}; {STEPS['aimv2']} for --objective aimv2, "
-        "whose trunk needs them to probe above a random one on the built-in scenes).",
+        "whose trunk needs them to probe above a random one on the built-in scenes; "
+        f"{STEPS['lit']} for --objective lit).",
     )
     batch_size: int = _opt(
         32, "Images per step over all processes (each of N processes loads batch-size / N)."
