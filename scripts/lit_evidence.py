@@ -55,12 +55,14 @@ def shapes8(scenes: Path, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--trunk", required=True, help="--model of the LiT run")
-    parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("-o", "--output", type=Path, required=True, help="the output folder")
+    parser.add_argument("--steps", type=int, default=300, help="LiT steps (default 300)")
+    parser.add_argument("--seed", type=int, default=0, help="the LiT run's seed (default 0)")
+    parser.add_argument("--batch-size", type=int, default=64, help="LiT batch (default 64)")
     parser.add_argument(
         "--train-args", default="", help="more flags of the LiT run, e.g. '--text-width 128'"
     )
