@@ -10,7 +10,7 @@ import typer
 from mlx_aim.errors import ExitCode
 
 from .embed import image_sources
-from .errors import IMAGE_COMMAND_EXITS, err_console, fail, reported_errors
+from .errors import IMAGE_COMMAND_EXITS, err_console, fail, reported_errors, warn
 
 
 def caption_command(
@@ -99,6 +99,12 @@ def _caption(paths, model, max_tokens, temperature, seed, batch_size, output, fo
         err_console.print(f"skipped {error}", highlight=False, soft_wrap=True, markup=False)
     if not records:
         raise fail("no readable image in the given paths")
+    empty = sum(not json.loads(record)["caption"] for record in records)
+    if empty:
+        warn(
+            f"{empty} of {len(lines)} captions are empty: the decoder ended them at once "
+            "(a run trained for few steps)"
+        )
     if output is not None:
         write_text(output, "\n".join(records) + "\n")
     return ExitCode.PARTIAL if errors else ExitCode.OK

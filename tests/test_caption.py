@@ -177,3 +177,11 @@ def test_a_tokenizer_larger_than_the_runs_decoder_is_refused(run, tmp_path):
     assert str(copy / "tokenizer.json") in result.stderr and "not below the vocabulary size" in (
         result.stderr
     )
+
+
+def test_empty_captions_are_printed_and_counted_in_a_warning(run, monkeypatch):
+    monkeypatch.setattr(Captioner, "generate", lambda self, images, *a: [""] * len(images))
+    result = CliRunner().invoke(app, ["caption", str(run / "images"), "-m", str(run / "run")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("\t\n") == 6
+    assert "warning: 6 of 6 captions are empty" in result.output
