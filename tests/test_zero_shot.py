@@ -284,3 +284,20 @@ def test_zero_shot_never_writes_into_the_model_it_reads(lit_dir, images, tmp_pat
         assert "which this command reads" in result.stderr
     assert {p: p.read_bytes() for p in lit_dir.iterdir()} == before
     assert labels.read_text() == "cat\ndog\n"
+
+
+def test_embed_text_without_model_uses_the_released_lit_model_not_the_vision_default(
+    lit_dir, monkeypatch
+):
+    from mlx_aim.tasks.config import EmbedConfig
+
+    assert EmbedConfig().model == "aimv2-large-patch14-224"
+    assert EmbedConfig(text=["a cat"]).model == "aimv2-large-patch14-224-lit"
+    loaded = []
+    real_load = mlx_aim.load
+    monkeypatch.setattr(
+        mlx_aim, "load", lambda name, **kw: loaded.append(name) or real_load(lit_dir)
+    )
+    result = run(["embed", "--text", "a cat", "--json"])
+    assert result.exit_code == 0, result.output
+    assert loaded == ["aimv2-large-patch14-224-lit"]

@@ -41,14 +41,18 @@ def _check_at_least(*checks: tuple[str, int, int]) -> None:
             raise InputError(f"{flag} must be >= {low}, not {value}")
 
 
+DEFAULT_MODEL = "aimv2-large-patch14-224"
+
+
 @dataclass
 class EmbedConfig:
     """``mlx-aim embed`` settings (all but the image paths)."""
 
-    model: str = _setting(
-        "aimv2-large-patch14-224",
+    model: str | None = _setting(
+        None,
         "A registry name, an mlx-aim model directory (convert, train or probe output) or a "
-        "checkpoint file.",
+        "checkpoint file. Default: aimv2-large-patch14-224; with --text or --text-file, "
+        "aimv2-large-patch14-224-lit.",
     )
     output: Path | None = _setting(
         None,
@@ -94,6 +98,10 @@ class EmbedConfig:
     @property
     def embeds_text(self) -> bool:
         return bool(self.text) or self.text_file is not None
+
+    def __post_init__(self) -> None:
+        if self.model is None:  # texts need a text tower: the released LiT model's
+            self.model = "aimv2-large-patch14-224-lit" if self.embeds_text else DEFAULT_MODEL
 
     def validate(self) -> EmbedConfig:
         """Raise ``InputError`` naming the first invalid setting (by its flag); return ``self``."""
