@@ -418,3 +418,62 @@ def test_search_uses_the_pooling_the_index_was_built_with(photos, model_dir, tmp
     result = run("search", folder / "coffee.jpg", "--db", db, "-k", "2", "-q")
     assert result.exit_code == 0, result.output
     assert lines(result.stdout) == [str(folder / "coffee.jpg"), str(copy)]
+
+
+def test_html_sheet_never_replaces_a_file_without_force_nor_the_index_or_an_image(
+    photos, model_dir, tmp_path
+):
+    folder, paths, _ = photos
+    db = tmp_path / "photos.sqlite"
+    index(folder, model_dir, db)
+    query = folder / "rocket.jpg"
+    assert run("search", query, "--db", db, "-q").exit_code == 0  # writes the .vectors cache
+    existing = tmp_path / "old.html"
+    existing.write_text("keep")
+    before = {p: p.read_bytes() for p in [db, *paths]}
+    targets = [
+        (existing, ()),
+        (db, ("--force",)),
+        (db.with_name(db.name + ".vectors"), ("--force",)),
+        (query, ("--force",)),
+        (paths[-1], ("--force", "-k", "1")),  # indexed, though not a result
+    ]
+    for target, extra in targets:
+        result = run("search", query, "--db", db, "--html", target, "-q", *extra)
+        assert result.exit_code == 3, (target, result.output)
+        assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert existing.read_text() == "keep"
+    assert {p: p.read_bytes() for p in before} == before
+    result = run("search", query, "--db", db, "--html", existing, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert existing.read_text().startswith("<!doctype html>")
+
+
+def test_negative_values_of_k_and_threshold_are_option_values_not_query_terms(
+    photos, model_dir, tmp_path
+):
+    folder, _, _ = photos
+    db = tmp_path / "photos.sqlite"
+    index(folder, model_dir, db)
+    result = run("search", folder / "rocket.jpg", "--db", db, "-k", "-1", "-q")
+    assert result.exit_code == 1 and "-k must be >= 1, not -1" in result.output
+    result = run("search", "--duplicates", "--db", db, "--threshold", "-0.5", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert all(json.loads(line)["similarity"] >= -0.5 for line in lines(result.stdout))
+
+
+def test_searching_an_empty_index_with_a_model_names_the_index(photos, model_dir, tmp_path):
+    folder, _, _ = photos
+    db = tmp_path / "empty.sqlite"
+    Store(db, create=True).close()  # what an index run that failed to load its model leaves
+    result = run("search", folder / "rocket.jpg", "--db", db, "--model", model_dir, "-q")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {db}: empty index")
+
+
+def test_a_folder_path_as_a_query_is_an_error_but_a_bare_word_is_text(tmp_path, monkeypatch):
+    (tmp_path / "beach").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="a folder, not an image"):
+        parse_terms([str(tmp_path / "beach")])
+    assert parse_terms(["beach"])[0].text == "beach"

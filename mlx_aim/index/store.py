@@ -172,6 +172,12 @@ class Store:
             rows = self.conn.execute("SELECT path, size, mtime_ns, hash FROM files")
             return {p: Entry(s, m, h) for p, s, m, h in rows}
 
+    def holds(self, path: bytes) -> bool:
+        """Whether ``path`` (absolute, file-system bytes) is indexed."""
+        with self.guard():
+            row = self.conn.execute("SELECT 1 FROM files WHERE path = ?", (path,))
+            return row.fetchone() is not None
+
     def count(self) -> int:
         with self.guard():
             return self.conn.execute("SELECT COUNT(*) FROM files").fetchone()[0]
