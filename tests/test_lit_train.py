@@ -150,6 +150,24 @@ def test_zero_shot_eval_matches_a_direct_computation(data, lit_run):
     assert printed["per_class"] == pytest.approx(result.per_class)
 
 
+def test_zero_shot_eval_names_a_labels_file_folder_that_is_missing_and_an_empty_class(
+    data, lit_run, tmp_path
+):
+    output, _ = lit_run
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dark_red: red\npurple: purple\n")
+    args = ["zero-shot", "-m", str(output), "--eval"]
+    cli = CliRunner().invoke(app, [*args, str(data / "eval"), "--labels-file", str(labels)])
+    assert cli.exit_code == 1, cli.output
+    assert cli.output == f"error: {labels}: no class folder 'purple' in {data / 'eval'}\n"
+    folders = shutil.copytree(data / "eval", tmp_path / "eval")
+    (folders / "purple").mkdir()
+    cli = CliRunner().invoke(app, [*args, str(folders), "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert f"warning: {folders}/purple: no readable images" in cli.stderr
+    assert json.loads(cli.stdout)["labels"]["purple"] == "purple"
+
+
 def test_a_stopped_run_resumes_to_the_same_weights(data, tmp_path):
     train(config(data, tmp_path / "run"))
     checkpoints = tmp_path / "run" / "checkpoints"
