@@ -168,6 +168,21 @@ def test_zero_shot_eval_names_a_labels_file_folder_that_is_missing_and_an_empty_
     assert json.loads(cli.stdout)["labels"]["purple"] == "purple"
 
 
+def test_zero_shot_eval_blames_a_tokenizer_larger_than_the_text_tower_not_the_folder(
+    data, lit_run, tmp_path
+):
+    output, _ = lit_run
+    model = shutil.copytree(output, tmp_path / "model")
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab.update({f"extra{i}": len(vocab) + i for i in range(400)})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    cli = CliRunner().invoke(app, ["zero-shot", "-m", str(model), "--eval", str(data / "eval")])
+    assert cli.exit_code == 1, cli.output
+    assert cli.output.startswith(f"error: {model / 'tokenizer.json'}: token ")
+    assert "does not match the model" in cli.output and "Traceback" not in cli.output
+
+
 def test_a_stopped_run_resumes_to_the_same_weights(data, tmp_path):
     train(config(data, tmp_path / "run"))
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -214,6 +229,7 @@ def test_text_init_starts_the_text_side_from_a_lit_model(data, lit_run, tmp_path
         ({"model": "aim-nano"}, "LiT trains against an AIMv2 trunk"),
         ({"text_heads": 5}, "--text-width .* multiple of --text-heads"),
         ({"probe_data": "x"}, "--probe-data: not with --objective lit"),
+        ({"tokenizer": "tokenizer.json"}, "--tokenizer: not with --objective lit"),
     ],
 )
 def test_unusable_settings_name_the_flag(data, tmp_path, changes, message):

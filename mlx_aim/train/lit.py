@@ -327,7 +327,7 @@ def _load_trunk(config: TrainConfig) -> nn.Module:
     trunk = vision_model(model)
     if trunk.args.model_type != "aim_v2":
         raise InputError(
-            f"--model {config.model}: a {trunk.args.model_type} model; LiT trains against an "
+            f"--model {config.model}: model type {trunk.args.model_type!r}; LiT trains against an "
             "AIMv2 trunk (aim_v2)"
         )
     trunk.preprocessing = model.preprocessing
