@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from mlx_aim.errors import InputError
+from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
 from mlx_aim.tasks.config import PATHS_HELP
 
@@ -104,6 +105,7 @@ def index_command(
         index = Index(
             db, model=chosen, pool=pool, batch_size=batch_size, workers=workers, vectors=vectors
         )
+        check_destination(index.db, overwrite=True)  # a folder, or under a file: name it
         WriterLock(index.db).acquire(wait=wait).release()  # a busy index: say so before loading
         prepare_cpu_backend()
         with working(f"loading {chosen or 'the model'}", enabled=not quiet):

@@ -188,6 +188,9 @@ def search_command(
             raise InputError(f"-k must be >= 1, not {k}")
         if duplicates == bool(query):
             raise InputError("give a query, or --duplicates (not both)")
+        within = within.expanduser() if within is not None else None
+        if within is not None and not within.is_dir():
+            raise InputError(f"--dir {within}: no such folder")
         chosen = index_model(model, db) if db is None else model
         index = Index(db, model=chosen, batch_size=1)  # a query is one image or text
         if not index.db.is_file():

@@ -477,3 +477,20 @@ def test_a_folder_path_as_a_query_is_an_error_but_a_bare_word_is_text(tmp_path, 
     with pytest.raises(InputError, match="a folder, not an image"):
         parse_terms([str(tmp_path / "beach")])
     assert parse_terms(["beach"])[0].text == "beach"
+
+
+def test_a_db_that_is_a_folder_or_under_a_file_and_a_missing_dir_are_named(
+    photos, model_dir, tmp_path
+):
+    folder, paths, _ = photos
+    for db, message in [
+        (folder, f"error: {folder} is a directory"),
+        (paths[0] / "i.sqlite", f"error: cannot write {paths[0] / 'i.sqlite'}: {paths[0]} is not"),
+    ]:
+        result = run("index", folder, "--model", model_dir, "--db", db, "-q")
+        assert result.exit_code == 3 and result.output.startswith(message), result.output
+    db = tmp_path / "photos.sqlite"
+    index(folder, model_dir, db)
+    result = run("search", paths[0], "--db", db, "--dir", tmp_path / "missing", "-q")
+    assert result.exit_code == 1, result.output
+    assert result.output == f"error: --dir {tmp_path / 'missing'}: no such folder\n"
