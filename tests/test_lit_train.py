@@ -183,6 +183,15 @@ def test_zero_shot_eval_blames_a_tokenizer_larger_than_the_text_tower_not_the_fo
     assert "does not match the model" in cli.output and "Traceback" not in cli.output
 
 
+def test_an_image_without_caption_is_skipped_as_such_not_as_unreadable(data, tmp_path):
+    images = shutil.copytree(data / "images", tmp_path / "images")
+    (images / "05.txt").unlink()
+    result = train(TrainConfig(**{**config(data, tmp_path / "run").to_dict(), "data": str(images)}))
+    assert result.skipped_files == [str(images / "05.png")]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"skipping {images / '05.png'}: no caption" in log and "unreadable image" not in log
+
+
 def test_a_stopped_run_resumes_to_the_same_weights(data, tmp_path):
     train(config(data, tmp_path / "run"))
     checkpoints = tmp_path / "run" / "checkpoints"
