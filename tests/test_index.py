@@ -494,3 +494,12 @@ def test_a_db_that_is_a_folder_or_under_a_file_and_a_missing_dir_are_named(
     result = run("search", paths[0], "--db", db, "--dir", tmp_path / "missing", "-q")
     assert result.exit_code == 1, result.output
     assert result.output == f"error: --dir {tmp_path / 'missing'}: no such folder\n"
+
+
+def test_a_fifo_or_device_link_as_a_query_image_is_named_as_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(InputError, match=r"pipe.png: not a regular file \(a FIFO\)"):
+        parse_terms([str(tmp_path / "pipe.png")])
+    with pytest.raises(InputError, match=r"zero.png: not a regular file \(a character device\)"):
+        parse_terms([str(tmp_path / "zero.png")])

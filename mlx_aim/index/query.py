@@ -19,6 +19,7 @@ import numpy as np
 
 from ..data.images import is_image_file
 from ..errors import InputError
+from ..io import check_regular_file
 
 CHUNK_ROWS = 32768  # rows converted to float32 at a time (32768 x 1024 x 4 bytes = 128 MiB)
 _WEIGHT = re.compile(r"^([0-9]*\.?[0-9]+):(.+)$", re.S)
@@ -79,6 +80,8 @@ def parse_terms(parts: Sequence[str | os.PathLike]) -> list[Term]:
 
 def _image(path: Path) -> Path:
     if not path.is_file():
+        if os.path.lexists(path):
+            check_regular_file(path)  # a FIFO, a device, a dangling link: named as such
         raise InputError(f"{path}: query image not found")
     return path
 
