@@ -105,7 +105,10 @@ def index_command(
         index = Index(
             db, model=chosen, pool=pool, batch_size=batch_size, workers=workers, vectors=vectors
         )
-        check_destination(index.db, overwrite=True)  # a folder, or under a file: name it
+        # a folder, under a file, inside the model: named before any work, nothing written
+        check_destination(index.db, overwrite=True, reads=[chosen] if chosen else [])
+        if index.db.is_file():
+            Store(index.db).close()  # not a database: said before a .lock is made beside it
         WriterLock(index.db).acquire(wait=wait).release()  # a busy index: say so before loading
         prepare_cpu_backend()
         with working(f"loading {chosen or 'the model'}", enabled=not quiet):

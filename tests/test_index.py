@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -179,12 +180,40 @@ def test_a_second_writer_exits_3_naming_the_holder(photos, model_dir, tmp_path):
 def test_a_damaged_database_is_named_with_how_to_rebuild_it(photos, model_dir, tmp_path):
     folder, _, _ = photos
     db = tmp_path / "photos.sqlite"
-    db.write_bytes(b"this is not a database" * 100)
+    index(folder, model_dir, db)
+    with db.open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 3000)  # the schema page, after an intact SQLite header
     for args in (("index", folder, "--model", model_dir), ("search", "cat")):
         result = run(*args, "--db", db, "-q")
         assert result.exit_code == 1
         assert str(db) in result.output and "damaged" in result.output
         assert "rebuild" in result.output
+
+
+def test_a_db_that_is_not_sqlite_is_refused_untouched_never_with_advice_to_delete_it(
+    photos, model_dir, tmp_path
+):
+    folder, _, _ = photos
+    db = tmp_path / "thesis.txt"
+    db.write_bytes(b"this is not a database" * 100)
+    for args in (("index", folder, "--model", model_dir), ("search", "cat")):
+        result = run(*args, "--db", db, "-q")
+        assert result.exit_code == 1, result.output
+        assert (
+            result.output
+            == f"error: {db}: not an mlx-aim index (not an SQLite database); give another --db\n"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "thesis.txt"]
+    assert db.read_bytes() == b"this is not a database" * 100
+
+
+def test_a_db_inside_the_model_folder_is_refused(photos, model_dir, tmp_path):
+    folder, _, _ = photos
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    result = run("index", folder, "--model", model, "--db", model / "i.sqlite", "-q")
+    assert result.exit_code == 3, result.output
+    assert "which this command reads" in result.output and not (model / "i.sqlite").exists()
 
 
 def test_refuses_to_mix_models_in_one_database(photos, model_dir, tmp_path):

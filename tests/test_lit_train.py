@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import mlx_aim
 from mlx_aim.checkpoints.weights import save_model
-from mlx_aim.errors import InputError
+from mlx_aim.errors import InputError, OutputError
 from mlx_aim.models import build_model
 from mlx_aim.models.aim_v2_lit import l2_normalize
 from mlx_aim.tasks import features
@@ -190,6 +190,23 @@ def test_an_image_without_caption_is_skipped_as_such_not_as_unreadable(data, tmp
     assert result.skipped_files == [str(images / "05.png")]
     log = (tmp_path / "run" / "train.log").read_text()
     assert f"skipping {images / '05.png'}: no caption" in log and "unreadable image" not in log
+
+
+def test_a_run_never_writes_into_the_trunk_or_the_text_init_it_reads(data, lit_run, tmp_path):
+    output, _ = lit_run
+    text_init = shutil.copytree(output, tmp_path / "text-init")
+    before = sorted(p.name for p in text_init.iterdir())
+    for target, changes in [
+        (data / "trunk", {}),
+        (text_init / "run", {"text_init": str(text_init)}),
+    ]:
+        with pytest.raises(OutputError, match="which this command reads"):
+            train(config(data, target, **changes))
+    assert sorted(p.name for p in text_init.iterdir()) == before
+    assert sorted(p.name for p in (data / "trunk").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(data, tmp_path):
