@@ -532,3 +532,16 @@ def test_a_fifo_or_device_link_as_a_query_image_is_named_as_not_a_regular_file(t
         parse_terms([str(tmp_path / "pipe.png")])
     with pytest.raises(InputError, match=r"zero.png: not a regular file \(a character device\)"):
         parse_terms([str(tmp_path / "zero.png")])
+
+
+def test_a_model_that_fails_to_load_leaves_no_empty_index_but_keeps_an_existing_one(
+    photos, model_dir, tmp_path
+):
+    folder, _, _ = photos
+    db = tmp_path / "new.sqlite"
+    result = run("index", folder, "--model", model_dir, "--db", db, "--pool", "nonsense", "-q")
+    assert result.exit_code == 1 and "pool must be one of" in result.output, result.output
+    assert not db.exists()
+    index(folder, model_dir, db)
+    result = run("index", folder, "--model", model_dir, "--db", db, "--pool", "nonsense", "-q")
+    assert result.exit_code == 1 and Store(db).count() == len(list(folder.iterdir()))
