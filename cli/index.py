@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from mlx_aim.errors import InputError
+from mlx_aim.io import check_destination
 from mlx_aim.messages import plural
 from mlx_aim.tasks.config import PATHS_HELP
 
 from .embed import end_partial, image_sources, skip_reporter
 from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors
 from .progress import progress_bars, working
+
+if TYPE_CHECKING:
+    from mlx_aim.index import Index
 
 VECTOR_TYPES = ("float16", "float32")
 
@@ -40,6 +45,25 @@ def _check(batch_size: int, workers: int, vectors: str) -> None:
         raise InputError(f"--workers must be >= 0, not {workers}")
     if vectors not in VECTOR_TYPES:
         raise InputError(f"--vectors must be float16 or float32, not {vectors!r}")
+
+
+def _load_model(index: Index) -> None:
+    """Load the index's model, checked against the database; a database this call created is
+    removed again when the model cannot be loaded (no empty index is left behind)."""
+    from mlx_aim.index.store import Store
+
+    created = not index.db.exists()
+    try:
+        store = Store(index.db, create=True)
+        try:
+            index.encoder(store)
+        finally:
+            store.close()
+    except BaseException:
+        if created:
+            for end in ("", "-wal", "-shm"):
+                index.db.with_name(index.db.name + end).unlink(missing_ok=True)
+        raise
 
 
 def index_command(
@@ -104,14 +128,17 @@ def index_command(
         index = Index(
             db, model=chosen, pool=pool, batch_size=batch_size, workers=workers, vectors=vectors
         )
-        WriterLock(index.db).acquire(wait=wait).release()  # a busy index: say so before loading
-        prepare_cpu_backend()
-        with working(f"loading {chosen or 'the model'}", enabled=not quiet):
-            store = Store(index.db, create=True)
-            try:
-                index.encoder(store)
-            finally:
-                store.close()
+        # a folder, under a file, inside the model: named before any work, nothing written
+        check_destination(index.db, overwrite=True, reads=[chosen] if chosen else [])
+        if index.db.is_file():
+            Store(index.db).close()  # not a database: said before a .lock is made beside it
+        lock = WriterLock(index.db).acquire(wait=wait)  # a busy index: say so before loading
+        try:
+            prepare_cpu_backend()
+            with working(f"loading {chosen or 'the model'}", enabled=not quiet):
+                _load_model(index)
+        finally:
+            lock.release()
         with progress_bars(enabled=not quiet) as bar:
             summary = index.add(sources, on_error=report, progress=bar, wait=wait)
     if as_json:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,7 +11,8 @@ import click
 import typer
 from typer.core import TyperCommand
 
-from mlx_aim.errors import ExitCode, InputError, exit_codes_help
+from mlx_aim.errors import ExitCode, InputError, OutputError, exit_codes_help
+from mlx_aim.io import check_destination, check_not_reading
 from mlx_aim.messages import plural
 
 from .errors import err_console, prepare_cpu_backend, reported_errors
@@ -23,17 +25,26 @@ if TYPE_CHECKING:
 
 class QueryCommand(TyperCommand):
     """A command whose arguments may be negative query terms: ``-people`` is passed on as the
-    two words ``-`` ``people`` unless it is one of the command's options (``-k``, ``-q``...) or
-    a short option with a number attached (``-k5``)."""
+    two words ``-`` ``people`` unless it is one of the command's options (``-k``, ``-q``...),
+    a short option with a number attached (``-k5``) or the value of an option (``-k -1``)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         known = {name for param in self.params for name in getattr(param, "opts", ())}
+        valued = {
+            name
+            for param in self.params
+            if getattr(param, "is_flag", True) is False and not param.count  # options only
+            for name in param.opts
+        }
         out: list[str] = []
         for i, arg in enumerate(args):
             if arg == "--":
                 out.extend(args[i:])
                 break
             option = arg.split("=", 1)[0]
+            if i and args[i - 1] in valued:  # the value of -k / --threshold: -1, -0.5
+                out.append(arg)
+                continue
             if arg.startswith("-") and not arg.startswith("--") and len(arg) > 1:
                 attached = arg[:2] in known and arg[2:].isdigit()  # -k5
                 if option not in known and not attached:
@@ -85,6 +96,29 @@ def _sheet(html: Path, title: str, items: list[tuple[str, str]], quiet: bool) ->
         err_console.print(f"wrote {html}", highlight=False, soft_wrap=True, markup=False)
 
 
+def _check_sheet(
+    html: Path, index: Index, query: list[str], model: str | None, force: bool
+) -> None:
+    """Refuse an --html page that would replace a file without --force, or any file the search
+    reads: the database and the files beside it, the model, a query image, an indexed image."""
+    from mlx_aim.index.store import Store
+
+    db = index.db
+    beside = [db.with_name(db.name + end) for end in ("-wal", "-shm", ".vectors", ".lock")]
+    target = Path(os.path.abspath(html.expanduser())).resolve()
+    if any(target == Path(os.path.abspath(f)).resolve() for f in beside):
+        raise OutputError(f"{html}: refusing to write over a file of the index {db}")
+    images = [w for word in query if os.path.isfile(w := word.lstrip("+-"))]
+    check_destination(html, overwrite=force, reads=[db, *beside, *images, *([model] * bool(model))])
+    store = Store(db)
+    try:
+        indexed = store.holds(os.fsencode(os.path.abspath(html.expanduser())))
+    finally:
+        store.close()
+    if indexed:
+        raise OutputError(f"{html}: refusing to write over an indexed image; write it elsewhere")
+
+
 def search_command(
     query: list[str] | None = typer.Argument(
         None,
@@ -126,6 +160,7 @@ def search_command(
         help="Also write an HTML contact sheet (thumbnails and scores).",
         show_default=False,
     ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --html file."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or messages."),
 ) -> None:
     """Search an index made by mlx-aim index: best matches first, one path a line.
@@ -153,14 +188,15 @@ def search_command(
             raise InputError(f"-k must be >= 1, not {k}")
         if duplicates == bool(query):
             raise InputError("give a query, or --duplicates (not both)")
-        if html is not None:
-            from mlx_aim.io import check_destination
-
-            check_destination(html, overwrite=True)
+        within = within.expanduser() if within is not None else None
+        if within is not None and not within.is_dir():
+            raise InputError(f"--dir {within}: no such folder")
         chosen = index_model(model, db) if db is None else model
         index = Index(db, model=chosen, batch_size=1)  # a query is one image or text
-        if not index.db.is_file() or _empty(index.db):  # empty: a first index run that failed
+        if not index.db.is_file() or (db is None and _empty(index.db)):  # empty: a failed first run
             raise InputError(_no_index(index.db, searched_default=db is None and model is None))
+        if html is not None:
+            _check_sheet(html, index, query or [], chosen, force)
         if duplicates:
             _duplicates(index, threshold, within, as_json, html, quiet)
             return
@@ -168,6 +204,7 @@ def search_command(
         hits = _results(index, query, k, within, quiet)
         _print_hits(hits, as_json)
         if html is not None:
+            check_not_reading(html, [h.path for h in hits])
             title = "search: " + " ".join(query)
             _sheet(html, title, [(h.path, f"{h.score:.3f}") for h in hits], quiet)
 
@@ -212,5 +249,6 @@ def _duplicates(
             f"{plural(len(pairs), 'pair')} at or above {threshold:g}", highlight=False
         )
     if html is not None:
+        check_not_reading(html, [p for pair in pairs for p in (pair.a, pair.b)])
         items = [(p, f"{pair.similarity:.3f}") for pair in pairs for p in (pair.a, pair.b)]
         _sheet(html, f"near-duplicates (cosine >= {threshold:g})", items, quiet)

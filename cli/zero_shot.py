@@ -13,7 +13,7 @@ from mlx_aim.messages import plural
 from mlx_aim.tasks.config import PATHS_HELP, ZeroShotConfig
 
 from .embed import end_partial, find_files, skip_reporter
-from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors
+from .errors import IMAGE_COMMAND_EXITS, err_console, prepare_cpu_backend, reported_errors, warn
 from .options import with_config_options
 from .progress import progress_bars, working
 
@@ -88,12 +88,20 @@ def _evaluate(config: ZeroShotConfig, paths: list[str] | None, report) -> None:
     import mlx.core as mx
 
     import mlx_aim
-    from mlx_aim.tasks.zero_shot_eval import evaluate, read_label_map
+    from mlx_aim.tasks.zero_shot_eval import class_folders, evaluate, read_label_map
 
     if paths or config.labels or config.output is not None:
         raise InputError("--eval takes its images and labels from DIR: no paths, --labels or -o")
     config.validate()
-    prompts = read_label_map(config.labels_file) if config.labels_file is not None else None
+    prompts = None
+    if config.labels_file is not None:
+        prompts = read_label_map(config.labels_file)
+        folders = {f.name for f in class_folders(config.eval_dir)}
+        if missing := sorted(set(prompts) - folders):
+            raise InputError(
+                f"{config.labels_file}: no class folder {', '.join(map(repr, missing))} in "
+                f"{config.eval_dir}"
+            )
     templates = config.prompts()
     prepare_cpu_backend()
     with working(f"loading {config.model}", enabled=not config.quiet):
@@ -107,6 +115,9 @@ def _evaluate(config: ZeroShotConfig, paths: list[str] | None, report) -> None:
         num_workers=config.workers,
         on_error=report,
     )
+    for name in result.labels:
+        if name not in result.per_class:
+            warn(f"{config.eval_dir}/{name}: no readable images; still one of the labels")
     if config.as_json:
         typer.echo(json.dumps(result.to_json()))
         return

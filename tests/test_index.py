@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -180,12 +181,40 @@ def test_a_second_writer_exits_3_naming_the_holder(photos, model_dir, tmp_path):
 def test_a_damaged_database_is_named_with_how_to_rebuild_it(photos, model_dir, tmp_path):
     folder, _, _ = photos
     db = tmp_path / "photos.sqlite"
-    db.write_bytes(b"this is not a database" * 100)
+    index(folder, model_dir, db)
+    with db.open("r+b") as f:
+        f.seek(100)
+        f.write(b"\xff" * 3000)  # the schema page, after an intact SQLite header
     for args in (("index", folder, "--model", model_dir), ("search", "cat")):
         result = run(*args, "--db", db, "-q")
         assert result.exit_code == 1
         assert str(db) in result.output and "damaged" in result.output
         assert "rebuild" in result.output
+
+
+def test_a_db_that_is_not_sqlite_is_refused_untouched_never_with_advice_to_delete_it(
+    photos, model_dir, tmp_path
+):
+    folder, _, _ = photos
+    db = tmp_path / "thesis.txt"
+    db.write_bytes(b"this is not a database" * 100)
+    for args in (("index", folder, "--model", model_dir), ("search", "cat")):
+        result = run(*args, "--db", db, "-q")
+        assert result.exit_code == 1, result.output
+        assert (
+            result.output
+            == f"error: {db}: not an mlx-aim index (not an SQLite database); give another --db\n"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "thesis.txt"]
+    assert db.read_bytes() == b"this is not a database" * 100
+
+
+def test_a_db_inside_the_model_folder_is_refused(photos, model_dir, tmp_path):
+    folder, _, _ = photos
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    result = run("index", folder, "--model", model, "--db", model / "i.sqlite", "-q")
+    assert result.exit_code == 3, result.output
+    assert "which this command reads" in result.output and not (model / "i.sqlite").exists()
 
 
 def test_refuses_to_mix_models_in_one_database(photos, model_dir, tmp_path):
@@ -438,3 +467,101 @@ def test_search_without_db_names_the_indexes_of_other_models_when_the_default_is
     result = run("search", "coffee")
     assert result.exit_code == 1 and str(built) in result.output.replace("\n", "")
     assert str(default_db(LIT_NAME)) not in result.output.replace("\n", "").split("--db")[-1]
+
+
+def test_html_sheet_never_replaces_a_file_without_force_nor_the_index_or_an_image(
+    photos, model_dir, tmp_path
+):
+    folder, paths, _ = photos
+    db = tmp_path / "photos.sqlite"
+    index(folder, model_dir, db)
+    query = folder / "rocket.jpg"
+    assert run("search", query, "--db", db, "-q").exit_code == 0  # writes the .vectors cache
+    existing = tmp_path / "old.html"
+    existing.write_text("keep")
+    before = {p: p.read_bytes() for p in [db, *paths]}
+    targets = [
+        (existing, ()),
+        (db, ("--force",)),
+        (db.with_name(db.name + ".vectors"), ("--force",)),
+        (query, ("--force",)),
+        (paths[-1], ("--force", "-k", "1")),  # indexed, though not a result
+    ]
+    for target, extra in targets:
+        result = run("search", query, "--db", db, "--html", target, "-q", *extra)
+        assert result.exit_code == 3, (target, result.output)
+        assert result.output.startswith("error: ") and "Traceback" not in result.output
+    assert existing.read_text() == "keep"
+    assert {p: p.read_bytes() for p in before} == before
+    result = run("search", query, "--db", db, "--html", existing, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert existing.read_text().startswith("<!doctype html>")
+
+
+def test_negative_values_of_k_and_threshold_are_option_values_not_query_terms(
+    photos, model_dir, tmp_path
+):
+    folder, _, _ = photos
+    db = tmp_path / "photos.sqlite"
+    index(folder, model_dir, db)
+    result = run("search", folder / "rocket.jpg", "--db", db, "-k", "-1", "-q")
+    assert result.exit_code == 1 and "-k must be >= 1, not -1" in result.output
+    result = run("search", "--duplicates", "--db", db, "--threshold", "-0.5", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert all(json.loads(line)["similarity"] >= -0.5 for line in lines(result.stdout))
+
+
+def test_searching_an_empty_index_with_a_model_names_the_index(photos, model_dir, tmp_path):
+    folder, _, _ = photos
+    db = tmp_path / "empty.sqlite"
+    Store(db, create=True).close()  # what an index run that failed to load its model leaves
+    result = run("search", folder / "rocket.jpg", "--db", db, "--model", model_dir, "-q")
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"error: {db}: empty index")
+
+
+def test_a_folder_path_as_a_query_is_an_error_but_a_bare_word_is_text(tmp_path, monkeypatch):
+    (tmp_path / "beach").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="a folder, not an image"):
+        parse_terms([str(tmp_path / "beach")])
+    assert parse_terms(["beach"])[0].text == "beach"
+
+
+def test_a_db_that_is_a_folder_or_under_a_file_and_a_missing_dir_are_named(
+    photos, model_dir, tmp_path
+):
+    folder, paths, _ = photos
+    for db, message in [
+        (folder, f"error: {folder} is a directory"),
+        (paths[0] / "i.sqlite", f"error: cannot write {paths[0] / 'i.sqlite'}: {paths[0]} is not"),
+    ]:
+        result = run("index", folder, "--model", model_dir, "--db", db, "-q")
+        assert result.exit_code == 3 and result.output.startswith(message), result.output
+    db = tmp_path / "photos.sqlite"
+    index(folder, model_dir, db)
+    result = run("search", paths[0], "--db", db, "--dir", tmp_path / "missing", "-q")
+    assert result.exit_code == 1, result.output
+    assert result.output == f"error: --dir {tmp_path / 'missing'}: no such folder\n"
+
+
+def test_a_fifo_or_device_link_as_a_query_image_is_named_as_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "zero.png").symlink_to("/dev/zero")
+    with pytest.raises(InputError, match=r"pipe.png: not a regular file \(a FIFO\)"):
+        parse_terms([str(tmp_path / "pipe.png")])
+    with pytest.raises(InputError, match=r"zero.png: not a regular file \(a character device\)"):
+        parse_terms([str(tmp_path / "zero.png")])
+
+
+def test_a_model_that_fails_to_load_leaves_no_empty_index_but_keeps_an_existing_one(
+    photos, model_dir, tmp_path
+):
+    folder, _, _ = photos
+    db = tmp_path / "new.sqlite"
+    result = run("index", folder, "--model", model_dir, "--db", db, "--pool", "nonsense", "-q")
+    assert result.exit_code == 1 and "pool must be one of" in result.output, result.output
+    assert not db.exists()
+    index(folder, model_dir, db)
+    result = run("index", folder, "--model", model_dir, "--db", db, "--pool", "nonsense", "-q")
+    assert result.exit_code == 1 and Store(db).count() == len(list(folder.iterdir()))

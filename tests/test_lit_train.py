@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import mlx_aim
 from mlx_aim.checkpoints.weights import save_model
-from mlx_aim.errors import InputError
+from mlx_aim.errors import InputError, OutputError
 from mlx_aim.models import build_model
 from mlx_aim.models.aim_v2_lit import l2_normalize
 from mlx_aim.tasks import features
@@ -150,6 +150,65 @@ def test_zero_shot_eval_matches_a_direct_computation(data, lit_run):
     assert printed["per_class"] == pytest.approx(result.per_class)
 
 
+def test_zero_shot_eval_names_a_labels_file_folder_that_is_missing_and_an_empty_class(
+    data, lit_run, tmp_path
+):
+    output, _ = lit_run
+    labels = tmp_path / "labels.txt"
+    labels.write_text("dark_red: red\npurple: purple\n")
+    args = ["zero-shot", "-m", str(output), "--eval"]
+    cli = CliRunner().invoke(app, [*args, str(data / "eval"), "--labels-file", str(labels)])
+    assert cli.exit_code == 1, cli.output
+    assert cli.output == f"error: {labels}: no class folder 'purple' in {data / 'eval'}\n"
+    folders = shutil.copytree(data / "eval", tmp_path / "eval")
+    (folders / "purple").mkdir()
+    cli = CliRunner().invoke(app, [*args, str(folders), "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert f"warning: {folders}/purple: no readable images" in cli.stderr
+    assert json.loads(cli.stdout)["labels"]["purple"] == "purple"
+
+
+def test_zero_shot_eval_blames_a_tokenizer_larger_than_the_text_tower_not_the_folder(
+    data, lit_run, tmp_path
+):
+    output, _ = lit_run
+    model = shutil.copytree(output, tmp_path / "model")
+    tokenizer = json.loads((model / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab.update({f"extra{i}": len(vocab) + i for i in range(400)})
+    (model / "tokenizer.json").write_text(json.dumps(tokenizer))
+    cli = CliRunner().invoke(app, ["zero-shot", "-m", str(model), "--eval", str(data / "eval")])
+    assert cli.exit_code == 1, cli.output
+    assert cli.output.startswith(f"error: {model / 'tokenizer.json'}: token ")
+    assert "does not match the model" in cli.output and "Traceback" not in cli.output
+
+
+def test_an_image_without_caption_is_skipped_as_such_not_as_unreadable(data, tmp_path):
+    images = shutil.copytree(data / "images", tmp_path / "images")
+    (images / "05.txt").unlink()
+    result = train(TrainConfig(**{**config(data, tmp_path / "run").to_dict(), "data": str(images)}))
+    assert result.skipped_files == [str(images / "05.png")]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert f"skipping {images / '05.png'}: no caption" in log and "unreadable image" not in log
+
+
+def test_a_run_never_writes_into_the_trunk_or_the_text_init_it_reads(data, lit_run, tmp_path):
+    output, _ = lit_run
+    text_init = shutil.copytree(output, tmp_path / "text-init")
+    before = sorted(p.name for p in text_init.iterdir())
+    for target, changes in [
+        (data / "trunk", {}),
+        (text_init / "run", {"text_init": str(text_init)}),
+    ]:
+        with pytest.raises(OutputError, match="which this command reads"):
+            train(config(data, target, **changes))
+    assert sorted(p.name for p in text_init.iterdir()) == before
+    assert sorted(p.name for p in (data / "trunk").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+
+
 def test_a_stopped_run_resumes_to_the_same_weights(data, tmp_path):
     train(config(data, tmp_path / "run"))
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -196,6 +255,7 @@ def test_text_init_starts_the_text_side_from_a_lit_model(data, lit_run, tmp_path
         ({"model": "aim-nano"}, "LiT trains against an AIMv2 trunk"),
         ({"text_heads": 5}, "--text-width .* multiple of --text-heads"),
         ({"probe_data": "x"}, "--probe-data: not with --objective lit"),
+        ({"tokenizer": "tokenizer.json"}, "--tokenizer: not with --objective lit"),
     ],
 )
 def test_unusable_settings_name_the_flag(data, tmp_path, changes, message):

@@ -261,6 +261,8 @@ class Index:
             return combine(query.reshape(1, -1), [1.0])
         parts = [query] if isinstance(query, (str, os.PathLike)) else list(query)
         terms = parse_terms(parts)
+        if store.identity is None:
+            raise InputError(f"{self.db}: empty index; add images with mlx-aim index first")
         encoder = self.encoder(store)
         vectors = np.zeros((len(terms), int(store.identity["dim"])), np.float32)
         texts = [i for i, t in enumerate(terms) if t.text is not None]

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..data.images import is_image_file
 from ..errors import InputError
+from ..io import check_regular_file
 
 CHUNK_ROWS = 32768  # rows converted to float32 at a time (32768 x 1024 x 4 bytes = 128 MiB)
 _WEIGHT = re.compile(r"^([0-9]*\.?[0-9]+):(.+)$", re.S)
@@ -42,8 +43,8 @@ def parse_terms(parts: Sequence[str | os.PathLike]) -> list[Term]:
     ``+`` or ``-`` alone sets the sign of the next word; a word may also start with its sign
     (``-people``, ``+./sunset.jpg``) and a weight (``2:golden retriever``, ``-0.5:night``). A
     word naming an existing file is an image (``os.PathLike`` items always are); any other word is
-    a text (a folder's name too), except one that looks like a missing image file (``cat.jpg``),
-    which is an error.
+    a text (a folder's bare name too), except one that looks like a missing image file
+    (``cat.jpg``) or a folder's path (``photos/``), which are errors.
     """
     terms: list[Term] = []
     sign = 1.0
@@ -63,6 +64,8 @@ def parse_terms(parts: Sequence[str | os.PathLike]) -> list[Term]:
             weight, word = float(match.group(1)), match.group(2)
         if not word.strip():
             raise InputError(f"empty query term in {part!r}")
+        if os.sep in word and os.path.isdir(word):
+            raise InputError(f"{word}: a folder, not an image; give an image file as the query")
         if os.path.isfile(word) or (is_image_file(word) and not any(c.isspace() for c in word)):
             terms.append(Term(sign * weight, image=_image(Path(word))))
         else:
@@ -77,6 +80,8 @@ def parse_terms(parts: Sequence[str | os.PathLike]) -> list[Term]:
 
 def _image(path: Path) -> Path:
     if not path.is_file():
+        if os.path.lexists(path):
+            check_regular_file(path)  # a FIFO, a device, a dangling link: named as such
         raise InputError(f"{path}: query image not found")
     return path
 

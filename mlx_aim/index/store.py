@@ -61,6 +61,15 @@ def rebuild_hint(path: Path) -> str:
     )
 
 
+def _sqlite_header(path: Path) -> bool:
+    """Whether ``path`` starts as an SQLite database does."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
 class Store:
     """An open index database. ``Store(path, create=True)`` makes the file if needed.
 
@@ -104,6 +113,10 @@ class Store:
                 f"{self.path}: damaged index ({text}); {rebuild_hint(self.path)}"
             ) from None
         except sqlite3.DatabaseError as e:
+            if not _sqlite_header(self.path):  # some other file: never advise deleting it
+                raise InputError(
+                    f"{self.path}: not an mlx-aim index (not an SQLite database); give another --db"
+                ) from None
             raise InputError(
                 f"{self.path}: damaged index ({e}); {rebuild_hint(self.path)}"
             ) from None
@@ -171,6 +184,12 @@ class Store:
         with self.guard():
             rows = self.conn.execute("SELECT path, size, mtime_ns, hash FROM files")
             return {p: Entry(s, m, h) for p, s, m, h in rows}
+
+    def holds(self, path: bytes) -> bool:
+        """Whether ``path`` (absolute, file-system bytes) is indexed."""
+        with self.guard():
+            row = self.conn.execute("SELECT 1 FROM files WHERE path = ?", (path,))
+            return row.fetchone() is not None
 
     def count(self) -> int:
         with self.guard():

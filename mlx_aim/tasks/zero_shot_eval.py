@@ -110,7 +110,7 @@ def evaluate(
 ) -> ZeroShotEvaluation:
     """Zero-shot accuracy of a LiT ``model`` on the class folders of ``root`` (see the module
     docstring); unreadable images are skipped (``on_error``) and listed in ``skipped``."""
-    from .zero_shot import ZeroShotClassifier
+    from .zero_shot import ZeroShotClassifier, check_labels
 
     folders = class_folders(root)
     names = [f.name for f in folders]
@@ -126,11 +126,15 @@ def evaluate(
         raise InputError(f"{root}: no images in the class folders")
     labels = {name: folder_label(name, prompts) for name in names}
     try:
+        check_labels(list(labels.values()))
+    except ValueError as e:
+        raise InputError(f"{root}: {e}") from None
+    try:  # a bad template or a tokenizer that does not fit the model: named by the message
         classifier = ZeroShotClassifier(
             model, list(labels.values()), templates, batch_size=batch_size
         )
     except ValueError as e:
-        raise InputError(f"{root}: {e}") from None
+        raise InputError(str(e)) from None
 
     def skip(error: ImageError) -> None:
         skipped.append(str(error))

@@ -329,6 +329,11 @@ class TrainConfig:
             )
         if self.probe_data is not None:
             raise InputError("--probe-data: not with --objective lit (its trunk is frozen)")
+        if self.tokenizer is not None:
+            raise InputError(
+                "--tokenizer: not with --objective lit (it trains a CLIP BPE of --vocab-size on "
+                "the captions, or takes the tokenizer of --text-init)"
+            )
         if self.text_width % self.text_heads:
             raise InputError(
                 f"--text-width ({self.text_width}) must be a multiple of --text-heads "

@@ -145,9 +145,9 @@ class SkippedFiles:
             return
         self.reported.add(path)
         if self.world.is_main:
-            self.log(f"skipping unreadable image {error}")
+            self.log(f"skipping {error}")  # an unreadable image or its caption
         else:
-            print(f"[rank {self.world.rank}] skipping unreadable image {error}", flush=True)
+            print(f"[rank {self.world.rank}] skipping {error}", flush=True)
 
 
 def evaluation_preprocess(preprocessing: Preprocessing, encoder: Any) -> Preprocessing:

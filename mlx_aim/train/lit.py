@@ -34,6 +34,7 @@ from ..checkpoints.registry import REGISTRY
 from ..data.images import ImageError
 from ..data.loader import ImageLoader
 from ..errors import InputError, Interrupted, MlxAimError
+from ..io import check_not_reading
 from ..models import build_model, build_model_args
 from ..models.base import ConfigError
 from ..tasks.features import (
@@ -64,6 +65,7 @@ class LitPlan(ObjectivePlan):
 
     def __init__(self, config: TrainConfig, world: World, stop: StopSignals | None = None):
         self.config, self.world, self.stop = config, world, stop
+        check_not_reading(config.output_dir, [p for p in (config.model, config.text_init) if p])
         self.trunk_model = on_every_rank(lambda: _load_trunk(config), world)
         self.text_init = on_every_rank(lambda: _load_text_init(config), world)
         self.data: CaptionData = on_every_rank(lambda: find_caption_data(config), world)
@@ -327,7 +329,7 @@ def _load_trunk(config: TrainConfig) -> nn.Module:
     trunk = vision_model(model)
     if trunk.args.model_type != "aim_v2":
         raise InputError(
-            f"--model {config.model}: a {trunk.args.model_type} model; LiT trains against an "
+            f"--model {config.model}: model type {trunk.args.model_type!r}; LiT trains against an "
             "AIMv2 trunk (aim_v2)"
         )
     trunk.preprocessing = model.preprocessing
