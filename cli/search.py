@@ -104,12 +104,13 @@ def _check_sheet(
     from mlx_aim.index.store import Store
 
     db = index.db
+    # the files beside the database may not exist yet (check_destination skips absent reads)
     beside = [db.with_name(db.name + end) for end in ("-wal", "-shm", ".vectors", ".lock")]
     target = Path(os.path.abspath(html.expanduser())).resolve()
     if any(target == Path(os.path.abspath(f)).resolve() for f in beside):
         raise OutputError(f"{html}: refusing to write over a file of the index {db}")
     images = [w for word in query if os.path.isfile(w := word.lstrip("+-"))]
-    check_destination(html, overwrite=force, reads=[db, *beside, *images, *([model] * bool(model))])
+    check_destination(html, overwrite=force, reads=[db, *images, *([model] * bool(model))])
     store = Store(db)
     try:
         indexed = store.holds(os.fsencode(os.path.abspath(html.expanduser())))

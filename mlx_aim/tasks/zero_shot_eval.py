@@ -86,15 +86,17 @@ def scores(
 ) -> tuple[float, float | None, dict[str, float], list[tuple[str, str, int]]]:
     """top-1, top-5 (None with <= 5 classes), per-class top-1 and the most confused pairs of
     probabilities (N, C) against true class indices (N,)."""
-    order = np.argsort(-probs, axis=1, kind="stable")
-    hit1 = order[:, 0] == truth
-    top5 = float(np.mean((order[:, :5] == truth[:, None]).any(axis=1))) if len(names) > 5 else None
+    from .probe.evaluation import topk_accuracy
+
+    top1, top5 = topk_accuracy(probs, truth)
+    predicted = np.argmax(probs, axis=1)  # the first of equal maxima, as topk_accuracy's order
+    hit1 = predicted == truth
     per_class = {
         name: float(hit1[truth == c].mean()) for c, name in enumerate(names) if (truth == c).any()
     }
-    pairs = Counter((names[t], names[p]) for t, p in zip(truth, order[:, 0], strict=True) if t != p)
+    pairs = Counter((names[t], names[p]) for t, p in zip(truth, predicted, strict=True) if t != p)
     confused = sorted(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[:top_confused]
-    return float(hit1.mean()), top5, per_class, [(t, p, n) for (t, p), n in confused]
+    return top1, top5 if len(names) > 5 else None, per_class, [(t, p, n) for (t, p), n in confused]
 
 
 def evaluate(
